@@ -1,0 +1,29 @@
+# Everything runs from a fresh clone: `make serve` (set-up, build, run) and `make test` (set-up, build, test).
+SHELL := /bin/bash
+VENV := $(CURDIR)/.venv
+# tch finds libtorch through the venv's torch package; build.rs bakes its path into the binary's rpath.
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(PATH)
+
+LISTEN ?= 127.0.0.1:8080
+DEVICE ?= auto
+
+.PHONY: setup build serve test bench clean-data
+
+setup:
+	bash tools/setup.sh
+
+build: setup
+	cargo build --release
+
+serve: build
+	./target/release/editserve serve --models-dir models --listen $(LISTEN) --device $(DEVICE)
+
+test: setup
+	cargo test --release
+
+bench: build
+	cargo bench --bench http_throughput
+
+clean-data:
+	rm -rf models data

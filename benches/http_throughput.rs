@@ -1,0 +1,163 @@
+//! Throughput and latency of `POST /v1/models/efficientnet-lite0/classify` under closed-loop load, against
+//! the raw in-process batched forward pass of the same model on the same machine, and the effect of the
+//! malloc setting on both. Run: `make bench` (or `cargo bench --bench http_throughput`).
+//! BENCH_SECONDS (default 10) sets each HTTP measurement's duration.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use editserve::models::{load_package, ModelPackage};
+use tch::{Device, Kind, Tensor};
+
+const RAW_ONLY: &str = "EDITSERVE_BENCH_RAW_ONLY";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Best images/s of the bare forward pass over batch sizes, as `(batch, images_per_second)`.
+fn raw_forward() -> Vec<(i64, f64)> {
+    let package = ModelPackage::open(&root().join("models/efficientnet-lite0")).unwrap();
+    let model = load_package(&package, Device::Cpu).unwrap();
+    let _guard = tch::no_grad_guard();
+    [1i64, 8, 16, 32, 64]
+        .iter()
+        .map(|&batch| {
+            let input = Tensor::randn([batch, 3, 224, 224], (Kind::Float, Device::Cpu));
+            let _ = model.forward(&input);
+            let started = Instant::now();
+            let mut images = 0;
+            while started.elapsed() < Duration::from_secs(3) {
+                let _ = model.forward(&input);
+                images += batch;
+            }
+            (batch, images as f64 / started.elapsed().as_secs_f64())
+        })
+        .collect()
+}
+
+fn print_raw(label: &str, results: &[(i64, f64)]) -> f64 {
+    for (batch, rate) in results {
+        println!("raw forward ({label}) batch {batch:>2}: {rate:7.1} images/s");
+    }
+    results.iter().map(|r| r.1).fold(0.0, f64::max)
+}
+
+/// The raw measurement with glibc's default malloc, in a fresh process (mallopt cannot be undone).
+fn raw_forward_default_malloc() -> f64 {
+    let output = Command::new(std::env::current_exe().unwrap())
+        .env(RAW_ONLY, "1")
+        .env("EDITSERVE_MALLOC", "default")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    print!("{text}");
+    text.lines().filter_map(|l| l.rsplit(": ").next()?.split_whitespace().next()?.parse().ok()).fold(0.0, f64::max)
+}
+
+struct Server(Child, u16);
+
+impl Server {
+    fn start(malloc: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_editserve"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--device", "cpu", "--models-dir"])
+            .arg(root().join("models"))
+            .args(["--models", "efficientnet-lite0"])
+            .env("EDITSERVE_MALLOC", malloc)
+            .env("EDITSERVE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+            if ready {
+                std::thread::sleep(Duration::from_millis(500));
+                return Server(child, port);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("server did not start");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct LoadResult {
+    images_per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn closed_loop(port: u16, concurrency: usize, seconds: u64, photos: &[Vec<u8>]) -> LoadResult {
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/v1/models/efficientnet-lite0/classify");
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..concurrency).map(|w| {
+        let (client, url) = (client.clone(), url.clone());
+        let photos = photos.to_vec();
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = w;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let response = client.post(&url).header("content-type", "image/jpeg").body(photos[i % photos.len()].clone()).send().await.unwrap();
+                assert_eq!(response.status(), 200);
+                let _ = response.bytes().await.unwrap();
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                i += concurrency;
+            }
+            latencies
+        })
+    }).collect();
+    let mut latencies: Vec<f64> = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let quantile = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    LoadResult { images_per_second: latencies.len() as f64 / elapsed, p50_ms: quantile(0.5), p99_ms: quantile(0.99) }
+}
+
+fn main() {
+    if std::env::var_os(RAW_ONLY).is_some() {
+        editserve::alloc::tune_from_env();
+        print_raw("default malloc", &raw_forward());
+        return;
+    }
+    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    editserve::alloc::tune_from_env();
+    let best_raw = print_raw("tuned malloc", &raw_forward());
+    let best_raw_default = raw_forward_default_malloc();
+    println!("malloc effect on the raw forward: {:.2}x", best_raw / best_raw_default);
+
+    let mut photos: Vec<Vec<u8>> = std::fs::read_dir(root().join("data/foolbox"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    photos.sort();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    for malloc in ["tuned", "default"] {
+        let server = Server::start(malloc);
+        let levels: &[usize] = if malloc == "tuned" { &[1, 8, 32] } else { &[32] };
+        for &concurrency in levels {
+            let r = runtime.block_on(closed_loop(server.1, concurrency, seconds, &photos));
+            println!(
+                "http ({malloc} malloc) concurrency {concurrency:>2}: {:7.1} images/s  p50 {:7.1} ms  p99 {:7.1} ms  ratio to raw {:.2}",
+                r.images_per_second,
+                r.p50_ms,
+                r.p99_ms,
+                r.images_per_second / best_raw
+            );
+        }
+    }
+}

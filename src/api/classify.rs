@@ -1,0 +1,176 @@
+//! Model listing and classification: request bodies (raw image or multipart) in, predictions out.
+
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap};
+use axum::Json;
+use bytes::Bytes;
+use http_body_util::LengthLimitError;
+use serde::Serialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::core::registry::{ModelInfo, Prediction};
+
+const DEFAULT_TOP_K: usize = 5;
+
+#[derive(Serialize)]
+pub struct ModelList {
+    models: Vec<ModelInfo>,
+}
+
+pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
+    Json(ModelList { models: state.registry.models() })
+}
+
+pub async fn get_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
+    Ok(Json(state.registry.model(&name)?))
+}
+
+#[derive(Serialize)]
+pub struct SingleResult {
+    model: String,
+    predictions: Vec<Prediction>,
+}
+
+#[derive(Serialize)]
+pub struct ImageResult {
+    predictions: Vec<Prediction>,
+}
+
+#[derive(Serialize)]
+pub struct MultiResult {
+    model: String,
+    results: Vec<ImageResult>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum ClassifyResponse {
+    Single(SingleResult),
+    Multi(MultiResult),
+}
+
+pub async fn classify(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+    RawQuery(query): RawQuery,
+    request: Request,
+) -> Result<Json<ClassifyResponse>, ApiError> {
+    let top_k = parse_top_k(query.as_deref())?;
+    // Unknown models answer 404 before the body is read.
+    state.registry.model(&model)?;
+    let (images, multipart) = read_images(&state, request).await?;
+    let mut predictions = state.registry.classify(&model, images, top_k).await?;
+    Ok(Json(if multipart {
+        ClassifyResponse::Multi(MultiResult {
+            model,
+            results: predictions.into_iter().map(|predictions| ImageResult { predictions }).collect(),
+        })
+    } else {
+        ClassifyResponse::Single(SingleResult { model, predictions: predictions.pop().unwrap_or_default() })
+    }))
+}
+
+fn parse_top_k(query: Option<&str>) -> Result<usize, ApiError> {
+    let mut top_k = DEFAULT_TOP_K;
+    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "top_k" => {
+                top_k = value.parse().map_err(|_| {
+                    ApiError::InvalidRequest(format!("top_k must be a positive integer, got '{value}'"))
+                })?
+            }
+            other => return Err(ApiError::InvalidRequest(format!("unknown query parameter '{other}'"))),
+        }
+    }
+    Ok(top_k)
+}
+
+/// The images of a classify request and whether it was multipart (which answers with `results`).
+async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
+    let limit = state.config.max_body_bytes;
+    let content_type = media_type(request.headers());
+    if let Some(length) = content_length(request.headers()) {
+        if length > limit as u64 {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+    }
+    match content_type.as_deref() {
+        Some("multipart/form-data") => Ok((read_multipart(state, request).await?, true)),
+        Some(t) if t.starts_with("image/") || t == "application/octet-stream" => {
+            let body = read_body(request.into_body(), limit).await?;
+            if body.is_empty() {
+                return Err(ApiError::InvalidRequest("the request body is empty: send the image bytes".into()));
+            }
+            Ok((vec![body], false))
+        }
+        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type '{other}' is not supported: send an image (image/*) or multipart/form-data with 'image' parts"
+        ))),
+        None => Err(ApiError::UnsupportedMediaType(
+            "the Content-Type header is missing: send an image (image/*) or multipart/form-data".into(),
+        )),
+    }
+}
+
+async fn read_multipart(state: &AppState, request: Request) -> Result<Vec<Bytes>, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let mut multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid multipart body: {}", e.body_text())))?;
+    let mut images = Vec::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e, limit)),
+        };
+        match field.name() {
+            Some("image") => images.push(field.bytes().await.map_err(|e| multipart_error(e, limit))?),
+            other => {
+                return Err(ApiError::InvalidRequest(format!(
+                    "unexpected multipart part '{}': only parts named 'image' are accepted",
+                    other.unwrap_or("")
+                )))
+            }
+        }
+    }
+    if images.is_empty() {
+        return Err(ApiError::InvalidRequest("the multipart body has no part named 'image'".into()));
+    }
+    Ok(images)
+}
+
+fn multipart_error(error: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge { limit }
+    } else {
+        ApiError::InvalidRequest(format!("invalid multipart body: {}", error.body_text()))
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<LengthLimitError>() {
+                return ApiError::PayloadTooLarge { limit };
+            }
+            source = err.source();
+        }
+        ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
+    })
+}
+
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}

@@ -1,0 +1,102 @@
+//! Server configuration: flags, each with an `EDITSERVE_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::core::scheduler::BatchingConfig;
+use crate::imaging::DecodeLimits;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|i| i.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("device must be auto, cpu, cuda or cuda:N, got '{other}'")),
+        }
+    }
+}
+
+impl DeviceChoice {
+    pub fn resolve(self) -> Result<tch::Device, String> {
+        match self {
+            Self::Cpu => Ok(tch::Device::Cpu),
+            Self::Auto => Ok(tch::Device::cuda_if_available()),
+            Self::Cuda(i) if tch::Cuda::is_available() && i < tch::Cuda::device_count() as usize => Ok(tch::Device::Cuda(i)),
+            Self::Cuda(i) => Err(format!("cuda:{i} requested but {} CUDA devices are available", tch::Cuda::device_count())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeConfig {
+    /// Address to listen on.
+    #[arg(long, env = "EDITSERVE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of model packages (one subdirectory each, with config.json and model.safetensors).
+    #[arg(long, env = "EDITSERVE_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+    /// Load only these packages of the models directory (comma-separated names); all when empty.
+    #[arg(long, env = "EDITSERVE_MODELS", value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// auto, cpu, cuda or cuda:N. auto takes the first GPU when there is one.
+    #[arg(long, env = "EDITSERVE_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Most images per forward pass.
+    #[arg(long, env = "EDITSERVE_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+    /// How long the first request of a batch waits for others, in milliseconds.
+    #[arg(long, env = "EDITSERVE_MAX_BATCH_WAIT_MS", default_value_t = 2)]
+    pub max_batch_wait_ms: u64,
+    /// Requests that may wait for the device; beyond that the server answers 503 with Retry-After.
+    #[arg(long, env = "EDITSERVE_QUEUE_CAPACITY", default_value_t = 256)]
+    pub queue_capacity: usize,
+    /// Largest accepted request body, in bytes.
+    #[arg(long, env = "EDITSERVE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest accepted image, in pixels (width x height, read from the header before decoding).
+    #[arg(long, env = "EDITSERVE_MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+}
+
+impl ServeConfig {
+    pub fn batching(&self) -> BatchingConfig {
+        BatchingConfig {
+            max_batch_size: self.max_batch_size.max(1),
+            max_batch_wait: Duration::from_millis(self.max_batch_wait_ms),
+            queue_capacity: self.queue_capacity.max(1),
+        }
+    }
+
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits { max_pixels: self.max_pixels }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceChoice;
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("cuda:1".parse(), Ok(DeviceChoice::Cuda(1)));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert!("gpu".parse::<DeviceChoice>().is_err());
+    }
+}

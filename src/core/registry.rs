@@ -1,0 +1,181 @@
+//! The models this server holds: their packages (labels, preprocessing) and the device worker that owns
+//! their tensors. Classification decodes and preprocesses off the async runtime, then queues on the worker.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use serde::Serialize;
+use tch::Device;
+
+use super::scheduler::DeviceWorker;
+use super::CoreError;
+use crate::imaging::{decode, DecodeLimits, InputTensor, Preprocessing};
+use crate::models::ModelPackage;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub num_classes: i64,
+    pub input_size: [u32; 2],
+    pub device: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Prediction {
+    pub index: usize,
+    pub label: String,
+    pub probability: f32,
+}
+
+struct ModelEntry {
+    info: ModelInfo,
+    labels: Vec<String>,
+    preprocessing: Preprocessing,
+}
+
+pub struct Registry {
+    worker: DeviceWorker,
+    models: RwLock<HashMap<String, Arc<ModelEntry>>>,
+    ready: AtomicBool,
+    limits: DecodeLimits,
+}
+
+/// Every subdirectory of `dir` that holds a `config.json`, sorted by name.
+pub fn discover_packages(dir: &Path) -> Result<Vec<PathBuf>, CoreError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| CoreError::InvalidArgument(format!("cannot read models directory {}: {e}", dir.display())))?;
+    let mut found: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("config.json").is_file()).collect();
+    found.sort();
+    Ok(found)
+}
+
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+impl Registry {
+    pub fn new(worker: DeviceWorker, limits: DecodeLimits) -> Self {
+        Self { worker, models: RwLock::new(HashMap::new()), ready: AtomicBool::new(false), limits }
+    }
+
+    /// Loads and warms up every package, then marks the registry ready.
+    pub async fn load_all(&self, packages: &[PathBuf]) -> Result<(), CoreError> {
+        for dir in packages {
+            self.load(dir).await?;
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    pub async fn load(&self, dir: &Path) -> Result<ModelInfo, CoreError> {
+        let package = ModelPackage::open(dir)?;
+        let config = package.config.clone();
+        let name = package.name.clone();
+        self.worker.load(package).await?;
+        let info = ModelInfo {
+            name: name.clone(),
+            architecture: config.architecture,
+            num_classes: config.num_classes,
+            input_size: config.input_size,
+            device: device_name(self.worker.device()),
+        };
+        let entry = ModelEntry { info: info.clone(), labels: config.labels, preprocessing: config.preprocessing };
+        self.write_models().insert(name, Arc::new(entry));
+        Ok(info)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let mut infos: Vec<ModelInfo> = self.read_models().values().map(|e| e.info.clone()).collect();
+        infos.sort_by(|a, b| a.name.cmp(&b.name));
+        infos
+    }
+
+    pub fn model(&self, name: &str) -> Result<ModelInfo, CoreError> {
+        Ok(self.entry(name)?.info.clone())
+    }
+
+    /// Top-k predictions for each image, in order. `top_k` must lie in 1..=num_classes.
+    pub async fn classify(&self, model: &str, images: Vec<Bytes>, top_k: usize) -> Result<Vec<Vec<Prediction>>, CoreError> {
+        let entry = self.entry(model)?;
+        let classes = entry.info.num_classes as usize;
+        if top_k == 0 || top_k > classes {
+            return Err(CoreError::InvalidArgument(format!("top_k must be between 1 and {classes}, got {top_k}")));
+        }
+        if images.is_empty() {
+            return Err(CoreError::InvalidArgument("no image given".into()));
+        }
+        let inputs = self.preprocess(Arc::clone(&entry), images).await?;
+        let probabilities = self.worker.classify(model.to_string(), inputs).await?;
+        Ok(probabilities.iter().map(|p| top_predictions(p, top_k, &entry.labels)).collect())
+    }
+
+    async fn preprocess(&self, entry: Arc<ModelEntry>, images: Vec<Bytes>) -> Result<Vec<InputTensor>, CoreError> {
+        let limits = self.limits;
+        tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .enumerate()
+                .map(|(i, bytes)| {
+                    let image = decode(bytes, limits).map_err(|e| CoreError::image(i, &e))?;
+                    Ok(entry.preprocessing.apply(&image))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("preprocessing task failed: {e}")))?
+    }
+
+    fn entry(&self, name: &str) -> Result<Arc<ModelEntry>, CoreError> {
+        self.read_models().get(name).cloned().ok_or_else(|| CoreError::UnknownModel(name.to_string()))
+    }
+
+    fn read_models(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<ModelEntry>>> {
+        self.models.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_models(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<ModelEntry>>> {
+        self.models.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn top_predictions(probabilities: &[f32], k: usize, labels: &[String]) -> Vec<Prediction> {
+    let mut order: Vec<usize> = (0..probabilities.len()).collect();
+    // Descending probability; ties keep the lower class index first, so results are deterministic.
+    order.sort_by(|&a, &b| probabilities[b].total_cmp(&probabilities[a]).then(a.cmp(&b)));
+    order
+        .into_iter()
+        .take(k)
+        .map(|index| Prediction {
+            index,
+            label: labels.get(index).cloned().unwrap_or_default(),
+            probability: probabilities[index],
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_predictions;
+
+    #[test]
+    fn top_predictions_are_sorted_and_labelled() {
+        let labels: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
+        let top = top_predictions(&[0.1, 0.4, 0.1, 0.4], 3, &labels);
+        let indices: Vec<usize> = top.iter().map(|p| p.index).collect();
+        assert_eq!(indices, vec![1, 3, 0]);
+        assert_eq!(top[0].label, "b");
+    }
+}

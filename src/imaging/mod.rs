@@ -1,0 +1,150 @@
+//! Image decoding with limits, and preprocessing into the network's input layout. Pure CPU work on
+//! plain buffers: no tensors here, so it can run on any thread.
+
+mod preprocess;
+mod resample;
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use thiserror::Error;
+
+pub use preprocess::{InputTensor, Preprocessing};
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("the image is empty (0 bytes)")]
+    Empty,
+    #[error("unrecognised image format: expected JPEG, PNG, WebP, BMP or GIF")]
+    UnsupportedFormat,
+    #[error("the image is {width}x{height} = {pixels} pixels, over the limit of {limit} pixels")]
+    TooManyPixels { width: u64, height: u64, pixels: u64, limit: u64 },
+    #[error("the image could not be decoded (corrupt or truncated): {0}")]
+    Corrupt(String),
+}
+
+/// Limits applied before any pixel is decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    pub max_pixels: u64,
+}
+
+/// Decodes JPEG, PNG, WebP, BMP or GIF (first frame), checks the pixel count from the header first,
+/// and applies the EXIF orientation.
+pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let format = reader.format().ok_or(ImageError::UnsupportedFormat)?;
+    // Read the size from the header alone first: the decoders need more than the header (a PNG's first
+    // data chunk, say) before they report it, and a bomb must be refused without touching its pixels.
+    if let Ok(size) = imagesize::blob_size(bytes) {
+        check_pixels(size.width as u64, size.height as u64, limits)?;
+    }
+    let mut decoder = reader.into_decoder().map_err(classify_decode_error)?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(u64::from(width), u64::from(height), limits)?;
+    if format == ImageFormat::Jpeg && !jpeg_has_end_marker(bytes) {
+        return Err(ImageError::Corrupt("the JPEG data ends before its end-of-image marker (truncated)".into()));
+    }
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(classify_decode_error)?;
+    image.apply_orientation(orientation);
+    Ok(image)
+}
+
+fn check_pixels(width: u64, height: u64, limits: DecodeLimits) -> Result<(), ImageError> {
+    let pixels = width.saturating_mul(height);
+    if pixels > limits.max_pixels {
+        return Err(ImageError::TooManyPixels { width, height, pixels, limit: limits.max_pixels });
+    }
+    Ok(())
+}
+
+/// The JPEG decoder fills a truncated scan with grey instead of failing, so check for completeness here:
+/// walk the marker segments to the first start-of-scan (skipping embedded thumbnails in APP segments),
+/// then look for the end-of-image marker, which entropy-coded data cannot contain.
+fn jpeg_has_end_marker(bytes: &[u8]) -> bool {
+    const SOS: u8 = 0xDA;
+    const EOI: u8 = 0xD9;
+    let mut pos = 2;
+    while pos + 4 <= bytes.len() {
+        if bytes[pos] != 0xFF {
+            return false;
+        }
+        let marker = bytes[pos + 1];
+        if marker == 0xFF {
+            pos += 1;
+            continue;
+        }
+        let length = usize::from(u16::from_be_bytes([bytes[pos + 2], bytes[pos + 3]]));
+        if marker == SOS {
+            return bytes[pos + 2 + length.min(bytes.len() - pos - 2)..].windows(2).any(|w| w == [0xFF, EOI]);
+        }
+        pos += 2 + length;
+    }
+    false
+}
+
+fn classify_decode_error(error: image::ImageError) -> ImageError {
+    match error {
+        image::ImageError::Unsupported(_) => ImageError::UnsupportedFormat,
+        other => ImageError::Corrupt(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 40_000_000 };
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        DynamicImage::new_rgb8(width, height).write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn rejects_empty_and_unknown_bytes() {
+        assert!(matches!(decode(&[], LIMITS), Err(ImageError::Empty)));
+        assert!(matches!(decode(b"hello world, not an image", LIMITS), Err(ImageError::UnsupportedFormat)));
+    }
+
+    #[test]
+    fn checks_pixels_before_decoding() {
+        let mut bytes = png(4, 4);
+        // Rewrite the IHDR's width and height to 100000 x 100000 (with its CRC); the pixel data stays tiny.
+        bytes[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bytes[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32fast::hash(&bytes[12..29]);
+        bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+        // Only the signature and header: the decoder alone would fail before it reports the size.
+        bytes.truncate(33);
+        assert!(matches!(
+            decode(&bytes, LIMITS),
+            Err(ImageError::TooManyPixels { width: 100_000, height: 100_000, pixels: 10_000_000_000, .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_jpeg_is_corrupt() {
+        let mut jpeg = Vec::new();
+        let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 7])));
+        image.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
+        assert!(decode(&jpeg, LIMITS).is_ok());
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"camera trailer");
+        assert!(decode(&trailing, LIMITS).is_ok());
+        for cut in [jpeg.len() - 2, jpeg.len() / 2, 200] {
+            assert!(matches!(decode(&jpeg[..cut], LIMITS), Err(ImageError::Corrupt(_))), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn truncated_image_is_corrupt() {
+        let bytes = png(64, 64);
+        assert!(matches!(decode(&bytes[..bytes.len() / 2], LIMITS), Err(ImageError::Corrupt(_))));
+    }
+}

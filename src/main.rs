@@ -1,0 +1,28 @@
+use clap::{Parser, Subcommand};
+
+use editserve::config::ServeConfig;
+
+#[derive(Parser)]
+#[command(name = "editserve", version, about = "Serve and edit image classifiers over HTTP")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server.
+    Serve(ServeConfig),
+}
+
+fn main() -> anyhow::Result<()> {
+    let malloc_tuned = editserve::alloc::tune_from_env();
+    let cli = Cli::parse();
+    editserve::telemetry::init_logging();
+    tracing::info!(malloc_tuned, "starting");
+    match cli.command {
+        Command::Serve(config) => {
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(editserve::server::run(config))
+        }
+    }
+}

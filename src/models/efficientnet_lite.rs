@@ -1,0 +1,247 @@
+//! EfficientNet-Lite (Lite0 to Lite4), numerically equal to the `efficientnet-lite-pytorch` reference:
+//! TensorFlow "SAME" padding, BatchNorm eps 1e-3, ReLU6, no squeeze-excitation, stem and head not scaled.
+//! Parameter names are the reference state-dict keys (`_blocks.3._project_conv.weight`, ...).
+
+use tch::Tensor;
+
+use super::layers::{BatchNorm, Conv, Weights};
+use super::{Classifier, EditBlock, EditableLayer, ModelError};
+
+/// One MBConv stage of the base network: (repeats, kernel, stride, expand ratio, in, out).
+const BASE_STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+];
+const STEM_CHANNELS: i64 = 32;
+const HEAD_CHANNELS: i64 = 1280;
+const BN_EPS: f64 = 1e-3;
+const DEPTH_DIVISOR: f64 = 8.0;
+
+/// Width/depth coefficients and native resolution of the published variants.
+pub fn variant_coefficients(variant: u32) -> Option<(f64, f64, i64)> {
+    Some(match variant {
+        0 => (1.0, 1.0, 224),
+        1 => (1.0, 1.1, 240),
+        2 => (1.1, 1.2, 260),
+        3 => (1.2, 1.4, 280),
+        4 => (1.4, 1.8, 300),
+        _ => return None,
+    })
+}
+
+fn round_filters(filters: i64, width: f64) -> i64 {
+    let scaled = filters as f64 * width;
+    let rounded = ((scaled + DEPTH_DIVISOR / 2.0) as i64 / DEPTH_DIVISOR as i64 * DEPTH_DIVISOR as i64)
+        .max(DEPTH_DIVISOR as i64);
+    if (rounded as f64) < 0.9 * scaled {
+        rounded + DEPTH_DIVISOR as i64
+    } else {
+        rounded
+    }
+}
+
+fn round_repeats(repeats: usize, depth: f64) -> usize {
+    (depth * repeats as f64).ceil() as usize
+}
+
+struct MbConv {
+    expand: Option<(Conv, BatchNorm)>,
+    depthwise: Conv,
+    bn1: BatchNorm,
+    project: Conv,
+    bn2: BatchNorm,
+    has_skip: bool,
+}
+
+impl MbConv {
+    /// Everything before the project conv: its input, the key of an edit at `_project_conv`.
+    fn project_input(&self, x: &Tensor) -> Tensor {
+        let h = match &self.expand {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)).relu6(),
+            None => x.shallow_clone(),
+        };
+        self.bn1.forward(&self.depthwise.forward(&h)).relu6()
+    }
+
+    fn finish(&self, project_input: &Tensor, project_weight: &Tensor, skip: Option<&Tensor>) -> Tensor {
+        let y = self.bn2.forward(&self.project.forward_with(project_input, project_weight));
+        match skip {
+            Some(s) if self.has_skip => y + s,
+            _ => y,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.finish(&self.project_input(x), &self.project.weight, Some(x))
+    }
+}
+
+pub struct EfficientNetLite {
+    stem: Conv,
+    bn0: BatchNorm,
+    blocks: Vec<MbConv>,
+    head: Conv,
+    bn1: BatchNorm,
+    fc_weight: Tensor,
+    fc_bias: Tensor,
+}
+
+impl EfficientNetLite {
+    pub fn load(weights: &mut Weights, width: f64, depth: f64) -> Result<Self, ModelError> {
+        let stem = Conv::load(weights, "_conv_stem", [STEM_CHANNELS, 3, 3, 3], 2, 1, false)?;
+        let bn0 = BatchNorm::load(weights, "_bn0", STEM_CHANNELS, BN_EPS)?;
+        let mut blocks = Vec::new();
+        let last_stage = BASE_STAGES.len() - 1;
+        for (stage, &(repeats, kernel, stride, expand, cin, cout)) in BASE_STAGES.iter().enumerate() {
+            // The Lite family keeps the first stage's input and the first and last stages' depth fixed.
+            let cin = if stage == 0 { cin } else { round_filters(cin, width) };
+            let cout = round_filters(cout, width);
+            let repeats = if stage == 0 || stage == last_stage { repeats } else { round_repeats(repeats, depth) };
+            for r in 0..repeats {
+                let (inp, s) = if r == 0 { (cin, stride) } else { (cout, 1) };
+                let prefix = format!("_blocks.{}", blocks.len());
+                let mid = inp * expand;
+                let expand_layer = if expand != 1 {
+                    Some((
+                        Conv::load(weights, &format!("{prefix}._expand_conv"), [mid, inp, 1, 1], 1, 1, false)?,
+                        BatchNorm::load(weights, &format!("{prefix}._bn0"), mid, BN_EPS)?,
+                    ))
+                } else {
+                    None
+                };
+                blocks.push(MbConv {
+                    expand: expand_layer,
+                    depthwise: Conv::load(weights, &format!("{prefix}._depthwise_conv"), [mid, 1, kernel, kernel], s, mid, false)?,
+                    bn1: BatchNorm::load(weights, &format!("{prefix}._bn1"), mid, BN_EPS)?,
+                    project: Conv::load(weights, &format!("{prefix}._project_conv"), [cout, mid, 1, 1], 1, 1, false)?,
+                    bn2: BatchNorm::load(weights, &format!("{prefix}._bn2"), cout, BN_EPS)?,
+                    has_skip: s == 1 && inp == cout,
+                });
+            }
+        }
+        let last_channels = round_filters(BASE_STAGES[last_stage].5, width);
+        let head = Conv::load(weights, "_conv_head", [HEAD_CHANNELS, last_channels, 1, 1], 1, 1, false)?;
+        let bn1 = BatchNorm::load(weights, "_bn1", HEAD_CHANNELS, BN_EPS)?;
+        let fc_weight = weights.take("_fc.weight", None)?;
+        let num_classes = fc_weight.size().first().copied().unwrap_or(0);
+        let fc_weight = weights.check_shape("_fc.weight", fc_weight, &[num_classes, HEAD_CHANNELS])?;
+        let fc_bias = weights.take("_fc.bias", Some(&[num_classes]))?;
+        Ok(Self { stem, bn0, blocks, head, bn1, fc_weight, fc_bias })
+    }
+
+    fn stem(&self, x: &Tensor) -> Tensor {
+        self.bn0.forward(&self.stem.forward(x)).relu6()
+    }
+
+    fn head_input(&self, x: &Tensor) -> Tensor {
+        self.blocks.iter().fold(self.stem(x), |h, b| b.forward(&h))
+    }
+
+    fn classify_features(&self, features: &Tensor) -> Tensor {
+        features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).linear(&self.fc_weight, Some(&self.fc_bias))
+    }
+
+    fn head(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        self.bn1.forward(&self.head.forward_with(x, weight)).relu6()
+    }
+
+    /// Layer names: `_blocks.{i}._project_conv` for every block, then `_conv_head`.
+    fn parse_layer(&self, name: &str) -> Option<LayerRef> {
+        if name == "_conv_head" {
+            return Some(LayerRef::Head);
+        }
+        let index = name.strip_prefix("_blocks.")?.strip_suffix("._project_conv")?.parse::<usize>().ok()?;
+        (index < self.blocks.len()).then_some(LayerRef::Project(index))
+    }
+}
+
+#[derive(Clone, Copy)]
+enum LayerRef {
+    Project(usize),
+    Head,
+}
+
+impl Classifier for EfficientNetLite {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.classify_features(&self.head(&self.head_input(x), &self.head.weight))
+    }
+
+    fn num_classes(&self) -> i64 {
+        self.fc_bias.size()[0]
+    }
+
+    fn editable_layers(&self) -> Vec<EditableLayer> {
+        let mut layers: Vec<EditableLayer> = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| EditableLayer {
+                name: format!("_blocks.{i}._project_conv"),
+                weight_shape: b.project.weight.size(),
+                has_skip: b.has_skip,
+            })
+            .collect();
+        layers.push(EditableLayer { name: "_conv_head".into(), weight_shape: self.head.weight.size(), has_skip: false });
+        layers
+    }
+
+    fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError> {
+        let layer_ref = self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))?;
+        Ok(match layer_ref {
+            LayerRef::Head => EditBlock { key: self.head_input(x), skip: None, weight: self.head.weight.shallow_clone() },
+            LayerRef::Project(i) => {
+                let input = self.blocks[..i].iter().fold(self.stem(x), |h, b| b.forward(&h));
+                let block = &self.blocks[i];
+                EditBlock {
+                    key: block.project_input(&input),
+                    skip: block.has_skip.then_some(input),
+                    weight: block.project.weight.shallow_clone(),
+                }
+            }
+        })
+    }
+
+    fn block_output(&self, layer: &str, block: &EditBlock, weight: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+            LayerRef::Head => self.head(&block.key, weight),
+            LayerRef::Project(i) => self.blocks[i].finish(&block.key, weight, block.skip.as_ref()),
+        })
+    }
+
+    fn forward_from(&self, layer: &str, value: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+            LayerRef::Head => self.classify_features(value),
+            LayerRef::Project(i) => {
+                let features = self.blocks[i + 1..].iter().fold(value.shallow_clone(), |h, b| b.forward(&h));
+                self.classify_features(&self.head(&features, &self.head.weight))
+            }
+        })
+    }
+
+    fn set_layer_weight(&mut self, layer: &str, weight: Tensor) -> Result<(), ModelError> {
+        let conv = match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+            LayerRef::Head => &mut self.head,
+            LayerRef::Project(i) => &mut self.blocks[i].project,
+        };
+        conv.replace_weight(layer, weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_round_like_the_reference() {
+        assert_eq!(round_filters(40, 1.1), 48);
+        assert_eq!(round_filters(112, 1.2), 136);
+        assert_eq!(round_filters(320, 1.4), 448);
+        assert_eq!(round_filters(16, 1.0), 16);
+        assert_eq!(round_repeats(3, 1.4), 5);
+    }
+}

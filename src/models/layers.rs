@@ -1,0 +1,153 @@
+//! Building blocks shared by the architectures: a named-tensor store that reports missing and mis-shaped
+//! keys, convolutions with TensorFlow "SAME" padding, and eval-mode BatchNorm.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use super::ModelError;
+
+/// The tensors of a checkpoint by state-dict name, taken one by one by the architecture that loads them.
+pub struct Weights {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    pub fn read_safetensors(path: &Path, device: Device) -> Result<Self, ModelError> {
+        let tensors = Tensor::read_safetensors(path).map_err(|e| ModelError::Weights {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            tensors: tensors
+                .into_iter()
+                .map(|(name, t)| (name, t.to_kind(Kind::Float).to_device(device)))
+                .collect(),
+        })
+    }
+
+    pub fn take(&mut self, name: &str, shape: Option<&[i64]>) -> Result<Tensor, ModelError> {
+        let tensor = self.tensors.remove(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
+        match shape {
+            Some(expected) => self.check_shape(name, tensor, expected),
+            None => Ok(tensor),
+        }
+    }
+
+    /// Fails if keys were left unused (BatchNorm's `num_batches_tracked` counters aside): a checkpoint of
+    /// another architecture or variant must not load silently.
+    pub fn finish(self) -> Result<(), ModelError> {
+        let mut unused: Vec<String> =
+            self.tensors.into_keys().filter(|k| !k.ends_with(".num_batches_tracked")).collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort();
+        Err(ModelError::UnexpectedKeys(unused.join(", ")))
+    }
+
+    pub fn check_shape(&self, name: &str, tensor: Tensor, expected: &[i64]) -> Result<Tensor, ModelError> {
+        if tensor.size() == expected {
+            Ok(tensor)
+        } else {
+            Err(ModelError::ShapeMismatch { key: name.to_string(), expected: expected.to_vec(), actual: tensor.size() })
+        }
+    }
+}
+
+/// A bias-free or biased 2-D convolution with TensorFlow "SAME" padding (output size ceil(input / stride),
+/// extra padding at the bottom/right), which is what the TF-trained checkpoints expect.
+pub struct Conv {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    stride: i64,
+    groups: i64,
+}
+
+impl Conv {
+    pub fn load(
+        weights: &mut Weights,
+        prefix: &str,
+        shape: [i64; 4],
+        stride: i64,
+        groups: i64,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
+        let weight = weights.take(&format!("{prefix}.weight"), Some(&shape))?;
+        let bias = if bias { Some(weights.take(&format!("{prefix}.bias"), Some(&[shape[0]]))?) } else { None };
+        Ok(Self { weight, bias, stride, groups })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.forward_with(x, &self.weight)
+    }
+
+    /// The convolution with another weight of the same shape: what an edit optimises.
+    pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        let size = weight.size();
+        let (kh, kw) = (size[2], size[3]);
+        let in_size = x.size();
+        let pad_h = same_padding(in_size[2], kh, self.stride);
+        let pad_w = same_padding(in_size[3], kw, self.stride);
+        let symmetric = pad_h % 2 == 0 && pad_w % 2 == 0;
+        let (input, padding) = if symmetric {
+            (x.shallow_clone(), [pad_h / 2, pad_w / 2])
+        } else {
+            (x.constant_pad_nd([pad_w / 2, pad_w - pad_w / 2, pad_h / 2, pad_h - pad_h / 2]), [0, 0])
+        };
+        input.conv2d(weight, self.bias.as_ref(), [self.stride, self.stride], padding, [1, 1], self.groups)
+    }
+
+    pub fn replace_weight(&mut self, layer: &str, weight: Tensor) -> Result<(), ModelError> {
+        if weight.size() != self.weight.size() {
+            return Err(ModelError::ShapeMismatch {
+                key: format!("{layer}.weight"),
+                expected: self.weight.size(),
+                actual: weight.size(),
+            });
+        }
+        self.weight = weight;
+        Ok(())
+    }
+}
+
+fn same_padding(input: i64, kernel: i64, stride: i64) -> i64 {
+    let output = (input + stride - 1) / stride;
+    ((output - 1) * stride + kernel - input).max(0)
+}
+
+/// BatchNorm in inference mode: running statistics, never updated.
+pub struct BatchNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    eps: f64,
+}
+
+impl BatchNorm {
+    pub fn load(weights: &mut Weights, prefix: &str, channels: i64, eps: f64) -> Result<Self, ModelError> {
+        let shape = [channels];
+        let mut take = |name: &str| weights.take(&format!("{prefix}.{name}"), Some(&shape));
+        Ok(Self { gamma: take("weight")?, beta: take("bias")?, mean: take("running_mean")?, var: take("running_var")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.batch_norm(Some(&self.gamma), Some(&self.beta), Some(&self.mean), Some(&self.var), false, 0.0, self.eps, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_padding;
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        assert_eq!(same_padding(224, 3, 2), 1);
+        assert_eq!(same_padding(225, 3, 2), 2);
+        assert_eq!(same_padding(112, 3, 1), 2);
+        assert_eq!(same_padding(14, 5, 2), 3);
+        assert_eq!(same_padding(7, 1, 1), 0);
+    }
+}

@@ -1,0 +1,74 @@
+//! Wires the layers together for `editserve serve`: device worker, registry, HTTP server, shutdown.
+
+use std::future::IntoFuture;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+
+use crate::api::{router, AppState};
+use crate::config::ServeConfig;
+use crate::core::registry::{discover_packages, Registry};
+use crate::core::scheduler::DeviceWorker;
+use crate::telemetry;
+
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let metrics = telemetry::prometheus().map_err(anyhow::Error::msg)?;
+    let device = config.device.resolve().map_err(anyhow::Error::msg)?;
+    let packages = selected_packages(&config)?;
+    let worker = DeviceWorker::spawn(device, config.batching())?;
+    let registry = Arc::new(Registry::new(worker, config.decode_limits()));
+    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    tracing::info!(address = %listener.local_addr()?, ?device, "listening");
+
+    let state = Arc::new(AppState { registry: Arc::clone(&registry), config, metrics });
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal());
+    let mut server = std::pin::pin!(server.into_future());
+    // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.
+    tokio::select! {
+        loaded = registry.load_all(&packages) => {
+            loaded.context("loading models")?;
+            tracing::info!(models = packages.len(), "ready");
+        }
+        served = &mut server => return served.context("server failed"),
+    }
+    server.await.context("server failed")?;
+    tracing::info!("drained in-flight requests; stopping");
+    Ok(())
+}
+
+fn selected_packages(config: &ServeConfig) -> anyhow::Result<Vec<PathBuf>> {
+    let found = discover_packages(&config.models_dir)?;
+    let chosen: Vec<PathBuf> = if config.models.is_empty() {
+        found
+    } else {
+        config.models.iter().map(|name| config.models_dir.join(name)).collect()
+    };
+    if chosen.is_empty() {
+        bail!("no model packages in {}: run `make setup` first", config.models_dir.display());
+    }
+    Ok(chosen)
+}
+
+async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = interrupt => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

@@ -1,0 +1,119 @@
+//! Shared by the integration tests: paths of the set-up's artefacts, a real server process on a free
+//! loopback port, and the Python reference.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model_dir() -> PathBuf {
+    root().join("models/efficientnet-lite0")
+}
+
+pub fn python() -> PathBuf {
+    root().join(".venv/bin/python")
+}
+
+/// The 20 foolbox ImageNet photos with their labels (from the file names), sorted by name.
+pub fn foolbox_photos() -> Vec<(PathBuf, usize)> {
+    let dir = root().join("data/foolbox");
+    let mut photos: Vec<(PathBuf, usize)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", dir.display()))
+        .map(|e| e.unwrap().path())
+        .map(|p| {
+            let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
+            let label = stem.rsplit('_').next().unwrap().parse().unwrap();
+            (p, label)
+        })
+        .collect();
+    photos.sort();
+    assert_eq!(photos.len(), 20, "expected the 20 foolbox ImageNet photos");
+    photos
+}
+
+/// Runs `tools/reference.py` with the venv's Python and returns its standard output.
+pub fn reference(args: &[&str]) -> String {
+    let output = Command::new(python())
+        .arg(root().join("tools/reference.py"))
+        .args(args)
+        .output()
+        .expect("run the Python reference");
+    assert!(output.status.success(), "reference failed: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The real `editserve serve` binary on a free loopback port; killed when dropped.
+pub struct TestServer {
+    pub base: String,
+    child: Option<Child>,
+}
+
+impl TestServer {
+    pub async fn start(extra_args: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_editserve"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--models-dir"])
+            .arg(root().join("models"))
+            .args(["--models", "efficientnet-lite0", "--device", "cpu"])
+            .args(extra_args)
+            .env("EDITSERVE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start editserve");
+        let server = Self { base: format!("http://127.0.0.1:{port}"), child: Some(child) };
+        server.wait_ready(Duration::from_secs(120)).await;
+        server
+    }
+
+    async fn wait_ready(&self, timeout: Duration) {
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        while started.elapsed() < timeout {
+            if let Ok(r) = client.get(format!("{}/readyz", self.base)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("server not ready after {timeout:?}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
