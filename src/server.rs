@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use crate::api::{router, AppState};
 use crate::config::ServeConfig;
 use crate::core::registry::{discover_packages, Registry};
+use crate::core::cpu_pool::CpuPool;
 use crate::core::scheduler::DeviceWorker;
 use crate::telemetry;
 
@@ -17,8 +18,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = telemetry::prometheus().map_err(anyhow::Error::msg)?;
     let device = config.device.resolve().map_err(anyhow::Error::msg)?;
     let packages = selected_packages(&config)?;
-    let worker = DeviceWorker::spawn(device, config.batching())?;
-    let registry = Arc::new(Registry::new(worker, config.decode_limits()));
+    let batching = config.batching(device);
+    let worker = DeviceWorker::spawn(device, batching)?;
+    let cpu_pool = CpuPool::new(available_cores(), batching.queue_capacity)?;
+    let registry = Arc::new(Registry::new(worker, cpu_pool, config.decode_limits()));
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
@@ -36,6 +39,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     server.await.context("server failed")?;
     tracing::info!("drained in-flight requests; stopping");
     Ok(())
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
 }
 
 fn selected_packages(config: &ServeConfig) -> anyhow::Result<Vec<PathBuf>> {

@@ -228,6 +228,19 @@ async fn health_readiness_models_and_metrics() {
     assert_eq!(unknown_route.status(), 404);
     assert_eq!(unknown_route.json::<Value>().await.unwrap()["error"]["code"], "not_found");
 
+    // Every route the spec test knows is really routed (the fallbacks answer not_found/method_not_allowed).
+    for (method, path) in editserve::api::ROUTES {
+        let url = server.url(&path.replace("{name}", "efficientnet-lite0"));
+        let response = match *method {
+            "get" => client.get(url).send().await.unwrap(),
+            "post" => client.post(url).send().await.unwrap(),
+            other => panic!("untested method {other}"),
+        };
+        let status = response.status().as_u16();
+        let body = response.text().await.unwrap();
+        assert!(status != 405 && !body.contains("\"not_found\""), "{method} {path}: {status} {body}");
+    }
+
     let (photo, _) = foolbox_photos().remove(0);
     assert_eq!(classify_raw(&client, &server, read(&photo), "").await.0, 200);
     let metrics = client.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();

@@ -59,10 +59,13 @@ pub async fn classify(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
-    let top_k = parse_top_k(query.as_deref())?;
-    // Unknown models answer 404 before the body is read.
-    state.registry.model(&model)?;
-    let (images, multipart) = read_images(&state, request).await?;
+    // The body is read (within the limit) before any other error is answered: a server that answers and
+    // closes while the client is still sending makes the client see a reset instead of the error.
+    let top_k = parse_top_k(query.as_deref());
+    let known = state.registry.model(&model);
+    let images = read_images(&state, request).await;
+    let (top_k, _) = (top_k?, known?);
+    let (images, multipart) = images?;
     let mut predictions = state.registry.classify(&model, images, top_k).await?;
     Ok(Json(if multipart {
         ClassifyResponse::Multi(MultiResult {
@@ -108,12 +111,15 @@ async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, 
             }
             Ok((vec![body], false))
         }
-        Some(other) => Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Type '{other}' is not supported: send an image (image/*) or multipart/form-data with 'image' parts"
-        ))),
-        None => Err(ApiError::UnsupportedMediaType(
-            "the Content-Type header is missing: send an image (image/*) or multipart/form-data".into(),
-        )),
+        other => {
+            read_body(request.into_body(), limit).await?;
+            Err(ApiError::UnsupportedMediaType(match other {
+                Some(t) => format!(
+                    "Content-Type '{t}' is not supported: send an image (image/*) or multipart/form-data with 'image' parts"
+                ),
+                None => "the Content-Type header is missing: send an image (image/*) or multipart/form-data".into(),
+            }))
+        }
     }
 }
 
@@ -123,21 +129,21 @@ async fn read_multipart(state: &AppState, request: Request) -> Result<Vec<Bytes>
         .await
         .map_err(|e| ApiError::InvalidRequest(format!("invalid multipart body: {}", e.body_text())))?;
     let mut images = Vec::new();
-    loop {
-        let field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(e) => return Err(multipart_error(e, limit)),
-        };
-        match field.name() {
-            Some("image") => images.push(field.bytes().await.map_err(|e| multipart_error(e, limit))?),
-            other => {
-                return Err(ApiError::InvalidRequest(format!(
-                    "unexpected multipart part '{}': only parts named 'image' are accepted",
-                    other.unwrap_or("")
-                )))
-            }
+    let mut unexpected = None;
+    // Every part is read, also after an unexpected one, so that the error reaches a client still sending.
+    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
+        if name == "image" {
+            images.push(bytes);
+        } else {
+            unexpected.get_or_insert(name);
         }
+    }
+    if let Some(name) = unexpected {
+        return Err(ApiError::InvalidRequest(format!(
+            "unexpected multipart part '{name}': only parts named 'image' are accepted"
+        )));
     }
     if images.is_empty() {
         return Err(ApiError::InvalidRequest("the multipart body has no part named 'image'".into()));

@@ -1,5 +1,6 @@
 //! The service's core, free of HTTP: the model registry, the per-device inference scheduler.
 
+pub mod cpu_pool;
 pub mod registry;
 pub mod scheduler;
 

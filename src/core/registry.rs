@@ -10,6 +10,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use tch::Device;
 
+use super::cpu_pool::CpuPool;
 use super::scheduler::DeviceWorker;
 use super::CoreError;
 use crate::imaging::{decode, DecodeLimits, InputTensor, Preprocessing};
@@ -39,6 +40,7 @@ struct ModelEntry {
 
 pub struct Registry {
     worker: DeviceWorker,
+    cpu_pool: CpuPool,
     models: RwLock<HashMap<String, Arc<ModelEntry>>>,
     ready: AtomicBool,
     limits: DecodeLimits,
@@ -63,8 +65,8 @@ pub fn device_name(device: Device) -> String {
 }
 
 impl Registry {
-    pub fn new(worker: DeviceWorker, limits: DecodeLimits) -> Self {
-        Self { worker, models: RwLock::new(HashMap::new()), ready: AtomicBool::new(false), limits }
+    pub fn new(worker: DeviceWorker, cpu_pool: CpuPool, limits: DecodeLimits) -> Self {
+        Self { worker, cpu_pool, models: RwLock::new(HashMap::new()), ready: AtomicBool::new(false), limits }
     }
 
     /// Loads and warms up every package, then marks the registry ready.
@@ -117,14 +119,16 @@ impl Registry {
         if images.is_empty() {
             return Err(CoreError::InvalidArgument("no image given".into()));
         }
+        let incoming = self.worker.announce();
         let inputs = self.preprocess(Arc::clone(&entry), images).await?;
-        let probabilities = self.worker.classify(model.to_string(), inputs).await?;
+        let probabilities = self.worker.classify(model.to_string(), inputs, incoming).await?;
         Ok(probabilities.iter().map(|p| top_predictions(p, top_k, &entry.labels)).collect())
     }
 
     async fn preprocess(&self, entry: Arc<ModelEntry>, images: Vec<Bytes>) -> Result<Vec<InputTensor>, CoreError> {
         let limits = self.limits;
-        tokio::task::spawn_blocking(move || {
+        self.cpu_pool
+            .run(move || {
             images
                 .iter()
                 .enumerate()
@@ -133,9 +137,8 @@ impl Registry {
                     Ok(entry.preprocessing.apply(&image))
                 })
                 .collect()
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("preprocessing task failed: {e}")))?
+            })
+            .await?
     }
 
     fn entry(&self, name: &str) -> Result<Arc<ModelEntry>, CoreError> {

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,6 +24,9 @@ pub struct BatchingConfig {
     pub queue_capacity: usize,
 }
 
+/// How often a worker holding a partial batch checks for requests that are still being decoded.
+const INCOMING_POLL: Duration = Duration::from_micros(500);
+
 /// Softmax probabilities for each image of a request, in request order.
 pub type Probabilities = Vec<Vec<f32>>;
 
@@ -33,6 +38,7 @@ enum Job {
 /// Handle to a device's worker thread. Dropping the last handle lets the worker finish its queue and exit.
 pub struct DeviceWorker {
     device: Device,
+    incoming: Arc<AtomicUsize>,
     sender: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -40,11 +46,13 @@ pub struct DeviceWorker {
 impl DeviceWorker {
     pub fn spawn(device: Device, config: BatchingConfig) -> Result<Self, CoreError> {
         let (sender, receiver) = crossbeam_channel::bounded(config.queue_capacity);
+        let incoming = Arc::new(AtomicUsize::new(0));
+        let worker = Worker { device, config, models: HashMap::new(), incoming: Arc::clone(&incoming) };
         let thread = std::thread::Builder::new()
             .name(format!("editserve-{device:?}").to_lowercase())
-            .spawn(move || Worker { device, config, models: HashMap::new() }.run(receiver))
+            .spawn(move || worker.run(receiver))
             .map_err(|e| CoreError::Internal(format!("cannot start the device worker: {e}")))?;
-        Ok(Self { device, sender: Some(sender), thread: Some(thread) })
+        Ok(Self { device, incoming, sender: Some(sender), thread: Some(thread) })
     }
 
     pub fn device(&self) -> Device {
@@ -57,9 +65,18 @@ impl DeviceWorker {
         answer.await.map_err(|_| CoreError::ShuttingDown)?
     }
 
-    pub async fn classify(&self, model: String, inputs: Vec<InputTensor>) -> Result<Probabilities, CoreError> {
+    /// Tells the worker that a request is on its way (being decoded), so that a batch being formed
+    /// waits for it; the announcement ends when the returned guard is dropped or submitted.
+    pub fn announce(&self) -> Incoming {
+        self.incoming.fetch_add(1, Ordering::SeqCst);
+        Incoming(Arc::clone(&self.incoming))
+    }
+
+    pub async fn classify(&self, model: String, inputs: Vec<InputTensor>, incoming: Incoming) -> Result<Probabilities, CoreError> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Job::Classify { model, inputs, reply })?;
+        let submitted = self.submit(Job::Classify { model, inputs, reply });
+        drop(incoming);
+        submitted?;
         answer.await.map_err(|_| CoreError::ShuttingDown)?
     }
 
@@ -76,6 +93,14 @@ impl DeviceWorker {
     }
 }
 
+pub struct Incoming(Arc<AtomicUsize>);
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Drop for DeviceWorker {
     fn drop(&mut self) {
         self.sender.take();
@@ -89,6 +114,7 @@ struct Worker {
     device: Device,
     config: BatchingConfig,
     models: HashMap<String, Box<dyn Classifier>>,
+    incoming: Arc<AtomicUsize>,
 }
 
 struct PendingClassify {
@@ -119,12 +145,20 @@ impl Worker {
                 if batch.is_empty() || images >= self.config.max_batch_size {
                     break;
                 }
-                match jobs.recv_deadline(deadline) {
+                // Take what is queued; beyond that, wait only for requests already being decoded (a lone
+                // request never waits), and never past the deadline.
+                let received = match jobs.try_recv() {
+                    Ok(job) => Ok(job),
+                    Err(_) if self.incoming.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline => break,
+                    Err(_) => jobs.recv_timeout(INCOMING_POLL.min(deadline.saturating_duration_since(Instant::now()))),
+                };
+                match received {
                     Ok(job) => {
                         metrics::gauge!("editserve_queue_depth").decrement(1.0);
                         next = Some(job);
                     }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
             }
             self.run_batch(batch);
