@@ -7,6 +7,7 @@ pub mod alloc;
 pub mod api;
 pub mod config;
 pub mod core;
+pub mod edit;
 pub mod imaging;
 pub mod models;
 pub mod server;

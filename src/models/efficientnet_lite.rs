@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::layers::{BatchNorm, Conv, Weights};
-use super::{Classifier, EditBlock, EditableLayer, ModelError};
+use super::{replace_checked, Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
 
 /// One MBConv stage of the base network: (repeats, kernel, stride, expand ratio, in, out).
 const BASE_STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
@@ -78,6 +78,17 @@ impl MbConv {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         self.finish(&self.project_input(x), &self.project.weight, Some(x))
+    }
+
+    fn duplicate(&self) -> Self {
+        Self {
+            expand: self.expand.as_ref().map(|(c, b)| (c.duplicate(), b.duplicate())),
+            depthwise: self.depthwise.duplicate(),
+            bn1: self.bn1.duplicate(),
+            project: self.project.duplicate(),
+            bn2: self.bn2.duplicate(),
+            has_skip: self.has_skip,
+        }
     }
 }
 
@@ -160,6 +171,46 @@ impl EfficientNetLite {
     }
 }
 
+impl EfficientNetLite {
+    fn slot(&self, name: &str) -> Option<&Tensor> {
+        Some(match name {
+            "_conv_stem.weight" => &self.stem.weight,
+            "_conv_head.weight" => &self.head.weight,
+            "_fc.weight" => &self.fc_weight,
+            "_fc.bias" => &self.fc_bias,
+            _ => {
+                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
+                let block = self.blocks.get(index.parse::<usize>().ok()?)?;
+                match conv {
+                    "_expand_conv" => &block.expand.as_ref()?.0.weight,
+                    "_depthwise_conv" => &block.depthwise.weight,
+                    "_project_conv" => &block.project.weight,
+                    _ => return None,
+                }
+            }
+        })
+    }
+
+    fn slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        Some(match name {
+            "_conv_stem.weight" => &mut self.stem.weight,
+            "_conv_head.weight" => &mut self.head.weight,
+            "_fc.weight" => &mut self.fc_weight,
+            "_fc.bias" => &mut self.fc_bias,
+            _ => {
+                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
+                let block = self.blocks.get_mut(index.parse::<usize>().ok()?)?;
+                match conv {
+                    "_expand_conv" => &mut block.expand.as_mut()?.0.weight,
+                    "_depthwise_conv" => &mut block.depthwise.weight,
+                    "_project_conv" => &mut block.project.weight,
+                    _ => return None,
+                }
+            }
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 enum LayerRef {
     Project(usize),
@@ -223,12 +274,55 @@ impl Classifier for EfficientNetLite {
         })
     }
 
-    fn set_layer_weight(&mut self, layer: &str, weight: Tensor) -> Result<(), ModelError> {
-        let conv = match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
-            LayerRef::Head => &mut self.head,
-            LayerRef::Project(i) => &mut self.blocks[i].project,
+    fn linear_form(&self, layer: &str) -> Result<Option<LinearForm>, ModelError> {
+        let (bn, activation) = match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+            LayerRef::Head => (&self.bn1, Activation::Relu6),
+            LayerRef::Project(i) => (&self.blocks[i].bn2, Activation::Identity),
         };
-        conv.replace_weight(layer, weight)
+        let (scale, shift) = bn.affine();
+        Ok(Some(LinearForm { scale, shift, activation }))
+    }
+
+    fn parameter(&self, name: &str) -> Result<Tensor, ModelError> {
+        let slot = self.slot(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
+        Ok(slot.shallow_clone())
+    }
+
+    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError> {
+        let slot = self.slot_mut(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
+        replace_checked(slot, name, value)
+    }
+
+    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
+        let mut names = Vec::new();
+        let first_block = match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+            LayerRef::Head => self.blocks.len(),
+            LayerRef::Project(i) => {
+                names.push(format!("{layer}.weight"));
+                i + 1
+            }
+        };
+        for (i, block) in self.blocks.iter().enumerate().skip(first_block) {
+            if block.expand.is_some() {
+                names.push(format!("_blocks.{i}._expand_conv.weight"));
+            }
+            names.push(format!("_blocks.{i}._depthwise_conv.weight"));
+            names.push(format!("_blocks.{i}._project_conv.weight"));
+        }
+        names.extend(["_conv_head.weight".to_string(), "_fc.weight".to_string(), "_fc.bias".to_string()]);
+        Ok(names)
+    }
+
+    fn duplicate(&self) -> Box<dyn Classifier> {
+        Box::new(Self {
+            stem: self.stem.duplicate(),
+            bn0: self.bn0.duplicate(),
+            blocks: self.blocks.iter().map(MbConv::duplicate).collect(),
+            head: self.head.duplicate(),
+            bn1: self.bn1.duplicate(),
+            fc_weight: self.fc_weight.copy(),
+            fc_bias: self.fc_bias.copy(),
+        })
     }
 }
 

@@ -99,16 +99,8 @@ impl Conv {
         input.conv2d(weight, self.bias.as_ref(), [self.stride, self.stride], padding, [1, 1], self.groups)
     }
 
-    pub fn replace_weight(&mut self, layer: &str, weight: Tensor) -> Result<(), ModelError> {
-        if weight.size() != self.weight.size() {
-            return Err(ModelError::ShapeMismatch {
-                key: format!("{layer}.weight"),
-                expected: self.weight.size(),
-                actual: weight.size(),
-            });
-        }
-        self.weight = weight;
-        Ok(())
+    pub fn duplicate(&self) -> Self {
+        Self { weight: self.weight.copy(), bias: self.bias.as_ref().map(Tensor::copy), stride: self.stride, groups: self.groups }
     }
 }
 
@@ -131,6 +123,17 @@ impl BatchNorm {
         let shape = [channels];
         let mut take = |name: &str| weights.take(&format!("{prefix}.{name}"), Some(&shape));
         Ok(Self { gamma: take("weight")?, beta: take("bias")?, mean: take("running_mean")?, var: take("running_var")?, eps })
+    }
+
+    /// `(scale, shift)` with `forward(x) == x * scale + shift` per channel.
+    pub fn affine(&self) -> (Tensor, Tensor) {
+        let scale = &self.gamma / (&self.var + self.eps).sqrt();
+        let shift = &self.beta - &self.mean * &scale;
+        (scale, shift)
+    }
+
+    pub fn duplicate(&self) -> Self {
+        Self { gamma: self.gamma.copy(), beta: self.beta.copy(), mean: self.mean.copy(), var: self.var.copy(), eps: self.eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

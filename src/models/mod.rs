@@ -35,6 +35,7 @@ pub enum ModelError {
 /// A layer an edit can rewrite: a conv named by its state-dict prefix.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EditableLayer {
+    /// The conv's state-dict prefix; its weight is `{name}.weight`.
     pub name: String,
     pub weight_shape: Vec<i64>,
     /// Whether the block adds a skip input after the conv; an edit must then absorb that path too.
@@ -47,6 +48,21 @@ pub struct EditBlock {
     pub key: Tensor,
     pub skip: Option<Tensor>,
     pub weight: Tensor,
+}
+
+/// The map from a conv's output to its block's output when it is affine per channel, followed by an
+/// optional activation: `activation(scale * conv + shift + skip)`. The closed-form solver needs it.
+pub struct LinearForm {
+    pub scale: Tensor,
+    pub shift: Tensor,
+    pub activation: Activation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+    Relu6,
 }
 
 /// An image classifier that can be edited one conv at a time. `forward` must equal
@@ -62,5 +78,22 @@ pub trait Classifier: Send {
     fn block_output(&self, layer: &str, block: &EditBlock, weight: &Tensor) -> Result<Tensor, ModelError>;
     /// The logits from the output of `layer`'s block.
     fn forward_from(&self, layer: &str, value: &Tensor) -> Result<Tensor, ModelError>;
-    fn set_layer_weight(&mut self, layer: &str, weight: Tensor) -> Result<(), ModelError>;
+    /// The block of `layer` in closed form, where it has one (a conv, eval BatchNorm, skip, activation).
+    fn linear_form(&self, layer: &str) -> Result<Option<LinearForm>, ModelError>;
+    /// A trainable tensor by state-dict name (conv and linear weights and biases; BatchNorm stays frozen).
+    fn parameter(&self, name: &str) -> Result<Tensor, ModelError>;
+    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError>;
+    /// The names of the trainable tensors from `layer`'s conv to the output, in forward order.
+    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError>;
+    /// A deep copy whose tensors share nothing with this model.
+    fn duplicate(&self) -> Box<dyn Classifier>;
+}
+
+/// Replaces `slot` by `value` if the shapes agree.
+pub fn replace_checked(slot: &mut Tensor, name: &str, value: Tensor) -> Result<(), ModelError> {
+    if value.size() != slot.size() {
+        return Err(ModelError::ShapeMismatch { key: name.to_string(), expected: slot.size(), actual: value.size() });
+    }
+    *slot = value;
+    Ok(())
 }

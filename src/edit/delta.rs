@@ -1,0 +1,84 @@
+//! The change an edit makes: low-rank factors `(L, D)` of one conv's weight for a rewrite, dense
+//! tensors for fine-tuning. Stored as safetensors; applied by adding to the base weights.
+
+use std::path::Path;
+
+use tch::{Kind, Tensor};
+
+use super::{compose, EditError};
+use crate::models::Classifier;
+
+pub enum Delta {
+    /// `dW[o, :, y, x] = L[o, :, y, x] @ D` for the conv `{layer}.weight`.
+    LowRank { layer: String, l: Tensor, d: Tensor },
+    /// `P += dP` for each named parameter.
+    Dense { changes: Vec<(String, Tensor)> },
+}
+
+const LOW_RANK_L: &str = "lowrank.L:";
+const LOW_RANK_D: &str = "lowrank.D:";
+const DENSE: &str = "dense:";
+
+impl Delta {
+    /// The change as dense tensors by parameter name.
+    pub fn dense(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Delta::LowRank { layer, l, d } => vec![(format!("{layer}.weight"), compose(l, d))],
+            Delta::Dense { changes } => changes.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+        }
+    }
+
+    pub fn norm(&self) -> f64 {
+        self.dense().iter().map(|(_, t)| t.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt()
+    }
+
+    /// Bytes of the stored factors or tensors.
+    pub fn stored_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        match self {
+            Delta::LowRank { l, d, .. } => bytes(l) + bytes(d),
+            Delta::Dense { changes } => changes.iter().map(|(_, t)| bytes(t)).sum(),
+        }
+    }
+
+    /// Adds the change to `model`'s weights.
+    pub fn apply(&self, model: &mut dyn Classifier) -> Result<(), EditError> {
+        for (name, change) in self.dense() {
+            let base = model.parameter(&name)?;
+            model.set_parameter(&name, &base + change.to_device(base.device()))?;
+        }
+        Ok(())
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), EditError> {
+        let named: Vec<(String, Tensor)> = match self {
+            Delta::LowRank { layer, l, d } => {
+                vec![(format!("{LOW_RANK_L}{layer}"), l.shallow_clone()), (format!("{LOW_RANK_D}{layer}"), d.shallow_clone())]
+            }
+            Delta::Dense { changes } => changes.iter().map(|(n, t)| (format!("{DENSE}{n}"), t.shallow_clone())).collect(),
+        };
+        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        Tensor::write_safetensors(&refs, path)?;
+        Ok(())
+    }
+
+    pub fn load(path: &Path) -> Result<Self, EditError> {
+        let mut tensors = Tensor::read_safetensors(path)?;
+        let invalid = || EditError::Invalid(format!("{} is not an editserve delta", path.display()));
+        if tensors.iter().all(|(n, _)| n.starts_with(DENSE)) && !tensors.is_empty() {
+            let changes = tensors.into_iter().map(|(n, t)| (n[DENSE.len()..].to_string(), t)).collect();
+            return Ok(Delta::Dense { changes });
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        match tensors.as_slice() {
+            [(d_name, d), (l_name, l)] if d_name.starts_with(LOW_RANK_D) && l_name.starts_with(LOW_RANK_L) => {
+                let layer = l_name[LOW_RANK_L.len()..].to_string();
+                if d_name[LOW_RANK_D.len()..] != layer {
+                    return Err(invalid());
+                }
+                Ok(Delta::LowRank { layer, l: l.shallow_clone(), d: d.shallow_clone() })
+            }
+            _ => Err(invalid()),
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The editing method of shared/design/editing-method.md: rewrite one conv so that the keys of a modified
+//! concept produce the values the original concept had (Adam as the authors did, or a closed form), and
+//! the fine-tuning baselines the paper compares against. No HTTP here, no threads: a caller runs an edit
+//! where tensor work belongs and watches it through [`Progress`].
+
+pub mod delta;
+mod finetune;
+pub mod mask;
+mod rewrite;
+pub mod statistics;
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+use thiserror::Error;
+
+pub use delta::Delta;
+pub use rewrite::{compose, directions, project};
+
+use crate::models::{Classifier, ModelError};
+
+#[derive(Debug, Error)]
+pub enum EditError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("the edit was cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tensor operation failed: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("{0}")]
+    Io(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    Rewrite,
+    FinetuneLocal,
+    FinetuneGlobal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Solver {
+    Adam,
+    ClosedForm,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditParams {
+    pub method: Method,
+    pub solver: Solver,
+    /// The edited conv (its state-dict prefix).
+    pub layer: String,
+    /// Dimension of the subspace the change lives in (rewrite only).
+    pub rank: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub seed: i64,
+}
+
+impl EditParams {
+    /// The defaults for a method, at `layer`; see README for how they were chosen.
+    pub fn new(method: Method, solver: Solver, layer: &str) -> Self {
+        let (steps, lr) = match (method, solver) {
+            (Method::Rewrite, Solver::Adam) => (1000, 1e-3),
+            (Method::Rewrite, Solver::ClosedForm) => (0, 0.0),
+            (Method::FinetuneLocal | Method::FinetuneGlobal, _) => (50, 1e-2),
+        };
+        Self { method, solver, layer: layer.to_string(), rank: 1, steps, lr, seed: 0 }
+    }
+}
+
+/// N exemplars, preprocessed: originals and modified copies (N x 3 x H x W), concept masks (N x 1 x H x W,
+/// values in [0, 1], at the input resolution or any other), and optionally the true classes (N, for the
+/// fine-tuning baselines; the model's predictions on the originals otherwise).
+pub struct Exemplars {
+    pub original: Tensor,
+    pub modified: Tensor,
+    pub mask: Tensor,
+    pub labels: Option<Tensor>,
+}
+
+impl Exemplars {
+    fn validate(&self) -> Result<i64, EditError> {
+        let n = self.original.size()[0];
+        if n == 0 {
+            return Err(EditError::Invalid("an edit needs at least one exemplar".into()));
+        }
+        if self.modified.size() != self.original.size() {
+            return Err(EditError::Invalid("original and modified images differ in shape".into()));
+        }
+        let mask = self.mask.size();
+        if mask.len() != 4 || mask[0] != n || mask[1] != 1 {
+            return Err(EditError::Invalid(format!("masks must be N x 1 x H x W, got {mask:?}")));
+        }
+        if self.mask.sum(Kind::Float).double_value(&[]) <= 0.0 {
+            return Err(EditError::Invalid("the concept mask is empty".into()));
+        }
+        Ok(n)
+    }
+}
+
+/// Reports an edit's progress and asks whether to stop.
+pub trait Progress {
+    fn report(&self, step: usize, total: usize, loss: f64);
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Progress for callers that do not watch.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn report(&self, _: usize, _: usize, _: f64) {}
+}
+
+#[derive(Debug, Serialize)]
+pub struct EditMetrics {
+    pub loss_before: f64,
+    pub loss_after: f64,
+    pub delta_norm: f64,
+    pub steps: usize,
+    pub seconds: f64,
+    /// "identity" or "second_moment".
+    pub statistics: &'static str,
+    /// Where the solver approximates the stated problem, in words.
+    pub approximation: Option<String>,
+}
+
+pub struct EditResult {
+    pub delta: Delta,
+    pub metrics: EditMetrics,
+}
+
+/// Runs one edit on `model` (which is not changed). `whitening` is `C^{-1/2}` of the keys at the layer
+/// (float64); `None` means C = identity.
+pub fn edit(
+    model: &dyn Classifier,
+    exemplars: &Exemplars,
+    params: &EditParams,
+    whitening: Option<&Tensor>,
+    progress: &dyn Progress,
+) -> Result<EditResult, EditError> {
+    exemplars.validate()?;
+    if !model.editable_layers().iter().any(|l| l.name == params.layer) {
+        return Err(EditError::Invalid(format!("'{}' is not an editable layer of this model", params.layer)));
+    }
+    tch::manual_seed(params.seed);
+    let started = Instant::now();
+    let (delta, mut metrics) = match params.method {
+        Method::Rewrite => rewrite::run(model, exemplars, params, whitening, progress)?,
+        Method::FinetuneLocal | Method::FinetuneGlobal => finetune::run(model, exemplars, params, progress)?,
+    };
+    metrics.seconds = started.elapsed().as_secs_f64();
+    metrics.delta_norm = delta.norm();
+    Ok(EditResult { delta, metrics })
+}

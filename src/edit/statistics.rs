@@ -1,0 +1,137 @@
+//! Second-moment statistics of the keys at a layer, `C = mean k k^T` over every position of every image
+//! (uncentred), accumulated in float64 batch by batch, and the whitening `Z = C^{-1/2}` that the rewrite's
+//! direction uses. Cached on disk under the model weights' hash, the layer and the preprocessing, since
+//! the same layer of the same checkpoint under other preprocessing has other statistics.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use super::EditError;
+use crate::models::Classifier;
+
+/// Eigenvalues below this fraction of the largest are raised to it before inverting: keys rarely span
+/// every channel, and an unfloored inverse square root would blow up along the unused directions.
+pub const RELATIVE_EIGENVALUE_FLOOR: f64 = 1e-4;
+
+pub struct SecondMoment {
+    /// C_in x C_in, float64, on the CPU.
+    pub moment: Tensor,
+    /// Key positions averaged over.
+    pub count: i64,
+}
+
+impl SecondMoment {
+    /// Streams `batches` (each N x 3 x H x W, preprocessed) through the model up to `layer`.
+    pub fn accumulate(
+        model: &dyn Classifier,
+        layer: &str,
+        batches: impl IntoIterator<Item = Tensor>,
+    ) -> Result<Self, EditError> {
+        let _guard = tch::no_grad_guard();
+        let mut sum: Option<Tensor> = None;
+        let mut count = 0;
+        for batch in batches {
+            let key = model.edit_block(&batch, layer)?.key;
+            let channels = key.size()[1];
+            let flat = key.transpose(0, 1).reshape([channels, -1]).to_kind(Kind::Double);
+            count += flat.size()[1];
+            let outer = flat.matmul(&flat.tr()).to_device(Device::Cpu);
+            sum = Some(match sum {
+                Some(s) => s + outer,
+                None => outer,
+            });
+        }
+        let sum = sum.ok_or_else(|| EditError::Invalid("statistics need at least one image".into()))?;
+        Ok(Self { moment: sum / count as f64, count })
+    }
+
+    /// `C^{-1/2}` (float64) by symmetric eigendecomposition, eigenvalues floored at
+    /// `RELATIVE_EIGENVALUE_FLOOR` times the largest.
+    pub fn whitening(&self) -> Tensor {
+        whitening(&self.moment)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), EditError> {
+        let count = Tensor::from_slice(&[self.count]);
+        let tmp = path.with_extension("tmp");
+        Tensor::write_safetensors(&[("moment", &self.moment), ("count", &count)], &tmp)?;
+        std::fs::rename(&tmp, path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, EditError> {
+        let tensors = Tensor::read_safetensors(path)?;
+        let find = |name: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| EditError::Invalid(format!("{} lacks '{name}'", path.display())))
+        };
+        Ok(Self { moment: find("moment")?.to_kind(Kind::Double), count: find("count")?.int64_value(&[0]) })
+    }
+}
+
+pub fn whitening(moment: &Tensor) -> Tensor {
+    let symmetric = (moment + moment.tr()) / 2.0;
+    let (values, vectors) = symmetric.linalg_eigh("L");
+    let largest = values.max().double_value(&[]).max(f64::MIN_POSITIVE);
+    let floored = values.clamp_min(largest * RELATIVE_EIGENVALUE_FLOOR);
+    vectors.matmul(&floored.rsqrt().diag_embed(0, -2, -1)).matmul(&vectors.tr())
+}
+
+/// Where the statistics of (weights, layer, preprocessing) are cached.
+pub fn cache_path(cache_dir: &Path, weights_sha256: &str, layer: &str, preprocessing: &str) -> PathBuf {
+    let mut hasher = Sha256::new();
+    for part in [weights_sha256, layer, preprocessing] {
+        hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    cache_dir.join(format!("{:x}.safetensors", hasher.finalize()))
+}
+
+/// The hex sha256 of a file (a checkpoint), streamed.
+pub fn file_sha256(path: &Path) -> Result<String, EditError> {
+    let mut file = std::fs::File::open(path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whitens_a_known_covariance() {
+        tch::manual_seed(1);
+        let a = Tensor::randn([6, 6], (Kind::Double, Device::Cpu));
+        let c = a.matmul(&a.tr()) + Tensor::eye(6, (Kind::Double, Device::Cpu));
+        let z = whitening(&c);
+        // Z C Z = I and Z is symmetric.
+        let identity = z.matmul(&c).matmul(&z);
+        let eye = Tensor::eye(6, (Kind::Double, Device::Cpu));
+        assert!((identity - &eye).abs().max().double_value(&[]) < 1e-8);
+        assert!((&z - z.tr()).abs().max().double_value(&[]) < 1e-10);
+    }
+
+    #[test]
+    fn floors_a_singular_covariance() {
+        let k = Tensor::from_slice(&[1.0f64, 2.0, 0.0]).view([3, 1]);
+        let c = k.matmul(&k.tr());
+        let z = whitening(&c);
+        assert!(z.isfinite().all().int64_value(&[]) == 1);
+        // Along the key itself the whitening is C^{-1/2}: |Z k| = 1.
+        assert!((z.matmul(&k).norm().double_value(&[]) - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cache_key_depends_on_every_part() {
+        let dir = Path::new("/cache");
+        let base = cache_path(dir, "abc", "_conv_head", "{}");
+        assert_ne!(base, cache_path(dir, "abd", "_conv_head", "{}"));
+        assert_ne!(base, cache_path(dir, "abc", "_blocks.1._project_conv", "{}"));
+        assert_ne!(base, cache_path(dir, "abc", "_conv_head", "{\"crop\":1}"));
+    }
+}
