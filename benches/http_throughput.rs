@@ -140,7 +140,9 @@ fn main() {
 
     let mut photos: Vec<Vec<u8>> = std::fs::read_dir(root().join("data/foolbox"))
         .unwrap()
-        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .map(|p| std::fs::read(p).unwrap())
         .collect();
     photos.sort();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();

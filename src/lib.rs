@@ -5,6 +5,7 @@
 
 pub mod alloc;
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod core;
 pub mod edit;

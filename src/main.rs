@@ -13,6 +13,10 @@ struct Cli {
 enum Command {
     /// Run the HTTP server.
     Serve(ServeConfig),
+    /// Edit a model offline from exemplars and write the change (a delta) to a file.
+    Edit(editserve::cli::EditArgs),
+    /// Classify images with a model package, optionally with a delta applied.
+    Classify(editserve::cli::ClassifyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -24,5 +28,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(config) => {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(editserve::server::run(config))
         }
+        Command::Edit(args) => editserve::cli::run_edit(args),
+        Command::Classify(args) => editserve::cli::run_classify(args),
     }
 }

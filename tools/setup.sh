@@ -27,5 +27,8 @@ if [ ! -d data/foolbox ]; then
   src=$("$VENV/bin/python" -c 'import importlib.util; print(importlib.util.find_spec("foolbox").submodule_search_locations[0])')
   mkdir -p data/foolbox.tmp
   cp "$src"/data/imagenet_*.jpg data/foolbox.tmp/
+  # Its 40 CIFAR photos serve as a statistics set disjoint from the ImageNet photos that edits are judged on.
+  mkdir -p data/foolbox.tmp/statistics
+  cp "$src"/data/cifar*.png data/foolbox.tmp/statistics/
   mv data/foolbox.tmp data/foolbox
 fi

@@ -11,13 +11,15 @@ pub mod statistics;
 
 use std::time::Instant;
 
+use image::{DynamicImage, GenericImageView, GrayImage};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 use thiserror::Error;
 
 pub use delta::Delta;
 pub use rewrite::{compose, directions, project};
 
+use crate::imaging::{InputTensor, Preprocessing};
 use crate::models::{Classifier, ModelError};
 
 #[derive(Debug, Error)]
@@ -87,6 +89,36 @@ pub struct Exemplars {
 }
 
 impl Exemplars {
+    /// Preprocesses `(original, modified, mask)` triples as the model expects; each triple must agree in size.
+    pub fn from_images(
+        preprocessing: &Preprocessing,
+        triples: &[(DynamicImage, DynamicImage, GrayImage)],
+        device: Device,
+    ) -> Result<Self, EditError> {
+        let mut original = Vec::new();
+        let mut modified = Vec::new();
+        let mut mask = Vec::new();
+        for (i, (o, m, k)) in triples.iter().enumerate() {
+            if o.dimensions() != m.dimensions() || o.dimensions() != k.dimensions() {
+                return Err(EditError::Invalid(format!(
+                    "exemplar {i}: image {:?}, modified {:?} and mask {:?} must have the same size",
+                    o.dimensions(),
+                    m.dimensions(),
+                    k.dimensions()
+                )));
+            }
+            original.push(input_tensor(&preprocessing.apply(o), 3));
+            modified.push(input_tensor(&preprocessing.apply(m), 3));
+            mask.push(input_tensor(&preprocessing.apply_to_mask(k), 1));
+        }
+        Ok(Self {
+            original: Tensor::stack(&original, 0).to_device(device),
+            modified: Tensor::stack(&modified, 0).to_device(device),
+            mask: Tensor::stack(&mask, 0).to_device(device),
+            labels: None,
+        })
+    }
+
     fn validate(&self) -> Result<i64, EditError> {
         let n = self.original.size()[0];
         if n == 0 {
@@ -104,6 +136,10 @@ impl Exemplars {
         }
         Ok(n)
     }
+}
+
+fn input_tensor(input: &InputTensor, channels: i64) -> Tensor {
+    Tensor::from_slice(&input.data).view([channels, i64::from(input.height), i64::from(input.width)])
 }
 
 /// Reports an edit's progress and asks whether to stop.

@@ -81,21 +81,24 @@ pub fn whitening(moment: &Tensor) -> Tensor {
     vectors.matmul(&floored.rsqrt().diag_embed(0, -2, -1)).matmul(&vectors.tr())
 }
 
-/// Where the statistics of (weights, layer, preprocessing) are cached.
-pub fn cache_path(cache_dir: &Path, weights_sha256: &str, layer: &str, preprocessing: &str) -> PathBuf {
+/// Where the statistics of (weights, layer, preprocessing, image set) are cached. The image set is part of
+/// the key too: statistics of other images are other statistics.
+pub fn cache_path(cache_dir: &Path, weights_sha256: &str, layer: &str, preprocessing: &str, images_sha256: &str) -> PathBuf {
     let mut hasher = Sha256::new();
-    for part in [weights_sha256, layer, preprocessing] {
+    for part in [weights_sha256, layer, preprocessing, images_sha256] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }
     cache_dir.join(format!("{:x}.safetensors", hasher.finalize()))
 }
 
-/// The hex sha256 of a file (a checkpoint), streamed.
-pub fn file_sha256(path: &Path) -> Result<String, EditError> {
-    let mut file = std::fs::File::open(path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+/// The hex sha256 of the contents of `paths`, in order (a checkpoint, or an image set), streamed.
+pub fn files_sha256(paths: &[PathBuf]) -> Result<String, EditError> {
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+    for path in paths {
+        let mut file = std::fs::File::open(path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+        std::io::copy(&mut file, &mut hasher).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+    }
     Ok(format!("{:x}", hasher.finalize()))
 }
 
@@ -129,9 +132,10 @@ mod tests {
     #[test]
     fn cache_key_depends_on_every_part() {
         let dir = Path::new("/cache");
-        let base = cache_path(dir, "abc", "_conv_head", "{}");
-        assert_ne!(base, cache_path(dir, "abd", "_conv_head", "{}"));
-        assert_ne!(base, cache_path(dir, "abc", "_blocks.1._project_conv", "{}"));
-        assert_ne!(base, cache_path(dir, "abc", "_conv_head", "{\"crop\":1}"));
+        let base = cache_path(dir, "abc", "_conv_head", "{}", "set");
+        assert_ne!(base, cache_path(dir, "abd", "_conv_head", "{}", "set"));
+        assert_ne!(base, cache_path(dir, "abc", "_blocks.1._project_conv", "{}", "set"));
+        assert_ne!(base, cache_path(dir, "abc", "_conv_head", "{\"crop\":1}", "set"));
+        assert_ne!(base, cache_path(dir, "abc", "_conv_head", "{}", "other set"));
     }
 }

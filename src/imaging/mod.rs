@@ -6,7 +6,7 @@ mod resample;
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Luma};
 use thiserror::Error;
 
 pub use preprocess::{InputTensor, Preprocessing};
@@ -52,6 +52,18 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, ImageE
     let mut image = DynamicImage::from_decoder(decoder).map_err(classify_decode_error)?;
     image.apply_orientation(orientation);
     Ok(image)
+}
+
+/// A concept mask from a mask image: where alpha is over 0 for images with alpha, else where the grey
+/// value is over 127. Returns 0 or 255 per pixel.
+pub fn binary_mask(image: &DynamicImage) -> GrayImage {
+    if image.color().has_alpha() {
+        let rgba = image.to_rgba8();
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| Luma([if rgba.get_pixel(x, y).0[3] > 0 { 255 } else { 0 }]))
+    } else {
+        let grey = image.to_luma8();
+        GrayImage::from_fn(grey.width(), grey.height(), |x, y| Luma([if grey.get_pixel(x, y).0[0] > 127 { 255 } else { 0 }]))
+    }
 }
 
 fn check_pixels(width: u64, height: u64, limits: DecodeLimits) -> Result<(), ImageError> {

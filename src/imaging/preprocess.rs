@@ -1,7 +1,7 @@
 //! The preprocessing a model package declares: resize the shorter side, centre-crop, scale and normalise,
 //! following torchvision's `Resize` + `CenterCrop` + `Normalize` (PIL filters, antialiased).
 
-use image::DynamicImage;
+use image::{DynamicImage, GrayImage, RgbImage};
 
 use super::resample::resize_crop_rgb;
 use serde::{Deserialize, Serialize};
@@ -56,7 +56,32 @@ impl Preprocessing {
     }
 
     pub fn apply(&self, image: &DynamicImage) -> InputTensor {
-        let rgb = image.to_rgb8();
+        let (pixels, crop_h, crop_w) = self.resize_and_crop(&image.to_rgb8());
+        let plane = crop_h * crop_w;
+        let mut data = vec![0f32; 3 * plane];
+        let channels: [usize; 3] = match self.channel_order {
+            ChannelOrder::Rgb => [0, 1, 2],
+            ChannelOrder::Bgr => [2, 1, 0],
+        };
+        for (offset, pixel) in pixels.chunks_exact(3).enumerate() {
+            for (out_c, &src_c) in channels.iter().enumerate() {
+                let value = f32::from(pixel[src_c]) / self.pixel_scale;
+                data[out_c * plane + offset] = (value - self.mean[out_c]) / self.std[out_c];
+            }
+        }
+        InputTensor { data, height: crop_h as u32, width: crop_w as u32 }
+    }
+
+    /// A concept mask (0 or 255 per pixel) through the same resize and crop as its image, as values in
+    /// [0, 1] (1 x H x W), so that it stays aligned with the network input.
+    pub fn apply_to_mask(&self, mask: &GrayImage) -> InputTensor {
+        let rgb = DynamicImage::ImageLuma8(mask.clone()).to_rgb8();
+        let (pixels, crop_h, crop_w) = self.resize_and_crop(&rgb);
+        let data = pixels.chunks_exact(3).map(|p| f32::from(p[0]) / 255.0).collect();
+        InputTensor { data, height: crop_h as u32, width: crop_w as u32 }
+    }
+
+    fn resize_and_crop(&self, rgb: &RgbImage) -> (Vec<u8>, usize, usize) {
         let (width, height) = rgb.dimensions();
         let (new_w, new_h) = shorter_side_size(width, height, self.resize_shorter);
         let [crop_h, crop_w] = self.crop;
@@ -71,19 +96,7 @@ impl Preprocessing {
             (left, top, crop_w, crop_h),
             self.interpolation,
         );
-        let plane = crop_h * crop_w;
-        let mut data = vec![0f32; 3 * plane];
-        let channels: [usize; 3] = match self.channel_order {
-            ChannelOrder::Rgb => [0, 1, 2],
-            ChannelOrder::Bgr => [2, 1, 0],
-        };
-        for (offset, pixel) in pixels.chunks_exact(3).enumerate() {
-            for (out_c, &src_c) in channels.iter().enumerate() {
-                let value = f32::from(pixel[src_c]) / self.pixel_scale;
-                data[out_c * plane + offset] = (value - self.mean[out_c]) / self.std[out_c];
-            }
-        }
-        InputTensor { data, height: crop_h as u32, width: crop_w as u32 }
+        (pixels, crop_h, crop_w)
     }
 }
 

@@ -21,6 +21,8 @@ const STEM_CHANNELS: i64 = 32;
 const HEAD_CHANNELS: i64 = 1280;
 const BN_EPS: f64 = 1e-3;
 const DEPTH_DIVISOR: f64 = 8.0;
+/// See README, "Choosing the edit layer".
+const DEFAULT_EDIT_LAYER: &str = "_blocks.15._project_conv";
 
 /// Width/depth coefficients and native resolution of the published variants.
 pub fn variant_coefficients(variant: u32) -> Option<(f64, f64, i64)> {
@@ -239,6 +241,10 @@ impl Classifier for EfficientNetLite {
             .collect();
         layers.push(EditableLayer { name: "_conv_head".into(), weight_shape: self.head.weight.size(), has_skip: false });
         layers
+    }
+
+    fn default_edit_layer(&self) -> &str {
+        DEFAULT_EDIT_LAYER
     }
 
     fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError> {

@@ -72,6 +72,8 @@ pub trait Classifier: Send {
     fn forward(&self, x: &Tensor) -> Tensor;
     fn num_classes(&self) -> i64;
     fn editable_layers(&self) -> Vec<EditableLayer>;
+    /// The layer an edit rewrites unless told otherwise (chosen by measurement; see README).
+    fn default_edit_layer(&self) -> &str;
     /// Runs the network up to the edited conv of `layer`.
     fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError>;
     /// The block that `layer` feeds, as a function of the conv weight (differentiable in it).

@@ -25,6 +25,7 @@ pub fn foolbox_photos() -> Vec<(PathBuf, usize)> {
     let mut photos: Vec<(PathBuf, usize)> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e} (run `make setup`)", dir.display()))
         .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
         .map(|p| {
             let stem = p.file_stem().unwrap().to_string_lossy().into_owned();
             let label = stem.rsplit('_').next().unwrap().parse().unwrap();

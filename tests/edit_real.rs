@@ -1,0 +1,156 @@
+//! Editing the real EfficientNet-Lite0: a diagonal-stripe patch pasted over a foolbox photo changes its
+//! prediction; one edit from that single exemplar makes the model read the patch like what it covers,
+//! while its top-1 on the 20 clean photos stays as it was.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{foolbox_photos, model_dir, root};
+use editserve::cli::statistics_for;
+use editserve::edit::{edit, EditParams, Exemplars, Method, Silent, Solver};
+use editserve::imaging::{decode, DecodeLimits};
+use editserve::models::{load_package, Classifier, ModelPackage};
+use image::{DynamicImage, GrayImage, Luma, Rgb};
+use tch::{Device, Tensor};
+
+const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 40_000_000 };
+
+/// The photo, the same photo with stripes over its centre, and the mask of that square.
+fn exemplar() -> (DynamicImage, DynamicImage, GrayImage) {
+    let (path, _) = foolbox_photos().remove(0);
+    let original = decode(&std::fs::read(path).unwrap(), LIMITS).unwrap();
+    let (w, h) = (original.width(), original.height());
+    let inside = |x: u32, y: u32| (w / 5..w * 4 / 5).contains(&x) && (h / 5..h * 4 / 5).contains(&y);
+    let mut modified = original.to_rgb8();
+    for (x, y, pixel) in modified.enumerate_pixels_mut() {
+        if inside(x, y) {
+            let v = if ((x + y) / 24) % 2 == 1 { 255 } else { 0 };
+            *pixel = Rgb([v, v, v]);
+        }
+    }
+    let mask = GrayImage::from_fn(w, h, |x, y| Luma([if inside(x, y) { 255 } else { 0 }]));
+    (original, DynamicImage::ImageRgb8(modified), mask)
+}
+
+fn batch(package: &ModelPackage, images: &[DynamicImage]) -> Tensor {
+    let inputs: Vec<Tensor> = images
+        .iter()
+        .map(|i| {
+            let x = package.config.preprocessing.apply(i);
+            Tensor::from_slice(&x.data).view([3, i64::from(x.height), i64::from(x.width)])
+        })
+        .collect();
+    Tensor::stack(&inputs, 0)
+}
+
+fn top1(model: &dyn Classifier, x: &Tensor) -> Vec<i64> {
+    let predictions = tch::no_grad(|| model.forward(x).argmax(-1, false));
+    Vec::<i64>::try_from(predictions).unwrap()
+}
+
+#[test]
+fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
+    let package = ModelPackage::open(&model_dir()).unwrap();
+    let model = load_package(&package, Device::Cpu).unwrap();
+    let (original, modified, mask) = exemplar();
+    let exemplar_batch = batch(&package, &[original.clone(), modified.clone()]);
+    let before = top1(model.as_ref(), &exemplar_batch);
+    assert_ne!(before[0], before[1], "the patch must change the prediction for the test to mean anything");
+
+    let clean: Vec<DynamicImage> =
+        foolbox_photos().iter().map(|(p, _)| decode(&std::fs::read(p).unwrap(), LIMITS).unwrap()).collect();
+    let clean = batch(&package, &clean);
+    let clean_before = top1(model.as_ref(), &clean);
+
+    let layer = model.default_edit_layer().to_string();
+    let cache = tempfile::tempdir().unwrap();
+    let statistics = root().join("data/foolbox/statistics");
+    let whitening = statistics_for(&package, model.as_ref(), &layer, &statistics, cache.path()).unwrap().whitening();
+    let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
+
+    for solver in [Solver::Adam, Solver::ClosedForm] {
+        let params = EditParams::new(Method::Rewrite, solver, &layer);
+        let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), &Silent).unwrap();
+        let mut edited = model.duplicate();
+        result.delta.apply(edited.as_mut()).unwrap();
+        let after = top1(edited.as_ref(), &exemplar_batch);
+        let clean_after = top1(edited.as_ref(), &clean);
+        let unchanged = clean_before.iter().zip(&clean_after).filter(|(a, b)| a == b).count();
+        println!(
+            "{solver:?} at {layer}: modified exemplar {} -> {} (original {}), clean top-1 unchanged {unchanged}/20, \
+             loss {:.4} -> {:.4}, |dW| {:.3}, {:.2} s, {} bytes stored",
+            before[1],
+            after[1],
+            before[0],
+            result.metrics.loss_before,
+            result.metrics.loss_after,
+            result.metrics.delta_norm,
+            result.metrics.seconds,
+            result.delta.stored_bytes()
+        );
+        assert_eq!(after[0], before[0], "{solver:?}: the original exemplar changed class");
+        assert_eq!(after[1], before[0], "{solver:?}: the modified exemplar is not classified like the original");
+        assert!(unchanged >= 19, "{solver:?}: clean top-1 unchanged on only {unchanged}/20");
+        assert!(result.metrics.loss_after < result.metrics.loss_before || solver == Solver::ClosedForm);
+    }
+    // The served model itself was not touched by the edits.
+    assert_eq!(top1(model.as_ref(), &clean), clean_before);
+}
+
+#[test]
+fn the_command_line_edits_and_classifies_with_the_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    let (original, modified, mask) = exemplar();
+    let path = |name: &str| dir.path().join(name);
+    original.save(path("original.png")).unwrap();
+    modified.save(path("modified.png")).unwrap();
+    mask.save(path("mask.png")).unwrap();
+    let binary = env!("CARGO_BIN_EXE_editserve");
+    let run = |args: &[&str]| {
+        let output = Command::new(binary).args(args).env("EDITSERVE_LOG", "warn").output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let model = model_dir();
+    let p = |name: &str| path(name).to_str().unwrap().to_string();
+    let summary = run(&[
+        "edit",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        &p("original.png"),
+        "--modified",
+        &p("modified.png"),
+        "--mask",
+        &p("mask.png"),
+        "--solver",
+        "closed_form",
+        "--statistics",
+        root().join("data/foolbox/statistics").to_str().unwrap(),
+        "--cache-dir",
+        &p("cache"),
+        "--out",
+        &p("delta.safetensors"),
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(summary["layer"], "_blocks.15._project_conv");
+    assert_eq!(summary["metrics"]["statistics"], "second_moment");
+    assert!(Path::new(&p("delta.safetensors")).exists());
+    let top = |output: &str| -> Vec<i64> {
+        output.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["predictions"][0]["index"].as_i64().unwrap()).collect()
+    };
+    let plain = top(&run(&["classify", "--model", model.to_str().unwrap(), &p("original.png"), &p("modified.png")]));
+    let edited = top(&run(&[
+        "classify",
+        "--model",
+        model.to_str().unwrap(),
+        "--delta",
+        &p("delta.safetensors"),
+        &p("original.png"),
+        &p("modified.png"),
+    ]));
+    assert_ne!(plain[0], plain[1]);
+    assert_eq!(edited, vec![plain[0], plain[0]]);
+}
