@@ -7,43 +7,13 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{foolbox_photos, model_dir, root};
+use common::{foolbox_photos, model_dir, preprocess_batch, root, striped_exemplar, LIMITS};
 use editserve::cli::statistics_for;
 use editserve::edit::{edit, EditParams, Exemplars, Method, Silent, Solver};
-use editserve::imaging::{decode, DecodeLimits};
+use editserve::imaging::decode;
 use editserve::models::{load_package, Classifier, ModelPackage};
-use image::{DynamicImage, GrayImage, Luma, Rgb};
+use image::DynamicImage;
 use tch::{Device, Tensor};
-
-const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 40_000_000 };
-
-/// The photo, the same photo with stripes over its centre, and the mask of that square.
-fn exemplar() -> (DynamicImage, DynamicImage, GrayImage) {
-    let (path, _) = foolbox_photos().remove(0);
-    let original = decode(&std::fs::read(path).unwrap(), LIMITS).unwrap();
-    let (w, h) = (original.width(), original.height());
-    let inside = |x: u32, y: u32| (w / 5..w * 4 / 5).contains(&x) && (h / 5..h * 4 / 5).contains(&y);
-    let mut modified = original.to_rgb8();
-    for (x, y, pixel) in modified.enumerate_pixels_mut() {
-        if inside(x, y) {
-            let v = if ((x + y) / 24) % 2 == 1 { 255 } else { 0 };
-            *pixel = Rgb([v, v, v]);
-        }
-    }
-    let mask = GrayImage::from_fn(w, h, |x, y| Luma([if inside(x, y) { 255 } else { 0 }]));
-    (original, DynamicImage::ImageRgb8(modified), mask)
-}
-
-fn batch(package: &ModelPackage, images: &[DynamicImage]) -> Tensor {
-    let inputs: Vec<Tensor> = images
-        .iter()
-        .map(|i| {
-            let x = package.config.preprocessing.apply(i);
-            Tensor::from_slice(&x.data).view([3, i64::from(x.height), i64::from(x.width)])
-        })
-        .collect();
-    Tensor::stack(&inputs, 0)
-}
 
 fn top1(model: &dyn Classifier, x: &Tensor) -> Vec<i64> {
     let predictions = tch::no_grad(|| model.forward(x).argmax(-1, false));
@@ -54,14 +24,14 @@ fn top1(model: &dyn Classifier, x: &Tensor) -> Vec<i64> {
 fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
     let package = ModelPackage::open(&model_dir()).unwrap();
     let model = load_package(&package, Device::Cpu).unwrap();
-    let (original, modified, mask) = exemplar();
-    let exemplar_batch = batch(&package, &[original.clone(), modified.clone()]);
+    let (original, modified, mask) = striped_exemplar(0);
+    let exemplar_batch = preprocess_batch(&package, &[original.clone(), modified.clone()]);
     let before = top1(model.as_ref(), &exemplar_batch);
     assert_ne!(before[0], before[1], "the patch must change the prediction for the test to mean anything");
 
     let clean: Vec<DynamicImage> =
         foolbox_photos().iter().map(|(p, _)| decode(&std::fs::read(p).unwrap(), LIMITS).unwrap()).collect();
-    let clean = batch(&package, &clean);
+    let clean = preprocess_batch(&package, &clean);
     let clean_before = top1(model.as_ref(), &clean);
 
     let layer = model.default_edit_layer().to_string();
@@ -102,7 +72,7 @@ fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
 #[test]
 fn the_command_line_edits_and_classifies_with_the_delta() {
     let dir = tempfile::tempdir().unwrap();
-    let (original, modified, mask) = exemplar();
+    let (original, modified, mask) = striped_exemplar(0);
     let path = |name: &str| dir.path().join(name);
     original.save(path("original.png")).unwrap();
     modified.save(path("modified.png")).unwrap();

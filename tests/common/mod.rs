@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use editserve::imaging::{decode, DecodeLimits};
+use editserve::models::ModelPackage;
+use image::{DynamicImage, GrayImage, Luma, Rgb};
+use tch::Tensor;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -117,4 +122,36 @@ impl Drop for TestServer {
 
 pub fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
+}
+
+pub const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 40_000_000 };
+
+/// Foolbox photo `index`, the same photo with diagonal stripes over its centre (which changes the
+/// prediction), and the mask of that square: an exemplar for editing the real model.
+pub fn striped_exemplar(index: usize) -> (DynamicImage, DynamicImage, GrayImage) {
+    let (path, _) = foolbox_photos().remove(index);
+    let original = decode(&std::fs::read(path).unwrap(), LIMITS).unwrap();
+    let (w, h) = (original.width(), original.height());
+    let inside = |x: u32, y: u32| (w / 5..w * 4 / 5).contains(&x) && (h / 5..h * 4 / 5).contains(&y);
+    let mut modified = original.to_rgb8();
+    for (x, y, pixel) in modified.enumerate_pixels_mut() {
+        if inside(x, y) {
+            let v = if ((x + y) / 24) % 2 == 1 { 255 } else { 0 };
+            *pixel = Rgb([v, v, v]);
+        }
+    }
+    let mask = GrayImage::from_fn(w, h, |x, y| Luma([if inside(x, y) { 255 } else { 0 }]));
+    (original, DynamicImage::ImageRgb8(modified), mask)
+}
+
+/// Images preprocessed as `package` declares, stacked into one batch.
+pub fn preprocess_batch(package: &ModelPackage, images: &[DynamicImage]) -> Tensor {
+    let inputs: Vec<Tensor> = images
+        .iter()
+        .map(|i| {
+            let x = package.config.preprocessing.apply(i);
+            Tensor::from_slice(&x.data).view([3, i64::from(x.height), i64::from(x.width)])
+        })
+        .collect();
+    Tensor::stack(&inputs, 0)
 }
