@@ -141,6 +141,48 @@ mod tests {
     }
 
     #[test]
+    fn decodes_every_supported_format() {
+        let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(20, 12, |x, y| image::Rgb([x as u8 * 9, y as u8 * 20, 99])));
+        for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif] {
+            let mut bytes = Vec::new();
+            image.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
+            let decoded = decode(&bytes, LIMITS).unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!((decoded.width(), decoded.height()), (20, 12), "{format:?}");
+        }
+    }
+
+    /// A JPEG with an EXIF APP1 segment whose orientation tag is `orientation`.
+    fn jpeg_with_orientation(width: u32, height: u32, orientation: u16) -> Vec<u8> {
+        let mut jpeg = Vec::new();
+        DynamicImage::new_rgb8(width, height).write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
+        // TIFF header (little endian), one IFD entry: tag 0x0112, type SHORT, count 1, value; no next IFD.
+        let mut tiff = b"II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let payload = [b"Exif\0\0".as_slice(), &tiff].concat();
+        let mut segment = vec![0xFF, 0xE1];
+        segment.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        segment.extend_from_slice(&payload);
+        [&jpeg[..2], &segment, &jpeg[2..]].concat()
+    }
+
+    #[test]
+    fn applies_exif_orientation() {
+        let upright = decode(&jpeg_with_orientation(40, 10, 1), LIMITS).unwrap();
+        assert_eq!((upright.width(), upright.height()), (40, 10));
+        let rotated = decode(&jpeg_with_orientation(40, 10, 6), LIMITS).unwrap();
+        assert_eq!((rotated.width(), rotated.height()), (10, 40));
+    }
+
+    #[test]
+    fn masks_from_grey_or_alpha() {
+        let grey = DynamicImage::ImageLuma8(GrayImage::from_fn(4, 1, |x, _| Luma([[0, 127, 128, 255][x as usize]])));
+        assert_eq!(binary_mask(&grey).into_raw(), vec![0, 0, 255, 255]);
+        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(3, 1, |x, _| image::Rgba([255, 255, 255, [0, 1, 255][x as usize]])));
+        assert_eq!(binary_mask(&rgba).into_raw(), vec![0, 255, 255]);
+    }
+
+    #[test]
     fn truncated_jpeg_is_corrupt() {
         let mut jpeg = Vec::new();
         let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 7])));
