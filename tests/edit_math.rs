@@ -38,11 +38,11 @@ impl Classifier for LinearToy {
         let ones = Tensor::ones([C], (Kind::Float, Device::Cpu));
         Ok(Some(LinearForm { scale: ones.shallow_clone(), shift: ones.zeros_like(), activation: Activation::Identity }))
     }
-    fn parameter(&self, _: &str) -> Result<Tensor, ModelError> {
-        Ok(self.weight.shallow_clone())
+    fn parameter_slot(&self, _: &str) -> Option<&Tensor> {
+        Some(&self.weight)
     }
-    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError> {
-        editserve::models::replace_checked(&mut self.weight, name, value)
+    fn parameter_slot_mut(&mut self, _: &str) -> Option<&mut Tensor> {
+        Some(&mut self.weight)
     }
     fn parameters_after(&self, _: &str) -> Result<Vec<String>, ModelError> {
         Ok(vec!["conv.weight".into()])

@@ -302,12 +302,11 @@ impl Classifier for SmallResNet {
         let shift = bn("bias") - bn("running_mean") * &scale;
         Ok(Some(LinearForm { scale, shift, activation: Activation::Relu }))
     }
-    fn parameter(&self, name: &str) -> Result<Tensor, ModelError> {
-        self.tensors.get(name).map(Tensor::shallow_clone).ok_or_else(|| ModelError::MissingKey(name.into()))
+    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
     }
-    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError> {
-        let slot = self.tensors.get_mut(name).ok_or_else(|| ModelError::MissingKey(name.into()))?;
-        editserve::models::replace_checked(slot, name, value)
+    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.tensors.get_mut(name)
     }
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
         let mut names = vec![format!("{layer}.weight")];

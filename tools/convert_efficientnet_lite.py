@@ -6,15 +6,14 @@ Usage: python tools/convert_efficientnet_lite.py --variant 0 --out models/effici
 """
 import argparse
 import importlib
-import json
 import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 from labels import imagenet_labels  # noqa: E402
+from package import write_package  # noqa: E402
 
 # Resolution per variant. TF's EfficientNet-Lite evaluation crops the centre size/(size+32) of the image
 # and resizes it bicubically: the same as resizing the shorter side to size+32 and cropping size.
@@ -58,13 +57,7 @@ def main():
         "preprocessing": preprocessing(args.variant),
         "labels": imagenet_labels(),
     }
-    os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, "model.safetensors.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(args.out, "model.safetensors"))
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    print(f"wrote {args.out}: {len(tensors)} tensors")
+    write_package(args.out, tensors, config)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Reference outputs for the parity and end-to-end tests, computed with the upstream PyTorch code.
+"""Reference outputs for the parity and end-to-end tests, computed with the upstream PyTorch code
+(efficientnet-lite-pytorch, or torchvision for its architectures).
 
   logits   --package DIR --input in.safetensors --out out.safetensors
       the reference model's logits for the tensor "input" (N x 3 x H x W)
@@ -24,11 +25,16 @@ def reference_model(package):
         from efficientnet_lite_pytorch import EfficientNet
 
         model = EfficientNet.from_name(arch, num_classes=config["num_classes"])
-        state = load_file(os.path.join(package, "model.safetensors"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
     else:
-        raise SystemExit(f"no reference for {arch}")
+        import torchvision
+
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise SystemExit(f"no reference for {arch}")
+        model = torchvision.models.get_model(arch, weights=None, num_classes=config["num_classes"])
+    state = load_file(os.path.join(package, "model.safetensors"))
+    # Strict but for BatchNorm's batch counters, which packages leave out.
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
     return model.eval(), config
 
 

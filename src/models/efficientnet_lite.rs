@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::layers::{BatchNorm, Conv, Weights};
-use super::{replace_checked, Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
 
 /// One MBConv stage of the base network: (repeats, kernel, stride, expand ratio, in, out).
 const BASE_STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
@@ -289,14 +289,12 @@ impl Classifier for EfficientNetLite {
         Ok(Some(LinearForm { scale, shift, activation }))
     }
 
-    fn parameter(&self, name: &str) -> Result<Tensor, ModelError> {
-        let slot = self.slot(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
-        Ok(slot.shallow_clone())
+    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
+        self.slot(name)
     }
 
-    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError> {
-        let slot = self.slot_mut(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
-        replace_checked(slot, name, value)
+    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        self.slot_mut(name)
     }
 
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {

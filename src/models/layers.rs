@@ -1,5 +1,6 @@
 //! Building blocks shared by the architectures: a named-tensor store that reports missing and mis-shaped
-//! keys, convolutions with TensorFlow "SAME" padding, and eval-mode BatchNorm.
+//! keys, convolutions with TensorFlow "SAME" or PyTorch symmetric padding, eval-mode BatchNorm and linear
+//! layers.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,6 +48,13 @@ impl Weights {
         Err(ModelError::UnexpectedKeys(unused.join(", ")))
     }
 
+    /// The first dimension of `name` (0 for a scalar), without taking it: how a checkpoint tells its
+    /// number of classes.
+    pub fn leading_dim(&self, name: &str) -> Result<i64, ModelError> {
+        let tensor = self.tensors.get(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
+        Ok(tensor.size().first().copied().unwrap_or(0))
+    }
+
     pub fn check_shape(&self, name: &str, tensor: Tensor, expected: &[i64]) -> Result<Tensor, ModelError> {
         if tensor.size() == expected {
             Ok(tensor)
@@ -56,16 +64,26 @@ impl Weights {
     }
 }
 
-/// A bias-free or biased 2-D convolution with TensorFlow "SAME" padding (output size ceil(input / stride),
-/// extra padding at the bottom/right), which is what the TF-trained checkpoints expect.
+/// A bias-free or biased 2-D convolution, padded as the checkpoint's framework padded it in training.
 pub struct Conv {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     stride: i64,
     groups: i64,
+    padding: Padding,
+}
+
+#[derive(Clone, Copy)]
+enum Padding {
+    /// TensorFlow "SAME": output size ceil(input / stride), the odd pixel of padding at the bottom/right;
+    /// what the TF-trained checkpoints expect.
+    TfSame,
+    /// `torch.nn.Conv2d(padding=p)`: `p` zeros on every side.
+    Symmetric(i64),
 }
 
 impl Conv {
+    /// A convolution with TensorFlow "SAME" padding.
     pub fn load(
         weights: &mut Weights,
         prefix: &str,
@@ -76,7 +94,19 @@ impl Conv {
     ) -> Result<Self, ModelError> {
         let weight = weights.take(&format!("{prefix}.weight"), Some(&shape))?;
         let bias = if bias { Some(weights.take(&format!("{prefix}.bias"), Some(&[shape[0]]))?) } else { None };
-        Ok(Self { weight, bias, stride, groups })
+        Ok(Self { weight, bias, stride, groups, padding: Padding::TfSame })
+    }
+
+    /// An ungrouped convolution with `padding` zeros on every side, as `torch.nn.Conv2d`.
+    pub fn load_padded(
+        weights: &mut Weights,
+        prefix: &str,
+        shape: [i64; 4],
+        stride: i64,
+        padding: i64,
+        bias: bool,
+    ) -> Result<Self, ModelError> {
+        Ok(Self { padding: Padding::Symmetric(padding), ..Self::load(weights, prefix, shape, stride, 1, bias)? })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -85,22 +115,71 @@ impl Conv {
 
     /// The convolution with another weight of the same shape: what an edit optimises.
     pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        let stride = [self.stride, self.stride];
+        let (input, padding) = match self.padding {
+            Padding::TfSame => self.pad_same(x, weight),
+            Padding::Symmetric(p) => (x.shallow_clone(), [p, p]),
+        };
+        input.conv2d(weight, self.bias.as_ref(), stride, padding, [1, 1], self.groups)
+    }
+
+    /// The input, padded where TF pads asymmetrically, and the symmetric padding left to the convolution.
+    fn pad_same(&self, x: &Tensor, weight: &Tensor) -> (Tensor, [i64; 2]) {
         let size = weight.size();
         let (kh, kw) = (size[2], size[3]);
         let in_size = x.size();
         let pad_h = same_padding(in_size[2], kh, self.stride);
         let pad_w = same_padding(in_size[3], kw, self.stride);
         let symmetric = pad_h % 2 == 0 && pad_w % 2 == 0;
-        let (input, padding) = if symmetric {
+        if symmetric {
             (x.shallow_clone(), [pad_h / 2, pad_w / 2])
         } else {
             (x.constant_pad_nd([pad_w / 2, pad_w - pad_w / 2, pad_h / 2, pad_h - pad_h / 2]), [0, 0])
-        };
-        input.conv2d(weight, self.bias.as_ref(), [self.stride, self.stride], padding, [1, 1], self.groups)
+        }
+    }
+
+    /// The weight or the bias (where there is one) by its state-dict suffix, `weight` or `bias`.
+    pub fn tensor(&self, suffix: &str) -> Option<&Tensor> {
+        match suffix {
+            "weight" => Some(&self.weight),
+            "bias" => self.bias.as_ref(),
+            _ => None,
+        }
+    }
+
+    pub fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
+        match suffix {
+            "weight" => Some(&mut self.weight),
+            "bias" => self.bias.as_mut(),
+            _ => None,
+        }
+    }
+
+    /// `(scale, shift)` per output channel with `bn(self.forward_with(x, w)) == conv(x, w) * scale + shift`
+    /// (`bn` the identity when absent), where `conv` is this convolution without its bias: how the
+    /// closed-form solver sees a block.
+    pub fn output_affine(&self, bn: Option<&BatchNorm>) -> (Tensor, Tensor) {
+        let channels = self.weight.size()[0];
+        let options = (self.weight.kind(), self.weight.device());
+        let bias = self.bias.as_ref().map_or_else(|| Tensor::zeros([channels], options), Tensor::shallow_clone);
+        match bn {
+            Some(bn) => {
+                let (scale, shift) = bn.affine();
+                let shift = shift + &scale * bias;
+                (scale, shift)
+            }
+            None => (Tensor::ones([channels], options), bias),
+        }
     }
 
     pub fn duplicate(&self) -> Self {
-        Self { weight: self.weight.copy(), bias: self.bias.as_ref().map(Tensor::copy), stride: self.stride, groups: self.groups }
+        Self {
+            weight: self.weight.copy(),
+            bias: self.bias.as_ref().map(Tensor::copy),
+            stride: self.stride,
+            groups: self.groups,
+            padding: self.padding,
+        }
     }
 }
 
@@ -138,6 +217,50 @@ impl BatchNorm {
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
         x.batch_norm(Some(&self.gamma), Some(&self.beta), Some(&self.mean), Some(&self.var), false, 0.0, self.eps, true)
+    }
+}
+
+/// A fully connected layer with bias, as `torch.nn.Linear`.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl Linear {
+    pub fn load(weights: &mut Weights, prefix: &str, out_features: i64, in_features: i64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: weights.take(&format!("{prefix}.weight"), Some(&[out_features, in_features]))?,
+            bias: weights.take(&format!("{prefix}.bias"), Some(&[out_features]))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, Some(&self.bias))
+    }
+
+    /// The weight or the bias by its state-dict suffix, `weight` or `bias`.
+    pub fn tensor(&self, suffix: &str) -> Option<&Tensor> {
+        match suffix {
+            "weight" => Some(&self.weight),
+            "bias" => Some(&self.bias),
+            _ => None,
+        }
+    }
+
+    pub fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
+        match suffix {
+            "weight" => Some(&mut self.weight),
+            "bias" => Some(&mut self.bias),
+            _ => None,
+        }
+    }
+
+    pub fn out_features(&self) -> i64 {
+        self.bias.size()[0]
+    }
+
+    pub fn duplicate(&self) -> Self {
+        Self { weight: self.weight.copy(), bias: self.bias.copy() }
     }
 }
 

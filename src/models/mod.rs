@@ -4,6 +4,9 @@
 mod efficientnet_lite;
 pub mod layers;
 mod package;
+mod resnet;
+mod squeezenet;
+mod vgg;
 
 use tch::Tensor;
 use thiserror::Error;
@@ -28,6 +31,8 @@ pub enum ModelError {
     UnknownArchitecture(String),
     #[error("unknown editable layer '{0}'")]
     UnknownLayer(String),
+    #[error("the block of '{0}' adds a skip input, and the edit block has none")]
+    MissingSkip(String),
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -83,8 +88,15 @@ pub trait Classifier: Send {
     /// The block of `layer` in closed form, where it has one (a conv, eval BatchNorm, skip, activation).
     fn linear_form(&self, layer: &str) -> Result<Option<LinearForm>, ModelError>;
     /// A trainable tensor by state-dict name (conv and linear weights and biases; BatchNorm stays frozen).
-    fn parameter(&self, name: &str) -> Result<Tensor, ModelError>;
-    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError>;
+    fn parameter_slot(&self, name: &str) -> Option<&Tensor>;
+    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor>;
+    fn parameter(&self, name: &str) -> Result<Tensor, ModelError> {
+        self.parameter_slot(name).map(Tensor::shallow_clone).ok_or_else(|| ModelError::MissingKey(name.to_string()))
+    }
+    fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError> {
+        let slot = self.parameter_slot_mut(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
+        replace_checked(slot, name, value)
+    }
     /// The names of the trainable tensors from `layer`'s conv to the output, in forward order.
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError>;
     /// A deep copy whose tensors share nothing with this model.

@@ -8,6 +8,9 @@ use tch::Device;
 
 use super::efficientnet_lite::{variant_coefficients, EfficientNetLite};
 use super::layers::Weights;
+use super::resnet::{self, ResNet};
+use super::squeezenet::{self, SqueezeNet};
+use super::vgg::{self, Vgg};
 use super::{Classifier, ModelError};
 use crate::imaging::Preprocessing;
 
@@ -17,7 +20,7 @@ const WEIGHTS_FILE: &str = "model.safetensors";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// e.g. `efficientnet-lite0`.
+    /// e.g. `efficientnet-lite0`, `resnet50`, `vgg16_bn`, `squeezenet1_1`.
     pub architecture: String,
     pub num_classes: i64,
     /// Height and width of the network input.
@@ -79,6 +82,15 @@ fn build(architecture: &str, weights: &mut Weights) -> Result<Box<dyn Classifier
         let variant: u32 = variant.parse().map_err(|_| unknown())?;
         let (width, depth, _) = variant_coefficients(variant).ok_or_else(unknown)?;
         return Ok(Box::new(EfficientNetLite::load(weights, width, depth)?));
+    }
+    if let Some(layout) = resnet::layout(architecture) {
+        return Ok(Box::new(ResNet::load(weights, layout)?));
+    }
+    if let Some(batch_norm) = vgg::with_batch_norm(architecture) {
+        return Ok(Box::new(Vgg::load(weights, batch_norm)?));
+    }
+    if architecture == squeezenet::ARCHITECTURE {
+        return Ok(Box::new(SqueezeNet::load(weights)?));
     }
     Err(unknown())
 }

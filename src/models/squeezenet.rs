@@ -1,0 +1,332 @@
+//! SqueezeNet 1.1 as torchvision builds it (`squeezenet1_1`): a strided 3x3 stem conv, eight fire modules
+//! (1x1 squeeze, then 1x1 and 3x3 expands whose outputs are concatenated, every conv with bias and ReLU)
+//! with 3x3 max-pools (ceil mode) before the first, third and fifth, and a 1x1 conv to the classes with ReLU
+//! and global average pooling as the classifier. Parameter names are torchvision's state-dict keys
+//! (`features.12.squeeze.weight`, `classifier.1.bias`, ...).
+
+use tch::Tensor;
+
+use super::layers::{Conv, Weights};
+use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+
+pub const ARCHITECTURE: &str = "squeezenet1_1";
+const STEM_CHANNELS: i64 = 64;
+/// A fire module's position in `features`, its squeeze width, the width of each expand, and whether a
+/// max-pool precedes it.
+type FireSpec = (usize, i64, i64, bool);
+const FIRES: [FireSpec; 8] = [
+    (3, 16, 64, true),
+    (4, 16, 64, false),
+    (6, 32, 128, true),
+    (7, 32, 128, false),
+    (9, 48, 192, true),
+    (10, 48, 192, false),
+    (11, 64, 256, false),
+    (12, 64, 256, false),
+];
+const CLASSIFIER_CONV: &str = "classifier.1";
+/// The last fire module's squeeze rather than `classifier.1`: the classifier conv's outputs are the class
+/// scores themselves, so rewriting it re-weights classes directly, much as fine-tuning the last layer does,
+/// whereas the paper's rewrite changes a feature that the layers after it interpret. This squeeze is the
+/// deepest such feature and a 1x1 conv with ReLU, which the closed-form solver handles.
+const DEFAULT_EDIT_LAYER: &str = "features.12.squeeze";
+
+fn max_pool(x: &Tensor) -> Tensor {
+    x.max_pool2d([3, 3], [2, 2], [0, 0], [1, 1], true)
+}
+
+struct Fire {
+    /// The module's position in `features`.
+    index: usize,
+    pooled_before: bool,
+    squeeze: Conv,
+    expand1x1: Conv,
+    expand3x3: Conv,
+}
+
+impl Fire {
+    fn load(weights: &mut Weights, in_channels: i64, spec: FireSpec) -> Result<Self, ModelError> {
+        let (index, squeeze, expand, pooled_before) = spec;
+        let mut conv = |name: &str, shape: [i64; 4]| {
+            Conv::load_padded(weights, &format!("features.{index}.{name}"), shape, 1, shape[2] / 2, true)
+        };
+        Ok(Self {
+            index,
+            pooled_before,
+            squeeze: conv("squeeze", [squeeze, in_channels, 1, 1])?,
+            expand1x1: conv("expand1x1", [expand, squeeze, 1, 1])?,
+            expand3x3: conv("expand3x3", [expand, squeeze, 3, 3])?,
+        })
+    }
+
+    fn out_channels(&self) -> i64 {
+        self.expand1x1.weight.size()[0] + self.expand3x3.weight.size()[0]
+    }
+
+    /// The squeeze's input: the module's input, max-pooled where a pool precedes the module.
+    fn squeeze_input(&self, x: &Tensor) -> Tensor {
+        if self.pooled_before {
+            max_pool(x)
+        } else {
+            x.shallow_clone()
+        }
+    }
+
+    fn squeezed(&self, squeeze_input: &Tensor, weight: &Tensor) -> Tensor {
+        self.squeeze.forward_with(squeeze_input, weight).relu()
+    }
+
+    /// The module's output: both expands of the squeeze's output, concatenated along the channels.
+    fn expanded(&self, squeezed: &Tensor, expand1x1_weight: &Tensor, expand3x3_weight: &Tensor) -> Tensor {
+        let one = self.expand1x1.forward_with(squeezed, expand1x1_weight).relu();
+        let three = self.expand3x3.forward_with(squeezed, expand3x3_weight).relu();
+        Tensor::cat(&[one, three], 1)
+    }
+
+    fn expand(&self, squeezed: &Tensor) -> Tensor {
+        self.expanded(squeezed, &self.expand1x1.weight, &self.expand3x3.weight)
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.expand(&self.squeezed(&self.squeeze_input(x), &self.squeeze.weight))
+    }
+
+    fn conv(&self, name: &str) -> Option<&Conv> {
+        match name {
+            "squeeze" => Some(&self.squeeze),
+            "expand1x1" => Some(&self.expand1x1),
+            "expand3x3" => Some(&self.expand3x3),
+            _ => None,
+        }
+    }
+
+    fn conv_mut(&mut self, name: &str) -> Option<&mut Conv> {
+        match name {
+            "squeeze" => Some(&mut self.squeeze),
+            "expand1x1" => Some(&mut self.expand1x1),
+            "expand3x3" => Some(&mut self.expand3x3),
+            _ => None,
+        }
+    }
+
+    fn duplicate(&self) -> Self {
+        Self {
+            index: self.index,
+            pooled_before: self.pooled_before,
+            squeeze: self.squeeze.duplicate(),
+            expand1x1: self.expand1x1.duplicate(),
+            expand3x3: self.expand3x3.duplicate(),
+        }
+    }
+}
+
+/// An editable conv: one of a fire module's three (by position in `fires`), or the classifier conv.
+#[derive(Clone, Copy)]
+enum LayerRef {
+    Squeeze(usize),
+    Expand1x1(usize),
+    Expand3x3(usize),
+    Classifier,
+}
+
+pub struct SqueezeNet {
+    stem: Conv,
+    fires: Vec<Fire>,
+    classifier: Conv,
+}
+
+impl SqueezeNet {
+    pub fn load(weights: &mut Weights) -> Result<Self, ModelError> {
+        let stem = Conv::load_padded(weights, "features.0", [STEM_CHANNELS, 3, 3, 3], 2, 0, true)?;
+        let mut fires: Vec<Fire> = Vec::new();
+        for spec in FIRES {
+            let in_channels = fires.last().map_or(STEM_CHANNELS, Fire::out_channels);
+            fires.push(Fire::load(weights, in_channels, spec)?);
+        }
+        let features = fires.last().map_or(STEM_CHANNELS, Fire::out_channels);
+        let num_classes = weights.leading_dim(&format!("{CLASSIFIER_CONV}.weight"))?;
+        let classifier = Conv::load_padded(weights, CLASSIFIER_CONV, [num_classes, features, 1, 1], 1, 0, true)?;
+        Ok(Self { stem, fires, classifier })
+    }
+
+    /// The input of fire module `position`.
+    fn fire_input(&self, x: &Tensor, position: usize) -> Tensor {
+        self.fires[..position].iter().fold(self.stem.forward(x).relu(), |h, f| f.forward(&h))
+    }
+
+    fn fires_from(&self, position: usize, x: &Tensor) -> Tensor {
+        self.fires[position..].iter().fold(x.shallow_clone(), |h, f| f.forward(&h))
+    }
+
+    fn class_maps(&self, features: &Tensor, weight: &Tensor) -> Tensor {
+        self.classifier.forward_with(features, weight).relu()
+    }
+
+    fn pool_class_maps(class_maps: &Tensor) -> Tensor {
+        class_maps.adaptive_avg_pool2d([1, 1]).flatten(1, -1)
+    }
+
+    fn logits_from_features(&self, features: &Tensor) -> Tensor {
+        Self::pool_class_maps(&self.class_maps(features, &self.classifier.weight))
+    }
+
+    /// Layer names: `features.{i}.squeeze`, `features.{i}.expand1x1`, `features.{i}.expand3x3` of the fire
+    /// modules, and `classifier.1`.
+    fn parse_layer(&self, layer: &str) -> Result<LayerRef, ModelError> {
+        let unknown = || ModelError::UnknownLayer(layer.to_string());
+        if layer == CLASSIFIER_CONV {
+            return Ok(LayerRef::Classifier);
+        }
+        let (index, conv) = layer.strip_prefix("features.").and_then(|rest| rest.split_once('.')).ok_or_else(unknown)?;
+        let position = self.fires.iter().position(|f| index.parse() == Ok(f.index)).ok_or_else(unknown)?;
+        match conv {
+            "squeeze" => Ok(LayerRef::Squeeze(position)),
+            "expand1x1" => Ok(LayerRef::Expand1x1(position)),
+            "expand3x3" => Ok(LayerRef::Expand3x3(position)),
+            _ => Err(unknown()),
+        }
+    }
+
+    fn layer_conv(&self, layer: LayerRef) -> &Conv {
+        match layer {
+            LayerRef::Squeeze(i) => &self.fires[i].squeeze,
+            LayerRef::Expand1x1(i) => &self.fires[i].expand1x1,
+            LayerRef::Expand3x3(i) => &self.fires[i].expand3x3,
+            LayerRef::Classifier => &self.classifier,
+        }
+    }
+
+    /// A conv by its state-dict prefix; `features.0` is the stem.
+    fn conv(&self, module: &str) -> Option<&Conv> {
+        if module == CLASSIFIER_CONV {
+            return Some(&self.classifier);
+        }
+        let rest = module.strip_prefix("features.")?;
+        if rest == "0" {
+            return Some(&self.stem);
+        }
+        let (index, conv) = rest.split_once('.')?;
+        self.fires.iter().find(|f| index.parse() == Ok(f.index))?.conv(conv)
+    }
+
+    fn conv_mut(&mut self, module: &str) -> Option<&mut Conv> {
+        if module == CLASSIFIER_CONV {
+            return Some(&mut self.classifier);
+        }
+        let rest = module.strip_prefix("features.")?;
+        if rest == "0" {
+            return Some(&mut self.stem);
+        }
+        let (index, conv) = rest.split_once('.')?;
+        self.fires.iter_mut().find(|f| index.parse() == Ok(f.index))?.conv_mut(conv)
+    }
+}
+
+impl Classifier for SqueezeNet {
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.logits_from_features(&self.fire_input(x, self.fires.len()))
+    }
+
+    fn num_classes(&self) -> i64 {
+        self.classifier.weight.size()[0]
+    }
+
+    fn editable_layers(&self) -> Vec<EditableLayer> {
+        let layer =
+            |name: String, conv: &Conv| EditableLayer { name, weight_shape: conv.weight.size(), has_skip: false };
+        let mut layers = Vec::new();
+        for fire in &self.fires {
+            let prefix = format!("features.{}", fire.index);
+            layers.push(layer(format!("{prefix}.squeeze"), &fire.squeeze));
+            layers.push(layer(format!("{prefix}.expand1x1"), &fire.expand1x1));
+            layers.push(layer(format!("{prefix}.expand3x3"), &fire.expand3x3));
+        }
+        layers.push(layer(CLASSIFIER_CONV.to_string(), &self.classifier));
+        layers
+    }
+
+    fn default_edit_layer(&self) -> &str {
+        DEFAULT_EDIT_LAYER
+    }
+
+    fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError> {
+        let layer_ref = self.parse_layer(layer)?;
+        let key = match layer_ref {
+            LayerRef::Squeeze(i) => self.fires[i].squeeze_input(&self.fire_input(x, i)),
+            LayerRef::Expand1x1(i) | LayerRef::Expand3x3(i) => {
+                let fire = &self.fires[i];
+                fire.squeezed(&fire.squeeze_input(&self.fire_input(x, i)), &fire.squeeze.weight)
+            }
+            LayerRef::Classifier => self.fire_input(x, self.fires.len()),
+        };
+        Ok(EditBlock { key, skip: None, weight: self.layer_conv(layer_ref).weight.shallow_clone() })
+    }
+
+    /// The block of an expand conv ends at the fire module's output, the concatenation of both expands: the
+    /// value must be something `forward_from` can resume from, and the other expand is recomputed from the
+    /// key (the squeeze's output, which both expands read). Its channels do not depend on the weight.
+    fn block_output(&self, layer: &str, block: &EditBlock, weight: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.parse_layer(layer)? {
+            LayerRef::Squeeze(i) => self.fires[i].squeezed(&block.key, weight),
+            LayerRef::Expand1x1(i) => self.fires[i].expanded(&block.key, weight, &self.fires[i].expand3x3.weight),
+            LayerRef::Expand3x3(i) => self.fires[i].expanded(&block.key, &self.fires[i].expand1x1.weight, weight),
+            LayerRef::Classifier => self.class_maps(&block.key, weight),
+        })
+    }
+
+    fn forward_from(&self, layer: &str, value: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(match self.parse_layer(layer)? {
+            LayerRef::Squeeze(i) => self.logits_from_features(&self.fires_from(i + 1, &self.fires[i].expand(value))),
+            LayerRef::Expand1x1(i) | LayerRef::Expand3x3(i) => {
+                self.logits_from_features(&self.fires_from(i + 1, value))
+            }
+            LayerRef::Classifier => Self::pool_class_maps(value),
+        })
+    }
+
+    /// None for the expands: their block output also holds the other expand's channels, which no
+    /// per-channel map of the conv's output describes.
+    fn linear_form(&self, layer: &str) -> Result<Option<LinearForm>, ModelError> {
+        let layer_ref = self.parse_layer(layer)?;
+        if matches!(layer_ref, LayerRef::Expand1x1(_) | LayerRef::Expand3x3(_)) {
+            return Ok(None);
+        }
+        let (scale, shift) = self.layer_conv(layer_ref).output_affine(None);
+        Ok(Some(LinearForm { scale, shift, activation: Activation::Relu }))
+    }
+
+    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
+        let (module, suffix) = name.rsplit_once('.')?;
+        self.conv(module)?.tensor(suffix)
+    }
+
+    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
+        let (module, suffix) = name.rsplit_once('.')?;
+        self.conv_mut(module)?.tensor_mut(suffix)
+    }
+
+    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
+        // An expand runs beside the other expand of its module, not before it.
+        let (own, first_later_fire) = match self.parse_layer(layer)? {
+            LayerRef::Squeeze(i) => {
+                let prefix = format!("features.{}", self.fires[i].index);
+                (vec![format!("{prefix}.squeeze"), format!("{prefix}.expand1x1"), format!("{prefix}.expand3x3")], i + 1)
+            }
+            LayerRef::Expand1x1(i) | LayerRef::Expand3x3(i) => (vec![layer.to_string()], i + 1),
+            LayerRef::Classifier => (Vec::new(), self.fires.len()),
+        };
+        let later = self.fires[first_later_fire..].iter().flat_map(|f| {
+            ["squeeze", "expand1x1", "expand3x3"].map(|conv| format!("features.{}.{conv}", f.index))
+        });
+        let modules = own.into_iter().chain(later).chain([CLASSIFIER_CONV.to_string()]);
+        Ok(modules.flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]).collect())
+    }
+
+    fn duplicate(&self) -> Box<dyn Classifier> {
+        Box::new(Self {
+            stem: self.stem.duplicate(),
+            fires: self.fires.iter().map(Fire::duplicate).collect(),
+            classifier: self.classifier.duplicate(),
+        })
+    }
+}

@@ -1,0 +1,176 @@
+//! Numerical parity of the native ResNet, VGG and SqueezeNet with torchvision, on randomly initialised
+//! weights (BatchNorm statistics and affines and the biases randomised too, so that none is the identity)
+//! exported by tools/export_torchvision.py; and the split of each forward pass at every editable layer.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{python, reference, root};
+use editserve::models::{load_package, Activation, Classifier, EditBlock, ModelPackage};
+use tch::{Device, Kind, Tensor};
+
+const TOLERANCE: f64 = 1e-4;
+const LINEAR_FORM_TOLERANCE: f64 = 1e-5;
+const NUM_CLASSES: i64 = 1000;
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// Writes a package of `arch` with random weights under `dir`.
+fn export(arch: &str, dir: &Path) -> PathBuf {
+    let package_dir = dir.join(arch);
+    let output = Command::new(python())
+        .arg(root().join("tools/export_torchvision.py"))
+        .args(["--arch", arch, "--out"])
+        .arg(&package_dir)
+        .output()
+        .expect("run the exporter");
+    assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
+    package_dir
+}
+
+fn load(package_dir: &Path) -> Box<dyn Classifier> {
+    load_package(&ModelPackage::open(package_dir).unwrap(), Device::Cpu).unwrap()
+}
+
+fn reference_logits(package_dir: &Path, input: &Tensor, scratch: &Path) -> Tensor {
+    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join("logits.safetensors"));
+    Tensor::write_safetensors(&[("input", input)], &input_path).unwrap();
+    reference(&[
+        "logits",
+        "--package",
+        package_dir.to_str().unwrap(),
+        "--input",
+        input_path.to_str().unwrap(),
+        "--out",
+        output_path.to_str().unwrap(),
+    ]);
+    Tensor::read_safetensors(&output_path).unwrap().remove(0).1
+}
+
+/// The block's output recomputed from its linear form: the conv without bias (stride 1, the output the
+/// size of the input, as in every block that has a linear form here), then scale, shift, skip, activation.
+fn from_linear_form(model: &dyn Classifier, layer: &str, block: &EditBlock) -> Option<Tensor> {
+    let form = model.linear_form(layer).unwrap()?;
+    let padding = block.weight.size()[2] / 2;
+    let conv = block.key.conv2d(&block.weight, None::<&Tensor>, [1, 1], [padding, padding], [1, 1], 1);
+    let pre = conv * form.scale.view([1, -1, 1, 1]) + form.shift.view([1, -1, 1, 1]);
+    let pre = match &block.skip {
+        Some(skip) => pre + skip,
+        None => pre,
+    };
+    Some(match form.activation {
+        Activation::Identity => pre,
+        Activation::Relu => pre.relu(),
+        Activation::Relu6 => pre.clamp(0.0, 6.0),
+    })
+}
+
+/// For every editable layer: the forward pass splits there exactly, the linear form (where there is one)
+/// describes the block, and the parameters from the layer on are all reachable by name.
+fn check_editable_layers(model: &dyn Classifier, count: usize, default_layer: &str) {
+    tch::manual_seed(3);
+    let input = Tensor::randn([1, 3, 112, 112], (Kind::Float, Device::Cpu));
+    let _guard = tch::no_grad_guard();
+    let logits = model.forward(&input);
+    let layers = model.editable_layers();
+    assert_eq!(layers.len(), count);
+    assert_eq!(model.default_edit_layer(), default_layer);
+    assert!(layers.iter().any(|l| l.name == default_layer));
+    for layer in &layers {
+        let name = layer.name.as_str();
+        let block = model.edit_block(&input, name).unwrap();
+        assert_eq!(block.weight.size(), layer.weight_shape, "{name}");
+        assert_eq!(block.key.size()[1], layer.weight_shape[1], "{name}: key channels");
+        assert_eq!(block.skip.is_some(), layer.has_skip, "{name}");
+        let value = model.block_output(name, &block, &block.weight).unwrap();
+        let resumed = model.forward_from(name, &value).unwrap();
+        let diff = max_abs_diff(&resumed, &logits);
+        assert!(diff <= TOLERANCE, "{name}: split differs by {diff}");
+        if let Some(expected) = from_linear_form(model, name, &block) {
+            // Relative: the BN folded into a scale and a shift rounds differently, and the deep ResNets'
+            // random residual sums reach the thousands.
+            let diff = max_abs_diff(&value, &expected) / (1.0 + value.abs().max().double_value(&[]));
+            assert!(diff <= LINEAR_FORM_TOLERANCE, "{name}: linear form differs by {diff} (relative)");
+        }
+        let after = model.parameters_after(name).unwrap();
+        assert_eq!(after[0], format!("{name}.weight"));
+        for parameter in &after {
+            if let Err(error) = model.parameter(parameter) {
+                panic!("{name}: parameters_after names {parameter}: {error}");
+            }
+        }
+    }
+    assert!(model.edit_block(&input, "features.99").is_err());
+}
+
+/// Logits equal torchvision's for a square batch of two and a non-square image, and every editable layer
+/// splits the forward pass.
+fn check_architecture(arch: &str, editable_layers: usize, default_layer: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let package_dir = export(arch, dir.path());
+    let model = load(&package_dir);
+    assert_eq!(model.num_classes(), NUM_CLASSES);
+    tch::manual_seed(7);
+    // The odd, non-square size exercises padding at odd sizes, SqueezeNet's ceil-mode pools and VGG's adaptive
+    // pool from 6x8 to 7x7.
+    for shape in [[2, 3, 224, 224], [1, 3, 203, 261]] {
+        let input = Tensor::randn(shape, (Kind::Float, Device::Cpu));
+        let expected = reference_logits(&package_dir, &input, dir.path());
+        let actual = tch::no_grad(|| model.forward(&input));
+        assert_eq!(actual.size(), vec![shape[0], NUM_CLASSES]);
+        let diff = max_abs_diff(&actual, &expected);
+        println!("{arch} {shape:?}: max |logit difference| vs torchvision {diff:e}");
+        assert!(diff <= TOLERANCE, "{arch} {shape:?}: max abs logit difference {diff}");
+    }
+    check_editable_layers(model.as_ref(), editable_layers, default_layer);
+}
+
+#[test]
+fn resnet18_equals_torchvision() {
+    check_architecture("resnet18", 8, "layer4.1.conv2");
+}
+
+#[test]
+fn resnet34_equals_torchvision() {
+    check_architecture("resnet34", 16, "layer4.2.conv2");
+}
+
+#[test]
+fn resnet50_equals_torchvision() {
+    check_architecture("resnet50", 16, "layer4.2.conv3");
+}
+
+#[test]
+fn resnet101_equals_torchvision() {
+    check_architecture("resnet101", 33, "layer4.2.conv3");
+}
+
+#[test]
+fn vgg16_equals_torchvision() {
+    check_architecture("vgg16", 13, "features.28");
+}
+
+#[test]
+fn vgg16_bn_equals_torchvision() {
+    check_architecture("vgg16_bn", 13, "features.40");
+}
+
+#[test]
+fn squeezenet1_1_equals_torchvision() {
+    check_architecture("squeezenet1_1", 25, "features.12.squeeze");
+}
+
+#[test]
+fn a_checkpoint_of_another_depth_names_the_first_missing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let package_dir = export("resnet18", dir.path());
+    let config_path = package_dir.join("config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap().replace("\"resnet18\"", "\"resnet34\"");
+    std::fs::write(&config_path, config).unwrap();
+    let error = load_package(&ModelPackage::open(&package_dir).unwrap(), Device::Cpu).err().expect("load must fail");
+    assert!(error.to_string().contains("layer1.2.conv1.weight"), "{error}");
+}
