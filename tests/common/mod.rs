@@ -1,5 +1,5 @@
 //! Shared by the integration tests: paths of the set-up's artefacts, a real server process on a free
-//! loopback port, and the Python reference.
+//! loopback port, the Python reference, and packages of randomly initialised torchvision models.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -8,9 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use editserve::imaging::{decode, DecodeLimits};
-use editserve::models::ModelPackage;
+use editserve::models::{load_package, Classifier, ModelPackage};
 use image::{DynamicImage, GrayImage, Luma, Rgb};
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -51,6 +51,25 @@ pub fn reference(args: &[&str]) -> String {
         .expect("run the Python reference");
     assert!(output.status.success(), "reference failed: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// Writes a package of torchvision's `arch` with random weights under `dir` (tools/export_torchvision.py)
+/// and returns its directory.
+pub fn export_torchvision(arch: &str, dir: &Path) -> PathBuf {
+    let package_dir = dir.join(arch);
+    let output = Command::new(python())
+        .arg(root().join("tools/export_torchvision.py"))
+        .args(["--arch", arch, "--out"])
+        .arg(&package_dir)
+        .output()
+        .expect("run the exporter");
+    assert!(output.status.success(), "export failed: {}", String::from_utf8_lossy(&output.stderr));
+    package_dir
+}
+
+/// The native model of a package, on the CPU.
+pub fn load(package_dir: &Path) -> Box<dyn Classifier> {
+    load_package(&ModelPackage::open(package_dir).unwrap(), Device::Cpu).unwrap()
 }
 
 pub fn free_port() -> u16 {
