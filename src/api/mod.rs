@@ -1,7 +1,7 @@
 //! HTTP transport: routes, request/response types, and the error mapping. Everything else is in `core`.
 
-mod classify;
 mod error;
+mod models;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,7 +33,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/v1/models"),
+    ("post", "/v1/models"),
     ("get", "/v1/models/{name}"),
+    ("delete", "/v1/models/{name}"),
     ("post", "/v1/models/{name}/classify"),
 ];
 
@@ -43,9 +45,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .route("/v1/models", get(classify::list_models))
-        .route("/v1/models/{name}", get(classify::get_model))
-        .route("/v1/models/{name}/classify", post(classify::classify))
+        .route("/v1/models", get(models::list_models).post(models::load_model))
+        .route("/v1/models/{name}", get(models::get_model).delete(models::unload_model))
+        .route("/v1/models/{name}/classify", post(models::classify))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))

@@ -13,6 +13,10 @@ use crate::models::ModelError;
 pub enum CoreError {
     #[error("model '{0}' is not loaded")]
     UnknownModel(String),
+    #[error("a model named '{0}' is already loaded")]
+    ModelExists(String),
+    #[error("model '{0}' was unloaded while this request waited")]
+    ModelUnloaded(String),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("image {index}: {message}")]
@@ -23,6 +27,8 @@ pub enum CoreError {
     ShuttingDown,
     #[error("model error: {0}")]
     Model(String),
+    #[error("invalid model package: {0}")]
+    InvalidPackage(String),
     #[error("{0}")]
     Internal(String),
 }

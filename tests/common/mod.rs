@@ -65,10 +65,15 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(extra_args: &[&str]) -> Self {
+        Self::start_in(&root().join("models"), extra_args).await
+    }
+
+    /// A server on `models_dir`, loading its `efficientnet-lite0` package.
+    pub async fn start_in(models_dir: &Path, extra_args: &[&str]) -> Self {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_editserve"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--models-dir"])
-            .arg(root().join("models"))
+            .arg(models_dir)
             .args(["--models", "efficientnet-lite0", "--device", "cpu"])
             .args(extra_args)
             .env("EDITSERVE_LOG", "warn")

@@ -1,18 +1,23 @@
-//! Model listing and classification: request bodies (raw image or multipart) in, predictions out.
+//! Models: listing, loading and unloading at run time, and classification (raw image or multipart in,
+//! predictions out).
 
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
+use std::path::PathBuf;
+
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use bytes::Bytes;
 use http_body_util::LengthLimitError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
+use crate::core::CoreError;
 
 const DEFAULT_TOP_K: usize = 5;
 
@@ -27,6 +32,48 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> 
 
 pub async fn get_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
     Ok(Json(state.registry.model(&name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadRequest {
+    name: String,
+    /// A package directory, relative to the models directory or absolute inside it.
+    path: PathBuf,
+}
+
+pub async fn load_model(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<LoadRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
+    let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let dir = package_dir(&state.config.models_dir, &request.path)?;
+    let info = state.registry.load_as(&request.name, &dir).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Packages load only from inside the models directory: a client must not make the server read
+/// arbitrary paths.
+fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<PathBuf, ApiError> {
+    let root = models_dir
+        .canonicalize()
+        .map_err(|e| ApiError::Core(CoreError::Internal(format!("models directory {}: {e}", models_dir.display()))))?;
+    let dir = root
+        .join(path)
+        .canonicalize()
+        .map_err(|_| ApiError::InvalidRequest(format!("no model package at '{}'", path.display())))?;
+    if !dir.starts_with(&root) {
+        return Err(ApiError::InvalidRequest(format!(
+            "'{}' is outside the models directory; packages load only from there",
+            path.display()
+        )));
+    }
+    Ok(dir)
+}
+
+pub async fn unload_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    state.registry.unload(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize)]
