@@ -230,10 +230,11 @@ async fn health_readiness_models_and_metrics() {
 
     // Every route the spec test knows is really routed (the fallbacks answer not_found/method_not_allowed).
     for (method, path) in editserve::api::ROUTES {
-        let url = server.url(&path.replace("{name}", "efficientnet-lite0"));
         let response = match *method {
-            "get" => client.get(url).send().await.unwrap(),
-            "post" => client.post(url).send().await.unwrap(),
+            "get" => client.get(server.url(&path.replace("{name}", "efficientnet-lite0"))).send().await.unwrap(),
+            "post" => client.post(server.url(&path.replace("{name}", "efficientnet-lite0"))).send().await.unwrap(),
+            // A model that is not there: the route answers model_not_found, and nothing is unloaded.
+            "delete" => client.delete(server.url(&path.replace("{name}", "no-such-model"))).send().await.unwrap(),
             other => panic!("untested method {other}"),
         };
         let status = response.status().as_u16();
