@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::core::{CoreError, ImageErrorKind};
+use crate::core::{CoreError, ImageErrorKind, Resource};
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -28,6 +28,8 @@ impl ApiError {
         match self {
             ApiError::Core(error) => match error {
                 CoreError::UnknownModel(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+                CoreError::NotFound { kind: Resource::Exemplar, .. } => (StatusCode::NOT_FOUND, "exemplar_not_found"),
+                CoreError::NotFound { kind: Resource::Texture, .. } => (StatusCode::NOT_FOUND, "texture_not_found"),
                 CoreError::ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
                 CoreError::ModelUnloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
                 CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),

@@ -40,7 +40,7 @@ struct ModelEntry {
 
 pub struct Registry {
     worker: DeviceWorker,
-    cpu_pool: CpuPool,
+    cpu_pool: Arc<CpuPool>,
     models: RwLock<HashMap<String, Arc<ModelEntry>>>,
     ready: AtomicBool,
     limits: DecodeLimits,
@@ -65,7 +65,7 @@ pub fn device_name(device: Device) -> String {
 }
 
 impl Registry {
-    pub fn new(worker: DeviceWorker, cpu_pool: CpuPool, limits: DecodeLimits) -> Self {
+    pub fn new(worker: DeviceWorker, cpu_pool: Arc<CpuPool>, limits: DecodeLimits) -> Self {
         Self { worker, cpu_pool, models: RwLock::new(HashMap::new()), ready: AtomicBool::new(false), limits }
     }
 

@@ -91,9 +91,21 @@ pub trait BlobStore: Send + Sync {
     async fn get(&self, sha256: &str) -> Result<Vec<u8>, StoreError>;
 }
 
-/// The current time as RFC 3339 (UTC), the form every stored timestamp takes.
+/// Stored timestamps: RFC 3339 in UTC with exactly six fractional digits, so that they sort as text.
+const TIMESTAMP: &[time::format_description::FormatItem<'static>] =
+    time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+/// The current time as a stored timestamp.
 pub fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+    format_timestamp(time::OffsetDateTime::now_utc())
+}
+
+/// Any RFC 3339 time as a stored timestamp (for comparing with stored ones), or None if it is not one.
+pub fn normalize_rfc3339(text: &str) -> Option<String> {
+    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(format_timestamp(parsed.to_offset(time::UtcOffset::UTC)))
+}
+
+fn format_timestamp(at: time::OffsetDateTime) -> String {
+    at.format(TIMESTAMP).unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".into())
 }
