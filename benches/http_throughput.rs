@@ -45,15 +45,17 @@ fn raw_forward_default_malloc(batch: i64) -> f64 {
     String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
 }
 
-struct Server(Child, u16);
+struct Server(Child, u16, tempfile::TempDir);
 
 impl Server {
     fn start(malloc: &str) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let data = tempfile::tempdir().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_editserve"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--device", "cpu", "--models-dir"])
             .arg(root().join("models"))
-            .args(["--models", "efficientnet-lite0"])
+            .args(["--models", "efficientnet-lite0", "--data-dir"])
+            .arg(data.path())
             .env("EDITSERVE_MALLOC", malloc)
             .env("EDITSERVE_LOG", "warn")
             .stdout(Stdio::null())
@@ -64,7 +66,7 @@ impl Server {
             let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
             if ready {
                 std::thread::sleep(Duration::from_millis(500));
-                return Server(child, port);
+                return Server(child, port, data);
             }
             std::thread::sleep(Duration::from_millis(100));
         }

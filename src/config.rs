@@ -51,6 +51,9 @@ pub struct ServeConfig {
     /// Directory of model packages (one subdirectory each, with config.json and model.safetensors).
     #[arg(long, env = "EDITSERVE_MODELS_DIR", default_value = "models")]
     pub models_dir: PathBuf,
+    /// Where the database (editserve.db) and blobs (exemplar images, deltas) live.
+    #[arg(long, env = "EDITSERVE_DATA_DIR", default_value = "var")]
+    pub data_dir: PathBuf,
     /// Load only these packages of the models directory (comma-separated names); all when empty.
     #[arg(long, env = "EDITSERVE_MODELS", value_delimiter = ',')]
     pub models: Vec<String>,

@@ -12,4 +12,5 @@ pub mod edit;
 pub mod imaging;
 pub mod models;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -11,7 +11,9 @@ use crate::api::{router, AppState};
 use crate::config::ServeConfig;
 use crate::core::registry::{discover_packages, Registry};
 use crate::core::cpu_pool::CpuPool;
+use crate::core::exemplars::Exemplars;
 use crate::core::scheduler::DeviceWorker;
+use crate::store::{FsBlobStore, SqliteStore};
 use crate::telemetry;
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
@@ -20,12 +22,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let packages = selected_packages(&config)?;
     let batching = config.batching(device);
     let worker = DeviceWorker::spawn(device, batching)?;
-    let cpu_pool = CpuPool::new(available_cores(), batching.queue_capacity)?;
-    let registry = Arc::new(Registry::new(worker, cpu_pool, config.decode_limits()));
+    let cpu_pool = Arc::new(CpuPool::new(available_cores(), batching.queue_capacity)?);
+    let registry = Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits()));
+    let metadata = SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?;
+    let blobs = FsBlobStore::open(&config.data_dir.join("blobs"))?;
+    let exemplars = Exemplars::new(Arc::new(metadata), Arc::new(blobs), cpu_pool, config.decode_limits());
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
-    let state = Arc::new(AppState { registry: Arc::clone(&registry), config, metrics });
+    let state = Arc::new(AppState { registry: Arc::clone(&registry), exemplars, config, metrics });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal());
     let mut server = std::pin::pin!(server.into_future());
     // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.

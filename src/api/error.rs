@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::core::{CoreError, ImageErrorKind};
+use crate::core::{CoreError, ImageErrorKind, Resource};
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -28,6 +28,10 @@ impl ApiError {
         match self {
             ApiError::Core(error) => match error {
                 CoreError::UnknownModel(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+                CoreError::NotFound { kind: Resource::Exemplar, .. } => (StatusCode::NOT_FOUND, "exemplar_not_found"),
+                CoreError::NotFound { kind: Resource::Texture, .. } => (StatusCode::NOT_FOUND, "texture_not_found"),
+                CoreError::ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
+                CoreError::ModelUnloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
                 CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
                 CoreError::Image { kind, .. } => match kind {
                     ImageErrorKind::Empty => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
@@ -38,6 +42,7 @@ impl ApiError {
                 CoreError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
                 CoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
                 CoreError::Model(_) => (StatusCode::INTERNAL_SERVER_ERROR, "model_error"),
+                CoreError::InvalidPackage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_model_package"),
                 CoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             },
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
@@ -62,7 +67,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
+        // 503s (overload, unload, shutdown) are the service working as designed, not faults.
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(code, message = %self.message(), "request failed");
         }
         let mut response = (status, Json(json!({"error": {"code": code, "message": self.message()}}))).into_response();

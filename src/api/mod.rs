@@ -1,7 +1,9 @@
 //! HTTP transport: routes, request/response types, and the error mapping. Everything else is in `core`.
 
-mod classify;
+mod body;
 mod error;
+mod exemplars;
+mod models;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -19,10 +21,12 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 
 use crate::config::ServeConfig;
+use crate::core::exemplars::Exemplars;
 use crate::core::registry::Registry;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
+    pub exemplars: Exemplars,
     pub config: ServeConfig,
     pub metrics: PrometheusHandle,
 }
@@ -33,8 +37,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/v1/models"),
+    ("post", "/v1/models"),
     ("get", "/v1/models/{name}"),
+    ("delete", "/v1/models/{name}"),
     ("post", "/v1/models/{name}/classify"),
+    ("post", "/v1/textures"),
+    ("post", "/v1/exemplars"),
+    ("get", "/v1/exemplars/{id}"),
+    ("delete", "/v1/exemplars/{id}"),
+    ("get", "/v1/exemplars/{id}/{which}"),
+    ("get", "/v1/audit"),
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -43,9 +55,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .route("/v1/models", get(classify::list_models))
-        .route("/v1/models/{name}", get(classify::get_model))
-        .route("/v1/models/{name}/classify", post(classify::classify))
+        .route("/v1/models", get(models::list_models).post(models::load_model))
+        .route("/v1/models/{name}", get(models::get_model).delete(models::unload_model))
+        .route("/v1/models/{name}/classify", post(models::classify))
+        .route("/v1/textures", post(exemplars::create_texture))
+        .route("/v1/exemplars", post(exemplars::create_exemplar))
+        .route("/v1/exemplars/{id}", get(exemplars::get_exemplar).delete(exemplars::delete_exemplar))
+        .route("/v1/exemplars/{id}/{which}", get(exemplars::exemplar_image))
+        .route("/v1/audit", get(exemplars::audit))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))

@@ -1,6 +1,7 @@
 //! The service's core, free of HTTP: the model registry, the per-device inference scheduler.
 
 pub mod cpu_pool;
+pub mod exemplars;
 pub mod registry;
 pub mod scheduler;
 
@@ -13,6 +14,12 @@ use crate::models::ModelError;
 pub enum CoreError {
     #[error("model '{0}' is not loaded")]
     UnknownModel(String),
+    #[error("{kind} '{id}' does not exist")]
+    NotFound { kind: Resource, id: String },
+    #[error("a model named '{0}' is already loaded")]
+    ModelExists(String),
+    #[error("model '{0}' was unloaded while this request waited")]
+    ModelUnloaded(String),
     #[error("{0}")]
     InvalidArgument(String),
     #[error("image {index}: {message}")]
@@ -23,8 +30,26 @@ pub enum CoreError {
     ShuttingDown,
     #[error("model error: {0}")]
     Model(String),
+    #[error("invalid model package: {0}")]
+    InvalidPackage(String),
     #[error("{0}")]
     Internal(String),
+}
+
+/// Stored things a request can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    Exemplar,
+    Texture,
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Resource::Exemplar => "exemplar",
+            Resource::Texture => "texture",
+        })
+    }
 }
 
 /// What kind of image problem, kept apart from the message so the transport can pick a status.

@@ -40,7 +40,7 @@ struct ModelEntry {
 
 pub struct Registry {
     worker: DeviceWorker,
-    cpu_pool: CpuPool,
+    cpu_pool: Arc<CpuPool>,
     models: RwLock<HashMap<String, Arc<ModelEntry>>>,
     ready: AtomicBool,
     limits: DecodeLimits,
@@ -65,7 +65,7 @@ pub fn device_name(device: Device) -> String {
 }
 
 impl Registry {
-    pub fn new(worker: DeviceWorker, cpu_pool: CpuPool, limits: DecodeLimits) -> Self {
+    pub fn new(worker: DeviceWorker, cpu_pool: Arc<CpuPool>, limits: DecodeLimits) -> Self {
         Self { worker, cpu_pool, models: RwLock::new(HashMap::new()), ready: AtomicBool::new(false), limits }
     }
 
@@ -78,8 +78,34 @@ impl Registry {
         Ok(())
     }
 
+    /// Loads the package in `dir` under its directory's name.
     pub async fn load(&self, dir: &Path) -> Result<ModelInfo, CoreError> {
         let package = ModelPackage::open(dir)?;
+        self.load_package(package).await
+    }
+
+    /// Loads the package in `dir` under `name` (a model can be loaded twice under two names).
+    pub async fn load_as(&self, name: &str, dir: &Path) -> Result<ModelInfo, CoreError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            return Err(CoreError::InvalidArgument(format!(
+                "model names are 1 to 64 letters, digits, '-', '_' or '.', got '{name}'"
+            )));
+        }
+        if self.read_models().contains_key(name) {
+            return Err(CoreError::ModelExists(name.to_string()));
+        }
+        let mut package = ModelPackage::open(dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
+        package.name = name.to_string();
+        self.load_package(package).await.map_err(|e| match e {
+            CoreError::Model(message) => CoreError::InvalidPackage(message),
+            other => other,
+        })
+    }
+
+    async fn load_package(&self, package: ModelPackage) -> Result<ModelInfo, CoreError> {
         let config = package.config.clone();
         let name = package.name.clone();
         self.worker.load(package).await?;
@@ -93,6 +119,14 @@ impl Registry {
         let entry = ModelEntry { info: info.clone(), labels: config.labels, preprocessing: config.preprocessing };
         self.write_models().insert(name, Arc::new(entry));
         Ok(info)
+    }
+
+    /// Unloads a model: new requests answer 404 at once; requests already queued are answered first;
+    /// requests still being decoded answer 503. The model's tensors are freed.
+    pub async fn unload(&self, name: &str) -> Result<(), CoreError> {
+        self.write_models().remove(name).ok_or_else(|| CoreError::UnknownModel(name.to_string()))?;
+        self.worker.unload(name.to_string()).await?;
+        Ok(())
     }
 
     pub fn is_ready(&self) -> bool {

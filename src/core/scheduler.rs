@@ -32,6 +32,7 @@ pub type Probabilities = Vec<Vec<f32>>;
 
 enum Job {
     Load { package: ModelPackage, reply: oneshot::Sender<Result<(), CoreError>> },
+    Unload { name: String, reply: oneshot::Sender<bool> },
     Classify { model: String, inputs: Vec<InputTensor>, reply: oneshot::Sender<Result<Probabilities, CoreError>> },
 }
 
@@ -70,6 +71,13 @@ impl DeviceWorker {
     pub fn announce(&self) -> Incoming {
         self.incoming.fetch_add(1, Ordering::SeqCst);
         Incoming(Arc::clone(&self.incoming))
+    }
+
+    /// Drops the model's tensors once the jobs queued before this one are done; whether it was loaded.
+    pub async fn unload(&self, name: String) -> Result<bool, CoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Unload { name, reply })?;
+        answer.await.map_err(|_| CoreError::ShuttingDown)
     }
 
     pub async fn classify(&self, model: String, inputs: Vec<InputTensor>, incoming: Incoming) -> Result<Probabilities, CoreError> {
@@ -136,6 +144,13 @@ impl Worker {
                     Some(Job::Load { package, reply }) => {
                         let _ = reply.send(self.load(package));
                     }
+                    Some(Job::Unload { name, reply }) => {
+                        // What was batched so far was accepted before the unload: answer it first.
+                        self.run_batch(std::mem::take(&mut batch));
+                        images = 0;
+                        let _ = reply.send(self.models.remove(&name).is_some());
+                        tracing::info!(model = %name, "model unloaded");
+                    }
                     Some(Job::Classify { model, inputs, reply }) => {
                         images += inputs.len();
                         batch.push((model, PendingClassify { inputs, reply }));
@@ -166,6 +181,9 @@ impl Worker {
     }
 
     fn load(&mut self, package: ModelPackage) -> Result<(), CoreError> {
+        if self.models.contains_key(&package.name) {
+            return Err(CoreError::ModelExists(package.name));
+        }
         let started = Instant::now();
         let model = guarded(|| load_package(&package, self.device))?.map_err(CoreError::from)?;
         // Warm-up: the first forward pass pays for kernel selection and allocator growth.
@@ -190,7 +208,7 @@ impl Worker {
         for (name, group) in by_model {
             let Some(model) = self.models.get(&name) else {
                 for pending in group {
-                    let _ = pending.reply.send(Err(CoreError::UnknownModel(name.clone())));
+                    let _ = pending.reply.send(Err(CoreError::ModelUnloaded(name.clone())));
                 }
                 continue;
             };

@@ -1,6 +1,7 @@
 //! Image decoding with limits, and preprocessing into the network's input layout. Pure CPU work on
 //! plain buffers: no tensors here, so it can run on any thread.
 
+pub mod concept;
 mod preprocess;
 mod resample;
 

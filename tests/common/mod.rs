@@ -80,21 +80,38 @@ pub fn free_port() -> u16 {
 pub struct TestServer {
     pub base: String,
     child: Option<Child>,
+    /// The data directory when the server made its own (removed with it).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
     pub async fn start(extra_args: &[&str]) -> Self {
+        Self::start_in(&root().join("models"), extra_args).await
+    }
+
+    /// A server on `models_dir`, loading its `efficientnet-lite0` package, with a fresh data directory.
+    pub async fn start_in(models_dir: &Path, extra_args: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut server = Self::start_with(models_dir, data.path(), extra_args).await;
+        server._data = Some(data);
+        server
+    }
+
+    /// A server on `models_dir` and `data_dir` (which outlives it, for restart tests).
+    pub async fn start_with(models_dir: &Path, data_dir: &Path, extra_args: &[&str]) -> Self {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_editserve"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--models-dir"])
-            .arg(root().join("models"))
+            .arg(models_dir)
+            .arg("--data-dir")
+            .arg(data_dir)
             .args(["--models", "efficientnet-lite0", "--device", "cpu"])
             .args(extra_args)
             .env("EDITSERVE_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
             .expect("start editserve");
-        let server = Self { base: format!("http://127.0.0.1:{port}"), child: Some(child) };
+        let server = Self { base: format!("http://127.0.0.1:{port}"), child: Some(child), _data: None };
         server.wait_ready(Duration::from_secs(120)).await;
         server
     }

@@ -1,18 +1,22 @@
-//! Model listing and classification: request bodies (raw image or multipart) in, predictions out.
+//! Models: listing, loading and unloading at run time, and classification (raw image or multipart in,
+//! predictions out).
 
 use std::sync::Arc;
 
-use axum::body::{to_bytes, Body};
-use axum::extract::{FromRequest, Multipart, Path, RawQuery, Request, State};
-use axum::http::{header, HeaderMap};
+use std::path::PathBuf;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use bytes::Bytes;
-use http_body_util::LengthLimitError;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::body::{read_body, Parts};
 use super::error::ApiError;
 use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
+use crate::core::CoreError;
 
 const DEFAULT_TOP_K: usize = 5;
 
@@ -27,6 +31,48 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> 
 
 pub async fn get_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
     Ok(Json(state.registry.model(&name)?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadRequest {
+    name: String,
+    /// A package directory, relative to the models directory or absolute inside it.
+    path: PathBuf,
+}
+
+pub async fn load_model(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<LoadRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
+    let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let dir = package_dir(&state.config.models_dir, &request.path)?;
+    let info = state.registry.load_as(&request.name, &dir).await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// Packages load only from inside the models directory: a client must not make the server read
+/// arbitrary paths.
+fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<PathBuf, ApiError> {
+    let root = models_dir
+        .canonicalize()
+        .map_err(|e| ApiError::Core(CoreError::Internal(format!("models directory {}: {e}", models_dir.display()))))?;
+    let dir = root
+        .join(path)
+        .canonicalize()
+        .map_err(|_| ApiError::InvalidRequest(format!("no model package at '{}'", path.display())))?;
+    if !dir.starts_with(&root) {
+        return Err(ApiError::InvalidRequest(format!(
+            "'{}' is outside the models directory; packages load only from there",
+            path.display()
+        )));
+    }
+    Ok(dir)
+}
+
+pub async fn unload_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    state.registry.unload(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize)]
@@ -124,52 +170,13 @@ async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, 
 }
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Vec<Bytes>, ApiError> {
-    let limit = state.config.max_body_bytes;
-    let mut multipart = Multipart::from_request(request, &())
-        .await
-        .map_err(|e| ApiError::InvalidRequest(format!("invalid multipart body: {}", e.body_text())))?;
-    let mut images = Vec::new();
-    let mut unexpected = None;
-    // Every part is read, also after an unexpected one, so that the error reaches a client still sending.
-    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
-        let name = field.name().unwrap_or_default().to_string();
-        let bytes = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
-        if name == "image" {
-            images.push(bytes);
-        } else {
-            unexpected.get_or_insert(name);
-        }
-    }
-    if let Some(name) = unexpected {
-        return Err(ApiError::InvalidRequest(format!(
-            "unexpected multipart part '{name}': only parts named 'image' are accepted"
-        )));
-    }
+    let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
+    let images = parts.take_all("image");
+    parts.expect_no_more("only parts named 'image' are accepted")?;
     if images.is_empty() {
         return Err(ApiError::InvalidRequest("the multipart body has no part named 'image'".into()));
     }
     Ok(images)
-}
-
-fn multipart_error(error: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
-    if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::PayloadTooLarge { limit }
-    } else {
-        ApiError::InvalidRequest(format!("invalid multipart body: {}", error.body_text()))
-    }
-}
-
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(err) = source {
-            if err.is::<LengthLimitError>() {
-                return ApiError::PayloadTooLarge { limit };
-            }
-            source = err.source();
-        }
-        ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
-    })
 }
 
 fn media_type(headers: &HeaderMap) -> Option<String> {

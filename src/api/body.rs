@@ -1,0 +1,71 @@
+//! Reading request bodies within the size limit: raw bytes, and multipart parts by name.
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{FromRequest, Multipart, Request};
+use bytes::Bytes;
+use http_body_util::LengthLimitError;
+
+use super::error::ApiError;
+
+/// The parts of a multipart body, in order, each read whole.
+pub struct Parts(Vec<(String, Bytes)>);
+
+impl Parts {
+    /// Reads every part, also after one that will be refused, so that the error reaches a client that
+    /// is still sending.
+    pub async fn read(request: Request, limit: usize) -> Result<Self, ApiError> {
+        let mut multipart = Multipart::from_request(request, &())
+            .await
+            .map_err(|e| ApiError::InvalidRequest(format!("invalid multipart body: {}", e.body_text())))?;
+        let mut parts = Vec::new();
+        while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
+            let name = field.name().unwrap_or_default().to_string();
+            parts.push((name, field.bytes().await.map_err(|e| multipart_error(e, limit))?));
+        }
+        Ok(Self(parts))
+    }
+
+    pub fn take_all(&mut self, name: &str) -> Vec<Bytes> {
+        let (taken, rest) = std::mem::take(&mut self.0).into_iter().partition(|(n, _)| n == name);
+        self.0 = rest;
+        taken.into_iter().map(|(_, bytes)| bytes).collect()
+    }
+
+    /// The part named `name`, if there is exactly one; two are an error.
+    pub fn take_one(&mut self, name: &str) -> Result<Option<Bytes>, ApiError> {
+        let mut all = self.take_all(name);
+        match all.len() {
+            0 | 1 => Ok(all.pop()),
+            n => Err(ApiError::InvalidRequest(format!("expected one part named '{name}', got {n}"))),
+        }
+    }
+
+    pub fn expect_no_more(&self, accepted: &str) -> Result<(), ApiError> {
+        match self.0.first() {
+            Some((name, _)) => Err(ApiError::InvalidRequest(format!("unexpected multipart part '{name}': {accepted}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn multipart_error(error: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
+    if error.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge { limit }
+    } else {
+        ApiError::InvalidRequest(format!("invalid multipart body: {}", error.body_text()))
+    }
+}
+
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<LengthLimitError>() {
+                return ApiError::PayloadTooLarge { limit };
+            }
+            source = err.source();
+        }
+        ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
+    })
+}
+
