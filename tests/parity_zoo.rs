@@ -143,7 +143,7 @@ fn vgg16_bn_equals_torchvision() {
 
 #[test]
 fn squeezenet1_1_equals_torchvision() {
-    check_architecture("squeezenet1_1", 25, "features.12.squeeze");
+    check_architecture("squeezenet1_1", 25, "features.12.expand3x3");
 }
 
 #[test]
