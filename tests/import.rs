@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{python, reference, root};
+use common::{python, reference_logits, root};
 use editserve::models::{load_package, ModelPackage};
 use tch::{Device, Kind, Tensor};
 
@@ -84,18 +84,7 @@ fn max_abs_diff_from_torchvision(package_dir: &Path, scratch: &Path) -> f64 {
     tch::manual_seed(1);
     let input = Tensor::randn([2, 3, 224, 224], (Kind::Float, Device::Cpu));
     let logits = tch::no_grad(|| model.forward(&input));
-    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join("logits.safetensors"));
-    Tensor::write_safetensors(&[("input", &input)], &input_path).unwrap();
-    reference(&[
-        "logits",
-        "--package",
-        package_dir.to_str().unwrap(),
-        "--input",
-        input_path.to_str().unwrap(),
-        "--out",
-        output_path.to_str().unwrap(),
-    ]);
-    let expected = Tensor::read_safetensors(&output_path).unwrap().remove(0).1;
+    let expected = reference_logits(package_dir, &input, scratch);
     (logits - expected).abs().max().double_value(&[])
 }
 

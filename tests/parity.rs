@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{model_dir, reference};
+use common::{model_dir, reference_logits};
 use editserve::models::{load_package, ModelPackage};
 use tch::{Device, Kind, Tensor};
 
@@ -19,18 +19,7 @@ fn logits_equal_the_pytorch_reference() {
     // A batch of two: random normal inputs, like preprocessed images with values in about [-1, 1] and beyond.
     let input = Tensor::randn([2, 3, 224, 224], (Kind::Float, Device::Cpu));
     let dir = tempfile::tempdir().unwrap();
-    let (input_path, output_path) = (dir.path().join("input.safetensors"), dir.path().join("logits.safetensors"));
-    Tensor::write_safetensors(&[("input", &input)], &input_path).unwrap();
-    reference(&[
-        "logits",
-        "--package",
-        model_dir().to_str().unwrap(),
-        "--input",
-        input_path.to_str().unwrap(),
-        "--out",
-        output_path.to_str().unwrap(),
-    ]);
-    let expected = Tensor::read_safetensors(&output_path).unwrap().remove(0).1;
+    let expected = reference_logits(&model_dir(), &input, dir.path());
     let actual = tch::no_grad(|| model.forward(&input));
     assert_eq!(actual.size(), vec![2, 1000]);
     let diff = max_abs_diff(&actual, &expected);

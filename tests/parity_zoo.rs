@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::path::Path;
 
-use common::{export_torchvision, load, reference};
+use common::{export_torchvision, load, reference_logits};
 use editserve::models::{load_package, Activation, Classifier, EditBlock, ModelPackage};
 use tch::{Device, Kind, Tensor};
 
@@ -16,21 +15,6 @@ const NUM_CLASSES: i64 = 1000;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
-}
-
-fn reference_logits(package_dir: &Path, input: &Tensor, scratch: &Path) -> Tensor {
-    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join("logits.safetensors"));
-    Tensor::write_safetensors(&[("input", input)], &input_path).unwrap();
-    reference(&[
-        "logits",
-        "--package",
-        package_dir.to_str().unwrap(),
-        "--input",
-        input_path.to_str().unwrap(),
-        "--out",
-        output_path.to_str().unwrap(),
-    ]);
-    Tensor::read_safetensors(&output_path).unwrap().remove(0).1
 }
 
 /// The block's output recomputed from its linear form: the conv without bias (stride 1, the output the

@@ -72,6 +72,22 @@ pub fn load(package_dir: &Path) -> Box<dyn Classifier> {
     load_package(&ModelPackage::open(package_dir).unwrap(), Device::Cpu).unwrap()
 }
 
+/// The reference implementation's logits for `input`, through `tools/reference.py logits`.
+pub fn reference_logits(package_dir: &Path, input: &Tensor, scratch: &Path) -> Tensor {
+    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join("logits.safetensors"));
+    Tensor::write_safetensors(&[("input", input)], &input_path).unwrap();
+    reference(&[
+        "logits",
+        "--package",
+        package_dir.to_str().unwrap(),
+        "--input",
+        input_path.to_str().unwrap(),
+        "--out",
+        output_path.to_str().unwrap(),
+    ]);
+    Tensor::read_safetensors(&output_path).unwrap().remove(0).1
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
