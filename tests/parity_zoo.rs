@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use common::{export_torchvision, load, reference_logits};
 use editserve::models::{load_package, Activation, Classifier, EditBlock, ModelPackage};
 use tch::{Device, Kind, Tensor};
