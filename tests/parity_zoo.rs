@@ -94,6 +94,26 @@ fn check_architecture(arch: &str, editable_layers: usize, default_layer: &str) {
     check_editable_layers(model.as_ref(), editable_layers, default_layer);
 }
 
+/// EfficientNet-Lite1 to Lite4 with random weights against efficientnet-lite-pytorch, at each variant's own
+/// resolution: the reference pads its convs for that size only (Lite0 runs on real weights in tests/parity.rs).
+#[test]
+fn efficientnet_lite_variants_equal_the_reference() {
+    for (variant, size, blocks) in [(1, 240, 21), (2, 260, 21), (3, 280, 24), (4, 300, 30)] {
+        let arch = format!("efficientnet-lite{variant}");
+        let dir = tempfile::tempdir().unwrap();
+        let package_dir = export_torchvision(&arch, dir.path());
+        let model = load(&package_dir);
+        tch::manual_seed(7);
+        let input = Tensor::randn([2, 3, size, size], (Kind::Float, Device::Cpu));
+        let expected = reference_logits(&package_dir, &input, dir.path());
+        let diff = max_abs_diff(&tch::no_grad(|| model.forward(&input)), &expected);
+        println!("{arch} [2, 3, {size}, {size}]: max |logit difference| vs efficientnet-lite-pytorch {diff:e}");
+        assert!(diff <= TOLERANCE, "{arch}: max abs logit difference {diff}");
+        let last = format!("_blocks.{}._project_conv", blocks - 1);
+        check_editable_layers(model.as_ref(), blocks + 1, &last);
+    }
+}
+
 #[test]
 fn resnet18_equals_torchvision() {
     check_architecture("resnet18", 8, "layer4.1.conv2");

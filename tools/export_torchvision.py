@@ -18,8 +18,11 @@ import torchvision
 sys.path.insert(0, os.path.dirname(__file__))
 from package import write_package  # noqa: E402
 
-# The torchvision architectures editserve implements natively.
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16", "vgg16_bn", "squeezenet1_1")
+# The torchvision architectures editserve implements natively, and the EfficientNet-Lite variants (built by
+# efficientnet-lite-pytorch, the reference of the EfficientNet-Lite parity tests).
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "vgg16", "vgg16_bn", "squeezenet1_1") + tuple(
+    f"efficientnet-lite{v}" for v in range(5)
+)
 NUM_CLASSES = 1000
 SIZE = 224
 
@@ -58,14 +61,23 @@ def main():
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    model = torchvision.models.get_model(args.arch, weights=None, num_classes=NUM_CLASSES)
+    if args.arch.startswith("efficientnet-lite"):
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name(args.arch, num_classes=NUM_CLASSES)
+        # Its convs pad for this resolution ("SAME" computed once), so inputs must have it.
+        size = model._global_params.image_size
+        preprocessing = dict(PREPROCESSING, resize_shorter=size + 32, crop=[size, size])
+    else:
+        model = torchvision.models.get_model(args.arch, weights=None, num_classes=NUM_CLASSES)
+        size, preprocessing = SIZE, PREPROCESSING
     randomise(model, torch.Generator().manual_seed(args.seed))
     tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     config = {
         "architecture": args.arch,
         "num_classes": NUM_CLASSES,
-        "input_size": [SIZE, SIZE],
-        "preprocessing": PREPROCESSING,
+        "input_size": [size, size],
+        "preprocessing": preprocessing,
         "labels": [f"class {i}" for i in range(NUM_CLASSES)],
     }
     write_package(args.out, tensors, config)
