@@ -19,14 +19,12 @@ use tch::{Device, Tensor};
 /// the 13 here is that photo's top-1 going the other way.
 const ACCURACY_FLOORS: [(&str, usize); 3] = [("efficientnet-lite1", 17), ("efficientnet-lite2", 17), ("squeezenet1_1", 12)];
 
-fn open(name: &str) -> Option<(ModelPackage, Box<dyn Classifier>)> {
+/// A real package written by `make setup`; a missing one fails the test rather than skipping it.
+fn open(name: &str) -> (ModelPackage, Box<dyn Classifier>) {
     let dir = root().join("models").join(name);
-    if !dir.exists() {
-        return None;
-    }
-    let package = ModelPackage::open(&dir).unwrap();
+    let package = ModelPackage::open(&dir).unwrap_or_else(|e| panic!("{name}: {e} (run `make setup`)"));
     let model = load_package(&package, Device::Cpu).unwrap();
-    Some((package, model))
+    (package, model)
 }
 
 fn top1(model: &dyn Classifier, x: &Tensor) -> Vec<i64> {
@@ -44,10 +42,7 @@ fn real_packages_classify_the_foolbox_photos() {
     let photos = clean_photos();
     let mut checked = 0;
     for (name, floor) in ACCURACY_FLOORS {
-        let Some((package, model)) = open(name) else {
-            println!("{name}: no package (run `make setup`)");
-            continue;
-        };
+        let (package, model) = open(name);
         let predictions = top1(model.as_ref(), &preprocess_batch(&package, &photos));
         let hits = predictions.iter().zip(&labels).filter(|(p, l)| p == l).count();
         println!("{name}: top-1 {hits}/20 {predictions:?}");
@@ -121,10 +116,7 @@ fn edit_striped_exemplar(package: &ModelPackage, model: &dyn Classifier, params:
 /// every editable layer with Adam (rank 1, 4, 16; lr 1e-3 to 1e-1) and the closed form where it applies.
 #[test]
 fn squeezenet_one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
-    let Some((package, model)) = open("squeezenet1_1") else {
-        println!("squeezenet1_1: no package (run `make setup`)");
-        return;
-    };
+    let (package, model) = open("squeezenet1_1");
     let layer = model.default_edit_layer().to_string();
     let outcome = edit_striped_exemplar(&package, model.as_ref(), &EditParams::new(Method::Rewrite, Solver::Adam, &layer), 1);
     assert_ne!(outcome.modified_before, outcome.original_class, "the patch must change the prediction");
@@ -138,10 +130,7 @@ fn squeezenet_one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
 #[test]
 fn efficientnet_lite_one_exemplar_edit_at_the_default_layer() {
     for name in ["efficientnet-lite1", "efficientnet-lite2"] {
-        let Some((package, model)) = open(name) else {
-            println!("{name}: no package (run `make setup`)");
-            continue;
-        };
+        let (package, model) = open(name);
         let layer = model.default_edit_layer().to_string();
         assert_eq!(layer, "_blocks.20._project_conv");
         for solver in [Solver::Adam, Solver::ClosedForm] {
