@@ -177,46 +177,6 @@ impl EfficientNetLite {
     }
 }
 
-impl EfficientNetLite {
-    fn slot(&self, name: &str) -> Option<&Tensor> {
-        Some(match name {
-            "_conv_stem.weight" => &self.stem.weight,
-            "_conv_head.weight" => &self.head.weight,
-            "_fc.weight" => &self.fc_weight,
-            "_fc.bias" => &self.fc_bias,
-            _ => {
-                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
-                let block = self.blocks.get(index.parse::<usize>().ok()?)?;
-                match conv {
-                    "_expand_conv" => &block.expand.as_ref()?.0.weight,
-                    "_depthwise_conv" => &block.depthwise.weight,
-                    "_project_conv" => &block.project.weight,
-                    _ => return None,
-                }
-            }
-        })
-    }
-
-    fn slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        Some(match name {
-            "_conv_stem.weight" => &mut self.stem.weight,
-            "_conv_head.weight" => &mut self.head.weight,
-            "_fc.weight" => &mut self.fc_weight,
-            "_fc.bias" => &mut self.fc_bias,
-            _ => {
-                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
-                let block = self.blocks.get_mut(index.parse::<usize>().ok()?)?;
-                match conv {
-                    "_expand_conv" => &mut block.expand.as_mut()?.0.weight,
-                    "_depthwise_conv" => &mut block.depthwise.weight,
-                    "_project_conv" => &mut block.project.weight,
-                    _ => return None,
-                }
-            }
-        })
-    }
-}
-
 #[derive(Clone, Copy)]
 enum LayerRef {
     Project(usize),
@@ -294,11 +254,41 @@ impl Classifier for EfficientNetLite {
     }
 
     fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        self.slot(name)
+        Some(match name {
+            "_conv_stem.weight" => &self.stem.weight,
+            "_conv_head.weight" => &self.head.weight,
+            "_fc.weight" => &self.fc_weight,
+            "_fc.bias" => &self.fc_bias,
+            _ => {
+                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
+                let block = self.blocks.get(index.parse::<usize>().ok()?)?;
+                match conv {
+                    "_expand_conv" => &block.expand.as_ref()?.0.weight,
+                    "_depthwise_conv" => &block.depthwise.weight,
+                    "_project_conv" => &block.project.weight,
+                    _ => return None,
+                }
+            }
+        })
     }
 
     fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.slot_mut(name)
+        Some(match name {
+            "_conv_stem.weight" => &mut self.stem.weight,
+            "_conv_head.weight" => &mut self.head.weight,
+            "_fc.weight" => &mut self.fc_weight,
+            "_fc.bias" => &mut self.fc_bias,
+            _ => {
+                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
+                let block = self.blocks.get_mut(index.parse::<usize>().ok()?)?;
+                match conv {
+                    "_expand_conv" => &mut block.expand.as_mut()?.0.weight,
+                    "_depthwise_conv" => &mut block.depthwise.weight,
+                    "_project_conv" => &mut block.project.weight,
+                    _ => return None,
+                }
+            }
+        })
     }
 
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {

@@ -230,30 +230,6 @@ impl ResNet {
             Some((i, local))
         })
     }
-
-    fn slot(&self, name: &str) -> Option<&Tensor> {
-        Some(match name {
-            "conv1.weight" => &self.stem.weight,
-            "fc.weight" => &self.fc.weight,
-            "fc.bias" => &self.fc.bias,
-            _ => {
-                let (block, local) = self.locate(name)?;
-                &self.blocks[block].conv(local)?.weight
-            }
-        })
-    }
-
-    fn slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        Some(match name {
-            "conv1.weight" => &mut self.stem.weight,
-            "fc.weight" => &mut self.fc.weight,
-            "fc.bias" => &mut self.fc.bias,
-            _ => {
-                let (block, local) = self.locate(name)?;
-                &mut self.blocks[block].conv_mut(local)?.weight
-            }
-        })
-    }
 }
 
 impl Classifier for ResNet {
@@ -308,11 +284,27 @@ impl Classifier for ResNet {
     }
 
     fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        self.slot(name)
+        Some(match name {
+            "conv1.weight" => &self.stem.weight,
+            "fc.weight" => &self.fc.weight,
+            "fc.bias" => &self.fc.bias,
+            _ => {
+                let (block, local) = self.locate(name)?;
+                &self.blocks[block].conv(local)?.weight
+            }
+        })
     }
 
     fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.slot_mut(name)
+        Some(match name {
+            "conv1.weight" => &mut self.stem.weight,
+            "fc.weight" => &mut self.fc.weight,
+            "fc.bias" => &mut self.fc.bias,
+            _ => {
+                let (block, local) = self.locate(name)?;
+                &mut self.blocks[block].conv_mut(local)?.weight
+            }
+        })
     }
 
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {

@@ -132,20 +132,6 @@ impl Vgg {
         };
         Some((module, suffix))
     }
-
-    fn slot(&self, name: &str) -> Option<&Tensor> {
-        match self.locate(name)? {
-            (Module::Feature(i), suffix) => self.features[i].conv.tensor(suffix),
-            (Module::Classifier(i), suffix) => self.classifier[i].tensor(suffix),
-        }
-    }
-
-    fn slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        match self.locate(name)? {
-            (Module::Feature(i), suffix) => self.features[i].conv.tensor_mut(suffix),
-            (Module::Classifier(i), suffix) => self.classifier[i].tensor_mut(suffix),
-        }
-    }
 }
 
 /// A trainable module by its position in `features` or in `classifier`.
@@ -202,11 +188,17 @@ impl Classifier for Vgg {
     }
 
     fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        self.slot(name)
+        match self.locate(name)? {
+            (Module::Feature(i), suffix) => self.features[i].conv.tensor(suffix),
+            (Module::Classifier(i), suffix) => self.classifier[i].tensor(suffix),
+        }
     }
 
     fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.slot_mut(name)
+        match self.locate(name)? {
+            (Module::Feature(i), suffix) => self.features[i].conv.tensor_mut(suffix),
+            (Module::Classifier(i), suffix) => self.classifier[i].tensor_mut(suffix),
+        }
     }
 
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
