@@ -9,7 +9,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{export_torchvision, load, model_dir, reference};
+use common::{export_torchvision, load, model_dir, reference_on};
 use tch::{Device, Kind, Tensor};
 
 const TOLERANCE: f64 = 1e-4;
@@ -30,22 +30,8 @@ fn reference_keys_and_values(
     input: &Tensor,
     scratch: &Path,
 ) -> HashMap<String, Tensor> {
-    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join("hooks.safetensors"));
-    Tensor::write_safetensors(&[("input", input)], &input_path).unwrap();
-    let mut args = vec![
-        "hooks",
-        "--package",
-        package_dir.to_str().unwrap(),
-        "--input",
-        input_path.to_str().unwrap(),
-        "--out",
-        output_path.to_str().unwrap(),
-    ];
-    for layer in layers {
-        args.extend(["--layer", layer.as_str()]);
-    }
-    reference(&args);
-    Tensor::read_safetensors(&output_path).unwrap().into_iter().collect()
+    let extra: Vec<&str> = layers.iter().flat_map(|layer| ["--layer", layer.as_str()]).collect();
+    reference_on("hooks", package_dir, input, scratch, &extra).into_iter().collect()
 }
 
 /// Compares the key and the value of every editable layer of the package's model with the reference's on

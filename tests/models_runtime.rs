@@ -4,9 +4,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{foolbox_photos, model_dir, read, TestServer};
+use common::{foolbox_photos, model_dir, read, write_lite0_without, TestServer};
 use serde_json::{json, Value};
-use tch::Tensor;
 
 /// A models directory holding efficientnet-lite0 (by symlinks) and a copy missing one tensor.
 fn models_dir() -> tempfile::TempDir {
@@ -16,13 +15,7 @@ fn models_dir() -> tempfile::TempDir {
     for file in ["config.json", "model.safetensors"] {
         std::os::unix::fs::symlink(model_dir().join(file), good.join(file)).unwrap();
     }
-    let broken = dir.path().join("broken");
-    std::fs::create_dir(&broken).unwrap();
-    std::fs::copy(model_dir().join("config.json"), broken.join("config.json")).unwrap();
-    let mut tensors = Tensor::read_safetensors(model_dir().join("model.safetensors")).unwrap();
-    tensors.retain(|(name, _)| name != "_conv_head.weight");
-    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&refs, broken.join("model.safetensors")).unwrap();
+    write_lite0_without(&dir.path().join("broken"), "_conv_head.weight");
     dir
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{model_dir, reference_logits};
+use common::{model_dir, reference_logits, write_lite0_without};
 use editserve::models::{load_package, ModelPackage};
 use tch::{Device, Kind, Tensor};
 
@@ -55,12 +55,7 @@ fn every_editable_layer_splits_the_forward_pass_exactly() {
 fn a_package_with_a_missing_key_names_it() {
     let dir = tempfile::tempdir().unwrap();
     let package_dir = dir.path().join("broken");
-    std::fs::create_dir(&package_dir).unwrap();
-    std::fs::copy(model_dir().join("config.json"), package_dir.join("config.json")).unwrap();
-    let mut tensors = Tensor::read_safetensors(model_dir().join("model.safetensors")).unwrap();
-    tensors.retain(|(name, _)| name != "_blocks.4._bn1.running_var");
-    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&refs, package_dir.join("model.safetensors")).unwrap();
+    write_lite0_without(&package_dir, "_blocks.4._bn1.running_var");
     let package = ModelPackage::open(&package_dir).unwrap();
     let error = load_package(&package, Device::Cpu).err().expect("load must fail").to_string();
     assert!(error.contains("_blocks.4._bn1.running_var"), "{error}");

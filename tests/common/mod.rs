@@ -72,20 +72,38 @@ pub fn load(package_dir: &Path) -> Box<dyn Classifier> {
     load_package(&ModelPackage::open(package_dir).unwrap(), Device::Cpu).unwrap()
 }
 
-/// The reference implementation's logits for `input`, through `tools/reference.py logits`.
-pub fn reference_logits(package_dir: &Path, input: &Tensor, scratch: &Path) -> Tensor {
-    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join("logits.safetensors"));
+/// Runs `tools/reference.py COMMAND --package DIR --input <input> --out <file> EXTRA...` and returns the
+/// tensors it wrote.
+pub fn reference_on(command: &str, package_dir: &Path, input: &Tensor, scratch: &Path, extra: &[&str]) -> Vec<(String, Tensor)> {
+    let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join(format!("{command}.safetensors")));
     Tensor::write_safetensors(&[("input", input)], &input_path).unwrap();
-    reference(&[
-        "logits",
+    let mut args = vec![
+        command,
         "--package",
         package_dir.to_str().unwrap(),
         "--input",
         input_path.to_str().unwrap(),
         "--out",
         output_path.to_str().unwrap(),
-    ]);
-    Tensor::read_safetensors(&output_path).unwrap().remove(0).1
+    ];
+    args.extend_from_slice(extra);
+    reference(&args);
+    Tensor::read_safetensors(&output_path).unwrap()
+}
+
+/// The reference implementation's logits for `input`.
+pub fn reference_logits(package_dir: &Path, input: &Tensor, scratch: &Path) -> Tensor {
+    reference_on("logits", package_dir, input, scratch, &[]).remove(0).1
+}
+
+/// A copy of the efficientnet-lite0 package in `dir` whose weights lack `key`.
+pub fn write_lite0_without(dir: &Path, key: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(model_dir().join("config.json"), dir.join("config.json")).unwrap();
+    let mut tensors = Tensor::read_safetensors(model_dir().join("model.safetensors")).unwrap();
+    tensors.retain(|(name, _)| name != key);
+    let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&refs, dir.join("model.safetensors")).unwrap();
 }
 
 pub fn free_port() -> u16 {
