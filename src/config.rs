@@ -77,6 +77,15 @@ pub struct ServeConfig {
     /// Largest accepted image, in pixels (width x height, read from the header before decoding).
     #[arg(long, env = "EDITSERVE_MAX_PIXELS", default_value_t = 40_000_000)]
     pub max_pixels: u64,
+    /// Materialised versions kept on the device beside the base weights; the least recently used leave.
+    #[arg(long, env = "EDITSERVE_MAX_RESIDENT_VERSIONS", default_value_t = std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN))]
+    pub max_resident_versions: std::num::NonZeroUsize,
+    /// Edit and statistics jobs that may wait while one runs; beyond that, 503 with Retry-After.
+    #[arg(long, env = "EDITSERVE_EDIT_QUEUE_CAPACITY", default_value_t = 16)]
+    pub edit_queue_capacity: usize,
+    /// A directory whose subdirectories statistics jobs may read images from, by name.
+    #[arg(long, env = "EDITSERVE_STATISTICS_DIR")]
+    pub statistics_dir: Option<PathBuf>,
 }
 
 impl ServeConfig {

@@ -11,9 +11,12 @@ use crate::api::{router, AppState};
 use crate::config::ServeConfig;
 use crate::core::registry::{discover_packages, Registry};
 use crate::core::cpu_pool::CpuPool;
+use crate::core::edit_worker::EditWorker;
 use crate::core::exemplars::Exemplars;
+use crate::core::jobs::Jobs;
 use crate::core::scheduler::DeviceWorker;
-use crate::store::{FsBlobStore, SqliteStore};
+use crate::core::versions::Versions;
+use crate::store::{BlobStore, FsBlobStore, MetadataStore, SqliteStore};
 use crate::telemetry;
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
@@ -21,16 +24,28 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let device = config.device.resolve().map_err(anyhow::Error::msg)?;
     let packages = selected_packages(&config)?;
     let batching = config.batching(device);
-    let worker = DeviceWorker::spawn(device, batching)?;
+    let worker = DeviceWorker::spawn(device, batching, config.max_resident_versions)?;
     let cpu_pool = Arc::new(CpuPool::new(available_cores(), batching.queue_capacity)?);
     let registry = Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits()));
-    let metadata = SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?;
-    let blobs = FsBlobStore::open(&config.data_dir.join("blobs"))?;
-    let exemplars = Exemplars::new(Arc::new(metadata), Arc::new(blobs), cpu_pool, config.decode_limits());
+    let metadata: Arc<dyn MetadataStore> =
+        Arc::new(SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?);
+    let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.data_dir.join("blobs"))?);
+    let exemplars = Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), cpu_pool, config.decode_limits());
+    let versions = Arc::new(Versions::new(Arc::clone(&registry), Arc::clone(&metadata), Arc::clone(&blobs)));
+    let jobs = Jobs::start(
+        Arc::clone(&registry),
+        Arc::clone(&versions),
+        metadata,
+        blobs,
+        EditWorker::spawn(device, config.decode_limits())?,
+        config.edit_queue_capacity,
+        config.statistics_dir.clone(),
+    )
+    .await?;
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
-    let state = Arc::new(AppState { registry: Arc::clone(&registry), exemplars, config, metrics });
+    let state = Arc::new(AppState { registry: Arc::clone(&registry), exemplars, versions, jobs, config, metrics });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal());
     let mut server = std::pin::pin!(server.into_future());
     // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.

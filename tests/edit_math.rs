@@ -2,7 +2,7 @@
 //! optimum is exact, the closed form and a long Adam run must reach the same weights.
 
 use editserve::edit::{edit, EditParams, Exemplars, Method, Silent, Solver};
-use editserve::models::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use editserve::models::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 use tch::{Device, Kind, Tensor};
 
 const C: i64 = 8;
@@ -47,8 +47,8 @@ impl Classifier for LinearToy {
     fn parameters_after(&self, _: &str) -> Result<Vec<String>, ModelError> {
         Ok(vec!["conv.weight".into()])
     }
-    fn duplicate(&self) -> Box<dyn Classifier> {
-        Box::new(LinearToy { weight: self.weight.copy() })
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
+        Box::new(LinearToy { weight: copy(&self.weight) })
     }
 }
 

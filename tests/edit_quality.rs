@@ -11,7 +11,7 @@ use std::sync::{Mutex, PoisonError};
 
 use editserve::edit::statistics::SecondMoment;
 use editserve::edit::{edit, EditParams, Exemplars, Method, Silent, Solver};
-use editserve::models::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use editserve::models::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 use tch::{Device, Kind, Tensor};
 
 const SIZE: usize = 32;
@@ -197,8 +197,8 @@ impl NetworkTensors {
         LinearForm { scale, shift, activation: Activation::Relu }
     }
 
-    fn duplicate(&self) -> Self {
-        Self { convs: self.convs, tensors: self.tensors.iter().map(|(k, v)| (k.clone(), v.copy())).collect() }
+    fn duplicate(&self, copy: TensorCopy) -> Self {
+        Self { convs: self.convs, tensors: self.tensors.iter().map(|(k, v)| (k.clone(), copy(v))).collect() }
     }
 }
 
@@ -373,8 +373,8 @@ impl Classifier for SmallResNet {
         names.extend(["fc.weight", "fc.bias"].map(String::from));
         Ok(names)
     }
-    fn duplicate(&self) -> Box<dyn Classifier> {
-        Box::new(Self { tensors: self.tensors.duplicate() })
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
+        Box::new(Self { tensors: self.tensors.duplicate(copy) })
     }
 }
 
@@ -484,8 +484,8 @@ impl Classifier for SmallVgg {
         let convs = VGG_CONVS[Self::position(layer)?..].iter().map(|&(name, ..)| format!("{name}.weight"));
         Ok(convs.chain(["fc.weight", "fc.bias"].map(String::from)).collect())
     }
-    fn duplicate(&self) -> Box<dyn Classifier> {
-        Box::new(Self { tensors: self.tensors.duplicate() })
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
+        Box::new(Self { tensors: self.tensors.duplicate(copy) })
     }
 }
 

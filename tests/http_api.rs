@@ -232,10 +232,12 @@ async fn health_readiness_models_and_metrics() {
     for (method, path) in editserve::api::ROUTES {
         // DELETE names a model that is not there: the route answers model_not_found, and nothing is unloaded.
         let model = if *method == "delete" { "no-such-model" } else { "efficientnet-lite0" };
-        let url = server.url(&path.replace("{name}", model).replace("{id}", "no-such-id").replace("{which}", "mask"));
+        let path = path.replace("{name}", model).replace("{id}", "no-such-id").replace("{which}", "mask");
+        let url = server.url(&path.replace("{version}", "0").replace("{alias}", "production"));
         let response = match *method {
             "get" => client.get(url).send().await.unwrap(),
             "post" => client.post(url).send().await.unwrap(),
+            "put" => client.put(url).send().await.unwrap(),
             "delete" => client.delete(url).send().await.unwrap(),
             other => panic!("untested method {other}"),
         };

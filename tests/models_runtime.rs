@@ -80,6 +80,16 @@ async fn loads_validates_and_unloads_at_run_time() {
     assert_eq!(classify(&client, &server, "copy", &photo).await.0, 404);
     assert_eq!(client.get(server.url("/v1/models/copy")).send().await.unwrap().status(), 404);
     assert_eq!(classify(&client, &server, "efficientnet-lite0", &photo).await.0, 200);
+
+    // Loading and unloading are management actions: audited once each, refused attempts not at all.
+    let audit: Value = client.get(server.url("/v1/audit")).send().await.unwrap().json().await.unwrap();
+    let actions: Vec<(&str, &str)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["subject"].as_str().unwrap()))
+        .collect();
+    assert_eq!(actions, [("model.load", "copy"), ("model.unload", "copy")], "{audit}");
 }
 
 #[tokio::test]

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::core::{CoreError, ImageErrorKind, Resource};
+use crate::core::{Conflict, CoreError, ImageErrorKind, Resource};
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -28,8 +28,31 @@ impl ApiError {
         match self {
             ApiError::Core(error) => match error {
                 CoreError::UnknownModel(_) => (StatusCode::NOT_FOUND, "model_not_found"),
-                CoreError::NotFound { kind: Resource::Exemplar, .. } => (StatusCode::NOT_FOUND, "exemplar_not_found"),
-                CoreError::NotFound { kind: Resource::Texture, .. } => (StatusCode::NOT_FOUND, "texture_not_found"),
+                CoreError::NotFound { kind, .. } => (
+                    StatusCode::NOT_FOUND,
+                    match kind {
+                        Resource::Exemplar => "exemplar_not_found",
+                        Resource::Texture => "texture_not_found",
+                        Resource::Version => "version_not_found",
+                        Resource::Alias => "alias_not_found",
+                        Resource::Job => "job_not_found",
+                        Resource::Statistics => "statistics_not_found",
+                    },
+                ),
+                CoreError::Conflict(conflict, _) => (
+                    StatusCode::CONFLICT,
+                    match conflict {
+                        Conflict::VersionNotReady => "version_not_ready",
+                        Conflict::VersionInUse => "version_in_use",
+                        Conflict::ExemplarInUse => "exemplar_in_use",
+                        Conflict::BuiltinAlias => "builtin_alias",
+                        Conflict::JobFinished => "job_finished",
+                    },
+                ),
+                CoreError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+                // Only a job's own outcome; a request is never answered with it.
+                CoreError::Cancelled => (StatusCode::CONFLICT, "cancelled"),
+                CoreError::EditQueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "edit_queue_full"),
                 CoreError::ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
                 CoreError::ModelUnloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
                 CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),

@@ -4,6 +4,7 @@ mod body;
 mod error;
 mod exemplars;
 mod models;
+mod versions;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +13,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -22,11 +23,15 @@ pub use error::ApiError;
 
 use crate::config::ServeConfig;
 use crate::core::exemplars::Exemplars;
+use crate::core::jobs::Jobs;
 use crate::core::registry::Registry;
+use crate::core::versions::Versions;
 
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub exemplars: Exemplars,
+    pub versions: Arc<Versions>,
+    pub jobs: Arc<Jobs>,
     pub config: ServeConfig,
     pub metrics: PrometheusHandle,
 }
@@ -41,6 +46,19 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/models/{name}"),
     ("delete", "/v1/models/{name}"),
     ("post", "/v1/models/{name}/classify"),
+    ("get", "/v1/models/{name}/versions"),
+    ("post", "/v1/models/{name}/versions"),
+    ("get", "/v1/models/{name}/versions/{version}"),
+    ("delete", "/v1/models/{name}/versions/{version}"),
+    ("post", "/v1/models/{name}/versions/{version}/classify"),
+    ("post", "/v1/models/{name}/compare"),
+    ("get", "/v1/models/{name}/aliases"),
+    ("put", "/v1/models/{name}/aliases/{alias}"),
+    ("delete", "/v1/models/{name}/aliases/{alias}"),
+    ("post", "/v1/models/{name}/statistics"),
+    ("get", "/v1/jobs/{id}"),
+    ("delete", "/v1/jobs/{id}"),
+    ("get", "/v1/jobs/{id}/events"),
     ("post", "/v1/textures"),
     ("post", "/v1/exemplars"),
     ("get", "/v1/exemplars/{id}"),
@@ -58,6 +76,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models::list_models).post(models::load_model))
         .route("/v1/models/{name}", get(models::get_model).delete(models::unload_model))
         .route("/v1/models/{name}/classify", post(models::classify))
+        .route("/v1/models/{name}/versions", get(versions::list_versions).post(versions::create_version))
+        .route("/v1/models/{name}/versions/{version}", get(versions::get_version).delete(versions::delete_version))
+        .route("/v1/models/{name}/versions/{version}/classify", post(versions::classify))
+        .route("/v1/models/{name}/compare", post(versions::compare))
+        .route("/v1/models/{name}/aliases", get(versions::list_aliases))
+        .route("/v1/models/{name}/aliases/{alias}", put(versions::put_alias).delete(versions::delete_alias))
+        .route("/v1/models/{name}/statistics", post(versions::create_statistics))
+        .route("/v1/jobs/{id}", get(versions::get_job).delete(versions::cancel_job))
+        .route("/v1/jobs/{id}/events", get(versions::job_events))
         .route("/v1/textures", post(exemplars::create_texture))
         .route("/v1/exemplars", post(exemplars::create_exemplar))
         .route("/v1/exemplars/{id}", get(exemplars::get_exemplar).delete(exemplars::delete_exemplar))

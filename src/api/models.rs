@@ -1,9 +1,9 @@
 //! Models: listing, loading and unloading at run time, and classification (raw image or multipart in,
 //! predictions out).
 
-use std::sync::Arc;
-
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, RawQuery, Request, State};
@@ -16,6 +16,7 @@ use super::body::{read_body, Parts};
 use super::error::ApiError;
 use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
+use crate::core::versions::VersionRef;
 use crate::core::CoreError;
 
 const DEFAULT_TOP_K: usize = 5;
@@ -48,6 +49,8 @@ pub async fn load_model(
     let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let dir = package_dir(&state.config.models_dir, &request.path)?;
     let info = state.registry.load_as(&request.name, &dir).await?;
+    let detail = serde_json::json!({"path": request.path, "architecture": info.architecture});
+    state.versions.record_model_event("model.load", &info.name, Some(detail)).await?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -72,12 +75,15 @@ fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<P
 
 pub async fn unload_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     state.registry.unload(&name).await?;
+    state.jobs.forget_model(&name);
+    state.versions.record_model_event("model.unload", &name, None).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Serialize)]
 pub struct SingleResult {
     model: String,
+    version: u32,
     predictions: Vec<Prediction>,
 }
 
@@ -89,6 +95,7 @@ pub struct ImageResult {
 #[derive(Serialize)]
 pub struct MultiResult {
     model: String,
+    version: u32,
     results: Vec<ImageResult>,
 }
 
@@ -99,48 +106,69 @@ pub enum ClassifyResponse {
     Multi(MultiResult),
 }
 
+/// `POST /v1/models/{name}/classify[?version=…&top_k=…]`: the `default` alias's version unless named.
 pub async fn classify(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
+    let query = parse_query(query.as_deref(), &["top_k", "version"]);
+    let version = query.as_ref().ok().and_then(|q| q.get("version").cloned());
+    classify_version(state, model, version, query, request).await
+}
+
+/// Classifies with a named version (or the default) and answers in the shape the body asked for.
+pub async fn classify_version(
+    state: Arc<AppState>,
+    model: String,
+    version: Option<String>,
+    query: Result<HashMap<String, String>, ApiError>,
+    request: Request,
+) -> Result<Json<ClassifyResponse>, ApiError> {
     // The body is read (within the limit) before any other error is answered: a server that answers and
     // closes while the client is still sending makes the client see a reset instead of the error.
-    let top_k = parse_top_k(query.as_deref());
     let known = state.registry.model(&model);
     let images = read_images(&state, request).await;
-    let (top_k, _) = (top_k?, known?);
+    let top_k = top_k(&query?)?;
+    known?;
+    let version = version.map(|v| VersionRef::parse(&v)).transpose()?;
     let (images, multipart) = images?;
-    let mut predictions = state.registry.classify(&model, images, top_k).await?;
+    let (number, mut predictions) = state.versions.classify(&model, version.as_ref(), images, top_k).await?;
     Ok(Json(if multipart {
         ClassifyResponse::Multi(MultiResult {
             model,
+            version: number,
             results: predictions.into_iter().map(|predictions| ImageResult { predictions }).collect(),
         })
     } else {
-        ClassifyResponse::Single(SingleResult { model, predictions: predictions.pop().unwrap_or_default() })
+        ClassifyResponse::Single(SingleResult { model, version: number, predictions: predictions.pop().unwrap_or_default() })
     }))
 }
 
-fn parse_top_k(query: Option<&str>) -> Result<usize, ApiError> {
-    let mut top_k = DEFAULT_TOP_K;
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
-            "top_k" => {
-                top_k = value.parse().map_err(|_| {
-                    ApiError::InvalidRequest(format!("top_k must be a positive integer, got '{value}'"))
-                })?
-            }
-            other => return Err(ApiError::InvalidRequest(format!("unknown query parameter '{other}'"))),
+/// The query's `key=value` pairs; a key outside `accepted` is an error, so a misspelt one is never ignored.
+pub fn parse_query(query: Option<&str>, accepted: &[&str]) -> Result<HashMap<String, String>, ApiError> {
+    let mut pairs = HashMap::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        if !accepted.contains(&key.as_ref()) {
+            return Err(ApiError::InvalidRequest(format!("unknown query parameter '{key}'; accepted: {}", accepted.join(", "))));
         }
+        pairs.insert(key.into_owned(), value.into_owned());
     }
-    Ok(top_k)
+    Ok(pairs)
+}
+
+pub fn top_k(query: &HashMap<String, String>) -> Result<usize, ApiError> {
+    match query.get("top_k") {
+        None => Ok(DEFAULT_TOP_K),
+        Some(value) => value
+            .parse()
+            .map_err(|_| ApiError::InvalidRequest(format!("top_k must be a positive integer, got '{value}'"))),
+    }
 }
 
 /// The images of a classify request and whether it was multipart (which answers with `results`).
-async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
+pub async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
     let limit = state.config.max_body_bytes;
     let content_type = media_type(request.headers());
     if let Some(length) = content_length(request.headers()) {

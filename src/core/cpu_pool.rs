@@ -49,7 +49,7 @@ impl CpuPool {
 }
 
 #[cfg(target_os = "linux")]
-fn lower_priority() {
+pub(crate) fn lower_priority() {
     // SAFETY: on Linux, PRIO_PROCESS with id 0 sets the nice value of the calling thread only.
     unsafe {
         libc::setpriority(libc::PRIO_PROCESS, 0, 19);
@@ -57,4 +57,4 @@ fn lower_priority() {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority() {}
+pub(crate) fn lower_priority() {}

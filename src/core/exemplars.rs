@@ -10,7 +10,7 @@ use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
 use serde::Serialize;
 
 use super::cpu_pool::CpuPool;
-use super::{CoreError, Resource};
+use super::{Conflict, CoreError, Resource};
 use crate::imaging::concept::{MaskShapes, Transform};
 use crate::imaging::{binary_mask, decode, DecodeLimits};
 use crate::store::{now_rfc3339, AuditEntry, BlobStore, ExemplarRecord, MetadataStore, StoreError, TextureRecord};
@@ -145,14 +145,14 @@ impl Exemplars {
     }
 
     async fn texture_pixels(&self, id: &str) -> Result<RgbImage, CoreError> {
-        let record = self.metadata.texture(id).await?.ok_or_else(|| CoreError::NotFound { kind: Resource::Texture, id: id.to_string() })?;
+        let record = self.metadata.texture(id).await?.ok_or_else(|| CoreError::not_found(Resource::Texture, id))?;
         let bytes = self.blobs.get(&record.image_blob).await?;
         let limits = self.limits;
         self.cpu.run(move || decode(&bytes, limits).map(|i| i.to_rgb8()).map_err(|e| CoreError::Internal(e.to_string()))).await?
     }
 
     pub async fn get(&self, id: &str) -> Result<ExemplarRecord, CoreError> {
-        self.metadata.exemplar(id).await?.ok_or_else(|| CoreError::NotFound { kind: Resource::Exemplar, id: id.to_string() })
+        self.metadata.exemplar(id).await?.ok_or_else(|| CoreError::not_found(Resource::Exemplar, id))
     }
 
     /// One of the exemplar's images, as PNG.
@@ -167,8 +167,22 @@ impl Exemplars {
     }
 
     pub async fn delete(&self, id: &str) -> Result<(), CoreError> {
-        if !self.metadata.delete_exemplar(id).await? {
-            return Err(CoreError::NotFound { kind: Resource::Exemplar, id: id.to_string() });
+        let in_use = || {
+            CoreError::Conflict(
+                Conflict::ExemplarInUse,
+                format!("exemplar '{id}' is listed by a version; delete the versions made from it first"),
+            )
+        };
+        if self.metadata.exemplar_in_use(id).await? {
+            return Err(in_use());
+        }
+        // An edit that names the exemplar between the check and the delete makes the delete fail here.
+        let deleted = match self.metadata.delete_exemplar(id).await {
+            Err(StoreError::Referenced(_)) => return Err(in_use()),
+            other => other?,
+        };
+        if !deleted {
+            return Err(CoreError::not_found(Resource::Exemplar, id));
         }
         self.metadata.record_audit("exemplar.delete", id, ANONYMOUS, None).await?;
         Ok(())

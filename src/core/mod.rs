@@ -1,9 +1,13 @@
-//! The service's core, free of HTTP: the model registry, the per-device inference scheduler.
+//! The service's core, free of HTTP: the model registry, the per-device inference scheduler, versions and
+//! aliases, and the jobs that edit models on the per-device edit worker.
 
 pub mod cpu_pool;
+pub mod edit_worker;
 pub mod exemplars;
+pub mod jobs;
 pub mod registry;
 pub mod scheduler;
+pub mod versions;
 
 use thiserror::Error;
 
@@ -14,8 +18,8 @@ use crate::models::ModelError;
 pub enum CoreError {
     #[error("model '{0}' is not loaded")]
     UnknownModel(String),
-    #[error("{kind} '{id}' does not exist")]
-    NotFound { kind: Resource, id: String },
+    #[error("{message}")]
+    NotFound { kind: Resource, message: String },
     #[error("a model named '{0}' is already loaded")]
     ModelExists(String),
     #[error("model '{0}' was unloaded while this request waited")]
@@ -24,8 +28,16 @@ pub enum CoreError {
     InvalidArgument(String),
     #[error("image {index}: {message}")]
     Image { index: usize, message: String, kind: ImageErrorKind },
+    #[error("{1}")]
+    Conflict(Conflict, String),
+    #[error("the Idempotency-Key was first used with another request; use a new key for a new request")]
+    IdempotencyKeyReused,
+    #[error("the job was cancelled")]
+    Cancelled,
     #[error("the inference queue is full; retry shortly")]
     Overloaded,
+    #[error("the edit queue is full ({0} jobs wait); retry later")]
+    EditQueueFull(usize),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("model error: {0}")]
@@ -41,6 +53,10 @@ pub enum CoreError {
 pub enum Resource {
     Exemplar,
     Texture,
+    Version,
+    Alias,
+    Job,
+    Statistics,
 }
 
 impl std::fmt::Display for Resource {
@@ -48,8 +64,27 @@ impl std::fmt::Display for Resource {
         f.write_str(match self {
             Resource::Exemplar => "exemplar",
             Resource::Texture => "texture",
+            Resource::Version => "version",
+            Resource::Alias => "alias",
+            Resource::Job => "job",
+            Resource::Statistics => "statistics",
         })
     }
+}
+
+/// Why a request conflicts with the current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflict {
+    /// The version is pending or failed.
+    VersionNotReady,
+    /// An alias or a child version refers to the version, or it is version 0.
+    VersionInUse,
+    /// A version lists the exemplar.
+    ExemplarInUse,
+    /// `base` and `latest` are computed, never set.
+    BuiltinAlias,
+    /// The job already reached a final state.
+    JobFinished,
 }
 
 /// What kind of image problem, kept apart from the message so the transport can pick a status.
@@ -62,6 +97,11 @@ pub enum ImageErrorKind {
 }
 
 impl CoreError {
+    /// `kind` named `id` does not exist.
+    pub fn not_found(kind: Resource, id: &str) -> Self {
+        CoreError::NotFound { kind, message: format!("{kind} '{id}' does not exist") }
+    }
+
     pub fn image(index: usize, error: &ImageError) -> Self {
         let kind = match error {
             ImageError::Empty => ImageErrorKind::Empty,

@@ -11,10 +11,10 @@ use serde::Serialize;
 use tch::Device;
 
 use super::cpu_pool::CpuPool;
-use super::scheduler::DeviceWorker;
+use super::scheduler::{DeviceWorker, EditSurface, Target};
 use super::CoreError;
 use crate::imaging::{decode, DecodeLimits, InputTensor, Preprocessing};
-use crate::models::ModelPackage;
+use crate::models::{EditableLayer, ModelPackage};
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ModelInfo {
@@ -23,6 +23,21 @@ pub struct ModelInfo {
     pub num_classes: i64,
     pub input_size: [u32; 2],
     pub device: String,
+    pub editable_layers: Vec<LayerInfo>,
+    pub default_edit_layer: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LayerInfo {
+    pub name: String,
+    pub weight_shape: Vec<i64>,
+    pub has_skip: bool,
+}
+
+impl From<&EditableLayer> for LayerInfo {
+    fn from(layer: &EditableLayer) -> Self {
+        Self { name: layer.name.clone(), weight_shape: layer.weight_shape.clone(), has_skip: layer.has_skip }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -34,14 +49,27 @@ pub struct Prediction {
 
 struct ModelEntry {
     info: ModelInfo,
+    package: ModelPackage,
+    /// Tells two loads under one name apart, so that a copy kept for editing is never of older weights.
+    generation: u64,
+    surface: EditSurface,
     labels: Vec<String>,
     preprocessing: Preprocessing,
+}
+
+/// A loaded model's package as an edit needs it.
+#[derive(Debug, Clone)]
+pub struct LoadedPackage {
+    pub package: ModelPackage,
+    pub generation: u64,
+    pub surface: EditSurface,
 }
 
 pub struct Registry {
     worker: DeviceWorker,
     cpu_pool: Arc<CpuPool>,
     models: RwLock<HashMap<String, Arc<ModelEntry>>>,
+    generations: std::sync::atomic::AtomicU64,
     ready: AtomicBool,
     limits: DecodeLimits,
 }
@@ -66,7 +94,14 @@ pub fn device_name(device: Device) -> String {
 
 impl Registry {
     pub fn new(worker: DeviceWorker, cpu_pool: Arc<CpuPool>, limits: DecodeLimits) -> Self {
-        Self { worker, cpu_pool, models: RwLock::new(HashMap::new()), ready: AtomicBool::new(false), limits }
+        Self {
+            worker,
+            cpu_pool,
+            models: RwLock::new(HashMap::new()),
+            generations: std::sync::atomic::AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            limits,
+        }
     }
 
     /// Loads and warms up every package, then marks the registry ready.
@@ -108,15 +143,24 @@ impl Registry {
     async fn load_package(&self, package: ModelPackage) -> Result<ModelInfo, CoreError> {
         let config = package.config.clone();
         let name = package.name.clone();
-        self.worker.load(package).await?;
+        let surface = self.worker.load(package.clone()).await?;
         let info = ModelInfo {
             name: name.clone(),
             architecture: config.architecture,
             num_classes: config.num_classes,
             input_size: config.input_size,
             device: device_name(self.worker.device()),
+            editable_layers: surface.editable_layers.iter().map(LayerInfo::from).collect(),
+            default_edit_layer: surface.default_edit_layer.clone(),
         };
-        let entry = ModelEntry { info: info.clone(), labels: config.labels, preprocessing: config.preprocessing };
+        let entry = ModelEntry {
+            info: info.clone(),
+            package,
+            generation: self.generations.fetch_add(1, Ordering::SeqCst),
+            surface,
+            labels: config.labels,
+            preprocessing: config.preprocessing,
+        };
         self.write_models().insert(name, Arc::new(entry));
         Ok(info)
     }
@@ -143,9 +187,31 @@ impl Registry {
         Ok(self.entry(name)?.info.clone())
     }
 
-    /// Top-k predictions for each image, in order. `top_k` must lie in 1..=num_classes.
-    pub async fn classify(&self, model: &str, images: Vec<Bytes>, top_k: usize) -> Result<Vec<Vec<Prediction>>, CoreError> {
-        let entry = self.entry(model)?;
+    /// The package of a loaded model, for edits.
+    pub fn package(&self, name: &str) -> Result<LoadedPackage, CoreError> {
+        let entry = self.entry(name)?;
+        Ok(LoadedPackage { package: entry.package.clone(), generation: entry.generation, surface: entry.surface.clone() })
+    }
+
+    pub fn worker(&self) -> &DeviceWorker {
+        &self.worker
+    }
+
+    /// Top-k predictions of `target` for each image, in order. `top_k` must lie in 1..=num_classes.
+    pub async fn classify(&self, target: Target, images: Vec<Bytes>, top_k: usize) -> Result<Vec<Vec<Prediction>>, CoreError> {
+        Ok(self.classify_each(&[target], images, top_k).await?.pop().unwrap_or_default())
+    }
+
+    /// Top-k predictions of every target for each image: `result[target][image]`. The images are decoded
+    /// and preprocessed once.
+    pub async fn classify_each(
+        &self,
+        targets: &[Target],
+        images: Vec<Bytes>,
+        top_k: usize,
+    ) -> Result<Vec<Vec<Vec<Prediction>>>, CoreError> {
+        let model = targets.first().map(|t| t.model.clone()).unwrap_or_default();
+        let entry = self.entry(&model)?;
         let classes = entry.info.num_classes as usize;
         if top_k == 0 || top_k > classes {
             return Err(CoreError::InvalidArgument(format!("top_k must be between 1 and {classes}, got {top_k}")));
@@ -153,10 +219,14 @@ impl Registry {
         if images.is_empty() {
             return Err(CoreError::InvalidArgument("no image given".into()));
         }
-        let incoming = self.worker.announce();
+        let incoming: Vec<_> = targets.iter().map(|_| self.worker.announce()).collect();
         let inputs = self.preprocess(Arc::clone(&entry), images).await?;
-        let probabilities = self.worker.classify(model.to_string(), inputs, incoming).await?;
-        Ok(probabilities.iter().map(|p| top_predictions(p, top_k, &entry.labels)).collect())
+        let runs = targets.iter().zip(incoming).map(|(target, incoming)| self.worker.classify(target.clone(), inputs.clone(), incoming));
+        let mut results = Vec::with_capacity(targets.len());
+        for probabilities in futures_util::future::join_all(runs).await {
+            results.push(probabilities?.iter().map(|p| top_predictions(p, top_k, &entry.labels)).collect());
+        }
+        Ok(results)
     }
 
     async fn preprocess(&self, entry: Arc<ModelEntry>, images: Vec<Bytes>) -> Result<Vec<InputTensor>, CoreError> {

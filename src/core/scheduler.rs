@@ -1,21 +1,27 @@
 //! The worker thread of one device. It owns every model (and so every tensor) on that device, takes jobs
 //! from a bounded channel, and batches classification requests dynamically: it waits at most
-//! `max_batch_wait` after the first request for others, up to `max_batch_size` images per model.
+//! `max_batch_wait` after the first request for others, up to `max_batch_size` images per model version.
+//! Versions other than the base are materialised on first use from their lineage of changes, sharing
+//! every unedited tensor with the base, and kept while they are among the most recently used.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use lru::LruCache;
 use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use super::CoreError;
+use crate::edit::delta::materialise;
 use crate::imaging::InputTensor;
-use crate::models::{load_package, Classifier, ModelPackage};
+use crate::models::{load_package, Classifier, EditableLayer, ModelPackage};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchingConfig {
@@ -30,37 +36,87 @@ const INCOMING_POLL: Duration = Duration::from_micros(500);
 /// Softmax probabilities for each image of a request, in request order.
 pub type Probabilities = Vec<Vec<f32>>;
 
+/// What a classification runs on: version 0 is the model's base weights; any other version comes with the
+/// changes of its lineage (safetensors, oldest first), from which the worker materialises it when it is
+/// not resident.
+#[derive(Clone)]
+pub struct Target {
+    pub model: String,
+    pub version: u32,
+    pub lineage: Lineage,
+}
+
+/// The changes from a model's base weights to a version, as safetensors, oldest first.
+pub type Lineage = Arc<Vec<Bytes>>;
+
+impl Target {
+    pub fn base(model: &str) -> Self {
+        Self { model: model.to_string(), version: 0, lineage: Arc::new(Vec::new()) }
+    }
+
+    fn key(&self) -> (String, u32) {
+        (self.model.clone(), self.version)
+    }
+}
+
+/// What a loaded model offers for editing.
+#[derive(Debug, Clone)]
+pub struct EditSurface {
+    pub editable_layers: Vec<EditableLayer>,
+    pub default_edit_layer: String,
+}
+
+/// The bytes each resident version holds beyond its base, by (model, version); written by the worker.
+pub type Residency = Arc<Mutex<HashMap<(String, u32), u64>>>;
+
 enum Job {
-    Load { package: ModelPackage, reply: oneshot::Sender<Result<(), CoreError>> },
+    Load { package: ModelPackage, reply: oneshot::Sender<Result<EditSurface, CoreError>> },
     Unload { name: String, reply: oneshot::Sender<bool> },
-    Classify { model: String, inputs: Vec<InputTensor>, reply: oneshot::Sender<Result<Probabilities, CoreError>> },
+    /// Drops a materialised version (it was deleted).
+    Forget { model: String, version: u32 },
+    Classify { target: Target, inputs: Vec<InputTensor>, reply: oneshot::Sender<Result<Probabilities, CoreError>> },
 }
 
 /// Handle to a device's worker thread. Dropping the last handle lets the worker finish its queue and exit.
 pub struct DeviceWorker {
     device: Device,
     incoming: Arc<AtomicUsize>,
+    residency: Residency,
     sender: Option<Sender<Job>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DeviceWorker {
-    pub fn spawn(device: Device, config: BatchingConfig) -> Result<Self, CoreError> {
+    /// `resident_versions`: how many materialised versions (beyond the bases) stay on the device.
+    pub fn spawn(device: Device, config: BatchingConfig, resident_versions: NonZeroUsize) -> Result<Self, CoreError> {
         let (sender, receiver) = crossbeam_channel::bounded(config.queue_capacity);
         let incoming = Arc::new(AtomicUsize::new(0));
-        let worker = Worker { device, config, models: HashMap::new(), incoming: Arc::clone(&incoming) };
+        let residency = Residency::default();
+        let worker = Worker {
+            device,
+            config,
+            models: HashMap::new(),
+            versions: LruCache::new(resident_versions),
+            residency: Arc::clone(&residency),
+            incoming: Arc::clone(&incoming),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("editserve-{device:?}").to_lowercase())
             .spawn(move || worker.run(receiver))
             .map_err(|e| CoreError::Internal(format!("cannot start the device worker: {e}")))?;
-        Ok(Self { device, incoming, sender: Some(sender), thread: Some(thread) })
+        Ok(Self { device, incoming, residency, sender: Some(sender), thread: Some(thread) })
     }
 
     pub fn device(&self) -> Device {
         self.device
     }
 
-    pub async fn load(&self, package: ModelPackage) -> Result<(), CoreError> {
+    /// The bytes a version holds beyond its base while resident; None when it is not resident.
+    pub fn resident_bytes(&self, model: &str, version: u32) -> Option<u64> {
+        self.residency.lock().unwrap_or_else(|p| p.into_inner()).get(&(model.to_string(), version)).copied()
+    }
+
+    pub async fn load(&self, package: ModelPackage) -> Result<EditSurface, CoreError> {
         let (reply, answer) = oneshot::channel();
         self.submit(Job::Load { package, reply })?;
         answer.await.map_err(|_| CoreError::ShuttingDown)?
@@ -80,9 +136,14 @@ impl DeviceWorker {
         answer.await.map_err(|_| CoreError::ShuttingDown)
     }
 
-    pub async fn classify(&self, model: String, inputs: Vec<InputTensor>, incoming: Incoming) -> Result<Probabilities, CoreError> {
+    /// Frees a version's materialised tensors, if it is resident.
+    pub fn forget(&self, model: &str, version: u32) -> Result<(), CoreError> {
+        self.submit(Job::Forget { model: model.to_string(), version })
+    }
+
+    pub async fn classify(&self, target: Target, inputs: Vec<InputTensor>, incoming: Incoming) -> Result<Probabilities, CoreError> {
         let (reply, answer) = oneshot::channel();
-        let submitted = self.submit(Job::Classify { model, inputs, reply });
+        let submitted = self.submit(Job::Classify { target, inputs, reply });
         drop(incoming);
         submitted?;
         answer.await.map_err(|_| CoreError::ShuttingDown)?
@@ -121,7 +182,11 @@ impl Drop for DeviceWorker {
 struct Worker {
     device: Device,
     config: BatchingConfig,
+    /// Base weights by model name.
     models: HashMap<String, Box<dyn Classifier>>,
+    /// Materialised versions by (model, version), least recently used first out.
+    versions: LruCache<(String, u32), Box<dyn Classifier>>,
+    residency: Residency,
     incoming: Arc<AtomicUsize>,
 }
 
@@ -135,7 +200,7 @@ impl Worker {
         let _no_grad = tch::no_grad_guard();
         while let Ok(first) = jobs.recv() {
             metrics::gauge!("editserve_queue_depth").decrement(1.0);
-            let mut batch: Vec<(String, PendingClassify)> = Vec::new();
+            let mut batch: Vec<(Target, PendingClassify)> = Vec::new();
             let mut images = 0;
             let mut next = Some(first);
             let deadline = Instant::now() + self.config.max_batch_wait;
@@ -149,11 +214,17 @@ impl Worker {
                         self.run_batch(std::mem::take(&mut batch));
                         images = 0;
                         let _ = reply.send(self.models.remove(&name).is_some());
+                        let versions: Vec<(String, u32)> =
+                            self.versions.iter().map(|(key, _)| key.clone()).filter(|(model, _)| *model == name).collect();
+                        for key in versions {
+                            self.evict(&key);
+                        }
                         tracing::info!(model = %name, "model unloaded");
                     }
-                    Some(Job::Classify { model, inputs, reply }) => {
+                    Some(Job::Forget { model, version }) => self.evict(&(model, version)),
+                    Some(Job::Classify { target, inputs, reply }) => {
                         images += inputs.len();
-                        batch.push((model, PendingClassify { inputs, reply }));
+                        batch.push((target, PendingClassify { inputs, reply }));
                     }
                     None => {}
                 }
@@ -180,7 +251,7 @@ impl Worker {
         }
     }
 
-    fn load(&mut self, package: ModelPackage) -> Result<(), CoreError> {
+    fn load(&mut self, package: ModelPackage) -> Result<EditSurface, CoreError> {
         if self.models.contains_key(&package.name) {
             return Err(CoreError::ModelExists(package.name));
         }
@@ -192,28 +263,67 @@ impl Worker {
         let seconds = started.elapsed().as_secs_f64();
         metrics::gauge!("editserve_model_load_seconds", "model" => package.name.clone()).set(seconds);
         tracing::info!(model = %package.name, device = ?self.device, seconds, "model loaded and warmed up");
+        let surface =
+            EditSurface { editable_layers: model.editable_layers(), default_edit_layer: model.default_edit_layer().to_string() };
         self.models.insert(package.name, model);
+        Ok(surface)
+    }
+
+    fn evict(&mut self, key: &(String, u32)) {
+        if self.versions.pop(key).is_some() {
+            self.residency.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        }
+    }
+
+    /// Makes `target` resident unless it is the base or already resident.
+    fn ensure_resident(&mut self, target: &Target) -> Result<(), CoreError> {
+        if target.version == 0 || self.versions.get(&target.key()).is_some() {
+            return Ok(());
+        }
+        let base = self.models.get(&target.model).ok_or_else(|| CoreError::ModelUnloaded(target.model.clone()))?;
+        let started = Instant::now();
+        let (model, bytes) = guarded(|| materialise(base.as_ref(), &target.lineage))?
+            .map_err(|e| CoreError::Internal(format!("cannot materialise version {}: {e}", target.version)))?;
+        if let Some((evicted, _)) = self.versions.push(target.key(), model) {
+            self.residency.lock().unwrap_or_else(|p| p.into_inner()).remove(&evicted);
+        }
+        self.residency.lock().unwrap_or_else(|p| p.into_inner()).insert(target.key(), bytes);
+        tracing::info!(model = %target.model, version = target.version, bytes, seconds = started.elapsed().as_secs_f64(), "version materialised");
         Ok(())
     }
 
-    /// Runs the collected requests, one forward pass per model (split at `max_batch_size` images).
-    fn run_batch(&self, batch: Vec<(String, PendingClassify)>) {
-        let mut by_model: Vec<(String, Vec<PendingClassify>)> = Vec::new();
-        for (model, pending) in batch {
-            match by_model.iter_mut().find(|(m, _)| *m == model) {
+    fn resident(&self, target: &Target) -> Option<&dyn Classifier> {
+        if target.version == 0 {
+            self.models.get(&target.model).map(AsRef::as_ref)
+        } else {
+            self.versions.peek(&target.key()).map(AsRef::as_ref)
+        }
+    }
+
+    /// Runs the collected requests, one forward pass per model version (split at `max_batch_size` images).
+    fn run_batch(&mut self, batch: Vec<(Target, PendingClassify)>) {
+        let mut by_version: Vec<(Target, Vec<PendingClassify>)> = Vec::new();
+        for (target, pending) in batch {
+            match by_version.iter_mut().find(|(t, _)| t.model == target.model && t.version == target.version) {
                 Some((_, group)) => group.push(pending),
-                None => by_model.push((model, vec![pending])),
+                None => by_version.push((target, vec![pending])),
             }
         }
-        for (name, group) in by_model {
-            let Some(model) = self.models.get(&name) else {
-                for pending in group {
-                    let _ = pending.reply.send(Err(CoreError::ModelUnloaded(name.clone())));
+        for (target, group) in by_version {
+            let ready = self.ensure_resident(&target).and_then(|()| {
+                self.resident(&target).ok_or_else(|| CoreError::ModelUnloaded(target.model.clone()))
+            });
+            let model = match ready {
+                Ok(model) => model,
+                Err(e) => {
+                    for pending in group {
+                        let _ = pending.reply.send(Err(e.clone()));
+                    }
+                    continue;
                 }
-                continue;
             };
             let inputs: Vec<&InputTensor> = group.iter().flat_map(|p| p.inputs.iter()).collect();
-            let mut probabilities = match guarded(|| self.forward(model.as_ref(), &inputs)).and_then(|r| r) {
+            let mut probabilities = match guarded(|| self.forward(model, &inputs)).and_then(|r| r) {
                 Ok(p) => p.into_iter(),
                 Err(e) => {
                     for pending in group {

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tch::{Kind, Tensor};
 
+use super::tensor_io::{from_safetensors, to_safetensors};
 use super::{compose, EditError};
 use crate::models::Classifier;
 
@@ -41,6 +42,14 @@ impl Delta {
         }
     }
 
+    /// The names of the parameters the change touches.
+    pub fn parameter_names(&self) -> Vec<String> {
+        match self {
+            Delta::LowRank { layer, .. } => vec![format!("{layer}.weight")],
+            Delta::Dense { changes } => changes.iter().map(|(n, _)| n.clone()).collect(),
+        }
+    }
+
     /// Adds the change to `model`'s weights.
     pub fn apply(&self, model: &mut dyn Classifier) -> Result<(), EditError> {
         for (name, change) in self.dense() {
@@ -50,21 +59,20 @@ impl Delta {
         Ok(())
     }
 
-    pub fn save(&self, path: &Path) -> Result<(), EditError> {
+    /// The change as a safetensors file's bytes (what the blob store keeps).
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, EditError> {
         let named: Vec<(String, Tensor)> = match self {
             Delta::LowRank { layer, l, d } => {
                 vec![(format!("{LOW_RANK_L}{layer}"), l.shallow_clone()), (format!("{LOW_RANK_D}{layer}"), d.shallow_clone())]
             }
             Delta::Dense { changes } => changes.iter().map(|(n, t)| (format!("{DENSE}{n}"), t.shallow_clone())).collect(),
         };
-        let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        Tensor::write_safetensors(&refs, path)?;
-        Ok(())
+        to_safetensors(&named)
     }
 
-    pub fn load(path: &Path) -> Result<Self, EditError> {
-        let mut tensors = Tensor::read_safetensors(path)?;
-        let invalid = || EditError::Invalid(format!("{} is not an editserve delta", path.display()));
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, EditError> {
+        let invalid = |why: &str| EditError::Invalid(format!("not an editserve delta: {why}"));
+        let mut tensors = from_safetensors(bytes)?;
         if tensors.iter().all(|(n, _)| n.starts_with(DENSE)) && !tensors.is_empty() {
             let changes = tensors.into_iter().map(|(n, t)| (n[DENSE.len()..].to_string(), t)).collect();
             return Ok(Delta::Dense { changes });
@@ -74,11 +82,39 @@ impl Delta {
             [(d_name, d), (l_name, l)] if d_name.starts_with(LOW_RANK_D) && l_name.starts_with(LOW_RANK_L) => {
                 let layer = l_name[LOW_RANK_L.len()..].to_string();
                 if d_name[LOW_RANK_D.len()..] != layer {
-                    return Err(invalid());
+                    return Err(invalid("its factors name different layers"));
                 }
                 Ok(Delta::LowRank { layer, l: l.shallow_clone(), d: d.shallow_clone() })
             }
-            _ => Err(invalid()),
+            _ => Err(invalid("unexpected tensor names")),
         }
     }
+
+    pub fn save(&self, path: &Path) -> Result<(), EditError> {
+        std::fs::write(path, self.to_safetensors()?).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, EditError> {
+        let bytes = std::fs::read(path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
+        Self::from_safetensors(&bytes)
+    }
+}
+
+/// A version of `base`: its changes (safetensors, oldest first) added in order to the parameters they touch,
+/// every other tensor shared with `base`. Also returns the bytes of the tensors it holds beyond `base`.
+/// The same lineage always gives the same weights bit for bit, on whichever thread it is materialised.
+pub fn materialise(base: &dyn Classifier, lineage: &[bytes::Bytes]) -> Result<(Box<dyn Classifier>, u64), EditError> {
+    let mut model = base.share();
+    let mut changed = std::collections::BTreeSet::new();
+    for change in lineage {
+        let delta = Delta::from_safetensors(change)?;
+        delta.apply(model.as_mut())?;
+        changed.extend(delta.parameter_names());
+    }
+    let mut resident = 0u64;
+    for name in &changed {
+        let tensor = model.parameter(name)?;
+        resident += (tensor.numel() * tensor.kind().elt_size_in_bytes()) as u64;
+    }
+    Ok((model, resident))
 }

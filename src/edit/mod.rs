@@ -8,6 +8,7 @@ mod finetune;
 pub mod mask;
 mod rewrite;
 pub mod statistics;
+pub mod tensor_io;
 
 use std::time::Instant;
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use super::tensor_io::{from_safetensors, to_safetensors};
 use super::EditError;
 use crate::models::Classifier;
 
@@ -55,6 +56,25 @@ impl SecondMoment {
         whitening(&self.moment)
     }
 
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, EditError> {
+        to_safetensors(&[("moment".into(), self.moment.shallow_clone()), ("count".into(), Tensor::from_slice(&[self.count]))])
+    }
+
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, EditError> {
+        Self::from_named(from_safetensors(bytes)?, "the statistics")
+    }
+
+    fn from_named(tensors: Vec<(String, Tensor)>, what: &str) -> Result<Self, EditError> {
+        let find = |name: &str| {
+            tensors
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.shallow_clone())
+                .ok_or_else(|| EditError::Invalid(format!("{what} lack '{name}'")))
+        };
+        Ok(Self { moment: find("moment")?.to_kind(Kind::Double), count: find("count")?.int64_value(&[0]) })
+    }
+
     pub fn save(&self, path: &Path) -> Result<(), EditError> {
         let count = Tensor::from_slice(&[self.count]);
         let tmp = path.with_extension("tmp");
@@ -63,15 +83,7 @@ impl SecondMoment {
     }
 
     pub fn load(path: &Path) -> Result<Self, EditError> {
-        let tensors = Tensor::read_safetensors(path)?;
-        let find = |name: &str| {
-            tensors
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, t)| t.shallow_clone())
-                .ok_or_else(|| EditError::Invalid(format!("{} lacks '{name}'", path.display())))
-        };
-        Ok(Self { moment: find("moment")?.to_kind(Kind::Double), count: find("count")?.int64_value(&[0]) })
+        Self::from_named(Tensor::read_safetensors(path)?, &path.display().to_string())
     }
 }
 

@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::layers::{BatchNorm, Conv, Weights};
-use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 
 /// One MBConv stage of the base network: (repeats, kernel, stride, expand ratio, in, out).
 const BASE_STAGES: [(usize, i64, i64, i64, i64, i64); 7] = [
@@ -80,13 +80,13 @@ impl MbConv {
         self.finish(&self.project_input(x), &self.project.weight, Some(x))
     }
 
-    fn duplicate(&self) -> Self {
+    fn duplicate(&self, copy: TensorCopy) -> Self {
         Self {
-            expand: self.expand.as_ref().map(|(c, b)| (c.duplicate(), b.duplicate())),
-            depthwise: self.depthwise.duplicate(),
-            bn1: self.bn1.duplicate(),
-            project: self.project.duplicate(),
-            bn2: self.bn2.duplicate(),
+            expand: self.expand.as_ref().map(|(c, b)| (c.duplicate(copy), b.duplicate(copy))),
+            depthwise: self.depthwise.duplicate(copy),
+            bn1: self.bn1.duplicate(copy),
+            project: self.project.duplicate(copy),
+            bn2: self.bn2.duplicate(copy),
             has_skip: self.has_skip,
         }
     }
@@ -311,15 +311,15 @@ impl Classifier for EfficientNetLite {
         Ok(names)
     }
 
-    fn duplicate(&self) -> Box<dyn Classifier> {
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
-            stem: self.stem.duplicate(),
-            bn0: self.bn0.duplicate(),
-            blocks: self.blocks.iter().map(MbConv::duplicate).collect(),
-            head: self.head.duplicate(),
-            bn1: self.bn1.duplicate(),
-            fc_weight: self.fc_weight.copy(),
-            fc_bias: self.fc_bias.copy(),
+            stem: self.stem.duplicate(copy),
+            bn0: self.bn0.duplicate(copy),
+            blocks: self.blocks.iter().map(|block| block.duplicate(copy)).collect(),
+            head: self.head.duplicate(copy),
+            bn1: self.bn1.duplicate(copy),
+            fc_weight: copy(&self.fc_weight),
+            fc_bias: copy(&self.fc_bias),
             default_layer: self.default_layer.clone(),
         })
     }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
-use super::ModelError;
+use super::{ModelError, TensorCopy};
 
 /// The tensors of a checkpoint by state-dict name, taken one by one by the architecture that loads them.
 pub struct Weights {
@@ -172,10 +172,10 @@ impl Conv {
         }
     }
 
-    pub fn duplicate(&self) -> Self {
+    pub fn duplicate(&self, copy: TensorCopy) -> Self {
         Self {
-            weight: self.weight.copy(),
-            bias: self.bias.as_ref().map(Tensor::copy),
+            weight: copy(&self.weight),
+            bias: self.bias.as_ref().map(copy),
             stride: self.stride,
             groups: self.groups,
             padding: self.padding,
@@ -211,8 +211,8 @@ impl BatchNorm {
         (scale, shift)
     }
 
-    pub fn duplicate(&self) -> Self {
-        Self { gamma: self.gamma.copy(), beta: self.beta.copy(), mean: self.mean.copy(), var: self.var.copy(), eps: self.eps }
+    pub fn duplicate(&self, copy: TensorCopy) -> Self {
+        Self { gamma: copy(&self.gamma), beta: copy(&self.beta), mean: copy(&self.mean), var: copy(&self.var), eps: self.eps }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -259,8 +259,8 @@ impl Linear {
         self.bias.size()[0]
     }
 
-    pub fn duplicate(&self) -> Self {
-        Self { weight: self.weight.copy(), bias: self.bias.copy() }
+    pub fn duplicate(&self, copy: TensorCopy) -> Self {
+        Self { weight: copy(&self.weight), bias: copy(&self.bias) }
     }
 }
 

@@ -99,9 +99,22 @@ pub trait Classifier: Send {
     }
     /// The names of the trainable tensors from `layer`'s conv to the output, in forward order.
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError>;
+    /// A model of the same architecture whose every tensor is `copy` of this one's.
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier>;
     /// A deep copy whose tensors share nothing with this model.
-    fn duplicate(&self) -> Box<dyn Classifier>;
+    fn duplicate(&self) -> Box<dyn Classifier> {
+        self.clone_with(Tensor::copy)
+    }
+    /// A copy that shares every tensor's storage with this model. `set_parameter` replaces a tensor
+    /// rather than writing into it, so changing a parameter of the copy leaves this model as it is: a
+    /// version holds only its edited layers beyond the base.
+    fn share(&self) -> Box<dyn Classifier> {
+        self.clone_with(Tensor::shallow_clone)
+    }
 }
+
+/// How [`Classifier::clone_with`] copies each tensor.
+pub type TensorCopy = fn(&Tensor) -> Tensor;
 
 /// Replaces `slot` by `value` if the shapes agree.
 pub fn replace_checked(slot: &mut Tensor, name: &str, value: Tensor) -> Result<(), ModelError> {

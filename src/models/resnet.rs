@@ -5,7 +5,7 @@
 use tch::Tensor;
 
 use super::layers::{BatchNorm, Conv, Linear, Weights};
-use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 
 const BN_EPS: f64 = 1e-5;
 const STEM_CHANNELS: i64 = 64;
@@ -159,12 +159,12 @@ impl ResidualBlock {
         self.convs.get_mut(conv_number(local)?.checked_sub(1)?).map(|(conv, _)| conv)
     }
 
-    fn duplicate(&self) -> Self {
-        let copy = |(conv, bn): &(Conv, BatchNorm)| (conv.duplicate(), bn.duplicate());
+    fn duplicate(&self, copy: TensorCopy) -> Self {
+        let pair = |(conv, bn): &(Conv, BatchNorm)| (conv.duplicate(copy), bn.duplicate(copy));
         Self {
             prefix: self.prefix.clone(),
-            convs: self.convs.iter().map(copy).collect(),
-            downsample: self.downsample.as_ref().map(copy),
+            convs: self.convs.iter().map(pair).collect(),
+            downsample: self.downsample.as_ref().map(pair),
         }
     }
 }
@@ -316,12 +316,12 @@ impl Classifier for ResNet {
         Ok(names)
     }
 
-    fn duplicate(&self) -> Box<dyn Classifier> {
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
-            stem: self.stem.duplicate(),
-            stem_bn: self.stem_bn.duplicate(),
-            blocks: self.blocks.iter().map(ResidualBlock::duplicate).collect(),
-            fc: self.fc.duplicate(),
+            stem: self.stem.duplicate(copy),
+            stem_bn: self.stem_bn.duplicate(copy),
+            blocks: self.blocks.iter().map(|block| block.duplicate(copy)).collect(),
+            fc: self.fc.duplicate(copy),
             default_layer: self.default_layer.clone(),
         })
     }

@@ -7,7 +7,7 @@
 use tch::Tensor;
 
 use super::layers::{Conv, Weights};
-use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 
 pub const ARCHITECTURE: &str = "squeezenet1_1";
 const STEM_CHANNELS: i64 = 64;
@@ -111,13 +111,13 @@ impl Fire {
         }
     }
 
-    fn duplicate(&self) -> Self {
+    fn duplicate(&self, copy: TensorCopy) -> Self {
         Self {
             index: self.index,
             pooled_before: self.pooled_before,
-            squeeze: self.squeeze.duplicate(),
-            expand1x1: self.expand1x1.duplicate(),
-            expand3x3: self.expand3x3.duplicate(),
+            squeeze: self.squeeze.duplicate(copy),
+            expand1x1: self.expand1x1.duplicate(copy),
+            expand3x3: self.expand3x3.duplicate(copy),
         }
     }
 }
@@ -324,11 +324,11 @@ impl Classifier for SqueezeNet {
         Ok(modules.flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]).collect())
     }
 
-    fn duplicate(&self) -> Box<dyn Classifier> {
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
-            stem: self.stem.duplicate(),
-            fires: self.fires.iter().map(Fire::duplicate).collect(),
-            classifier: self.classifier.duplicate(),
+            stem: self.stem.duplicate(copy),
+            fires: self.fires.iter().map(|fire| fire.duplicate(copy)).collect(),
+            classifier: self.classifier.duplicate(copy),
         })
     }
 }

@@ -6,7 +6,7 @@
 use tch::Tensor;
 
 use super::layers::{BatchNorm, Conv, Linear, Weights};
-use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError};
+use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 
 /// The conv widths of each stage (torchvision's configuration "D").
 const STAGES: [&[i64]; 5] = [&[64, 64], &[128, 128], &[256, 256, 256], &[512, 512, 512], &[512, 512, 512]];
@@ -60,11 +60,11 @@ impl FeatureConv {
         self.forward_with(x, &self.conv.weight)
     }
 
-    fn duplicate(&self) -> Self {
+    fn duplicate(&self, copy: TensorCopy) -> Self {
         Self {
             index: self.index,
-            conv: self.conv.duplicate(),
-            bn: self.bn.as_ref().map(BatchNorm::duplicate),
+            conv: self.conv.duplicate(copy),
+            bn: self.bn.as_ref().map(|bn| bn.duplicate(copy)),
             pooled: self.pooled,
         }
     }
@@ -210,10 +210,10 @@ impl Classifier for Vgg {
         Ok(modules.flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]).collect())
     }
 
-    fn duplicate(&self) -> Box<dyn Classifier> {
+    fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
-            features: self.features.iter().map(FeatureConv::duplicate).collect(),
-            classifier: self.classifier.each_ref().map(Linear::duplicate),
+            features: self.features.iter().map(|feature| feature.duplicate(copy)).collect(),
+            classifier: self.classifier.each_ref().map(|linear| linear.duplicate(copy)),
             default_layer: self.default_layer.clone(),
         })
     }

@@ -19,11 +19,17 @@ pub enum StoreError {
     Blob(String),
     #[error("blob {0} is missing")]
     MissingBlob(String),
+    /// A row that others refer to was to be deleted.
+    #[error("still referred to: {0}")]
+    Referenced(String),
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        StoreError::Database(error.to_string())
+        match error.as_database_error() {
+            Some(e) if e.is_foreign_key_violation() => StoreError::Referenced(e.message().to_string()),
+            _ => StoreError::Database(error.to_string()),
+        }
     }
 }
 
@@ -71,6 +77,96 @@ pub struct AuditEntry {
     pub detail: Option<serde_json::Value>,
 }
 
+/// A version's life: `pending` while its job runs, then `ready` or `failed`; `deleted` keeps the number taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionState {
+    Pending,
+    Ready,
+    Failed,
+    Deleted,
+}
+
+/// An edited version (numbers from 1; version 0, the base weights, has no record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRecord {
+    pub model: String,
+    pub number: u32,
+    pub parent: u32,
+    pub state: VersionState,
+    pub layer: String,
+    pub method: String,
+    pub solver: String,
+    pub parameters: serde_json::Value,
+    pub statistics: Option<String>,
+    pub description: Option<String>,
+    pub exemplars: Vec<String>,
+    pub metrics: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub job: String,
+    /// sha256 of the change's safetensors in the blob store, once ready.
+    pub delta_blob: Option<String>,
+    pub stored_bytes: u64,
+    pub created_at: String,
+    pub ready_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Edit,
+    Statistics,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    pub id: String,
+    pub kind: JobKind,
+    pub model: String,
+    pub state: JobState,
+    pub version: Option<u32>,
+    /// The statistics a statistics job made.
+    pub statistics: Option<String>,
+    pub request: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub request_sha256: String,
+    pub step: u64,
+    pub total: u64,
+    pub loss: Option<f64>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+/// The second moment of the keys at one layer of one model, over a set of images.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatisticsRecord {
+    pub id: String,
+    pub model: String,
+    pub layer: String,
+    pub blob: String,
+    pub images: u64,
+    pub positions: u64,
+    pub created_at: String,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync {
     async fn insert_texture(&self, texture: &TextureRecord) -> Result<(), StoreError>;
@@ -79,6 +175,43 @@ pub trait MetadataStore: Send + Sync {
     async fn exemplar(&self, id: &str) -> Result<Option<ExemplarRecord>, StoreError>;
     /// Whether a row was deleted.
     async fn delete_exemplar(&self, id: &str) -> Result<bool, StoreError>;
+    /// Whether a version that is not deleted lists the exemplar.
+    async fn exemplar_in_use(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Records a new pending version and the job that makes it, atomically; the version takes the next
+    /// number of its model (deleted versions' numbers included), which is returned.
+    async fn create_edit(&self, job: &JobRecord, version: &VersionRecord) -> Result<u32, StoreError>;
+    async fn create_job(&self, job: &JobRecord) -> Result<(), StoreError>;
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
+    async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError>;
+    async fn start_job(&self, id: &str, at: &str) -> Result<(), StoreError>;
+    /// Writes a job's final state with, atomically, its version's outcome and the statistics it made.
+    async fn finish_job(
+        &self,
+        job: &JobRecord,
+        version: Option<&VersionRecord>,
+        statistics: Option<&StatisticsRecord>,
+    ) -> Result<(), StoreError>;
+    /// At start-up: jobs left queued or running by a stopped server fail, and so do their versions.
+    async fn fail_unfinished_jobs(&self, message: &str) -> Result<u64, StoreError>;
+
+    /// Versions that are not deleted, newest first, numbered below `before`, at most `limit`.
+    async fn versions(&self, model: &str, before: Option<u32>, limit: u32) -> Result<Vec<VersionRecord>, StoreError>;
+    async fn version(&self, model: &str, number: u32) -> Result<Option<VersionRecord>, StoreError>;
+    async fn latest_ready(&self, model: &str) -> Result<Option<u32>, StoreError>;
+    /// Versions that are not deleted whose parent is `number`.
+    async fn children(&self, model: &str, number: u32) -> Result<u64, StoreError>;
+    /// Marks a version deleted and forgets which exemplars it used.
+    async fn delete_version(&self, model: &str, number: u32) -> Result<(), StoreError>;
+
+    /// Stored aliases (custom ones and `default` when set), by name.
+    async fn aliases(&self, model: &str) -> Result<Vec<(String, u32)>, StoreError>;
+    async fn set_alias(&self, model: &str, alias: &str, number: u32) -> Result<(), StoreError>;
+    /// Whether the alias existed.
+    async fn delete_alias(&self, model: &str, alias: &str) -> Result<bool, StoreError>;
+
+    async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError>;
+
     async fn record_audit(&self, action: &str, subject: &str, caller: &str, detail: Option<serde_json::Value>) -> Result<(), StoreError>;
     /// Entries at or after `since` (RFC 3339), oldest first, at most `limit`.
     async fn audit_since(&self, since: &str, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;

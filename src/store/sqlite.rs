@@ -7,7 +7,10 @@ use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::Row;
 
-use super::{now_rfc3339, AuditEntry, ExemplarRecord, MetadataStore, StoreError, TextureRecord};
+use super::{
+    now_rfc3339, AuditEntry, ExemplarRecord, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord,
+    VersionRecord,
+};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -43,6 +46,112 @@ fn exemplar_from_row(row: &SqliteRow) -> Result<ExemplarRecord, StoreError> {
         transform: transform.and_then(|t| serde_json::from_str(&t).ok()),
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// An enum stored as its serde name (`"pending"`, `"edit"`, ...).
+fn enum_text<T: serde::Serialize>(value: T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn enum_from<T: serde::de::DeserializeOwned>(text: String) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(text.clone()))
+        .map_err(|_| StoreError::Database(format!("unexpected stored value '{text}'")))
+}
+
+fn json_column(row: &SqliteRow, column: &str) -> Result<Option<serde_json::Value>, StoreError> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Database(format!("column {column}: {e}")))).transpose()
+}
+
+fn version_from_row(row: &SqliteRow, exemplars: Vec<String>) -> Result<VersionRecord, StoreError> {
+    Ok(VersionRecord {
+        model: row.try_get("model")?,
+        number: row.try_get::<i64, _>("number")? as u32,
+        parent: row.try_get::<i64, _>("parent")? as u32,
+        state: enum_from(row.try_get("state")?)?,
+        layer: row.try_get("layer")?,
+        method: row.try_get("method")?,
+        solver: row.try_get("solver")?,
+        parameters: json_column(row, "parameters")?.unwrap_or_default(),
+        statistics: row.try_get("statistics")?,
+        description: row.try_get("description")?,
+        exemplars,
+        metrics: json_column(row, "metrics")?,
+        error: row.try_get("error")?,
+        job: row.try_get("job")?,
+        delta_blob: row.try_get("delta_blob")?,
+        stored_bytes: row.try_get::<i64, _>("stored_bytes")? as u64,
+        created_at: row.try_get("created_at")?,
+        ready_at: row.try_get("ready_at")?,
+    })
+}
+
+fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        kind: enum_from(row.try_get("kind")?)?,
+        model: row.try_get("model")?,
+        state: enum_from(row.try_get("state")?)?,
+        version: row.try_get::<Option<i64>, _>("version")?.map(|v| v as u32),
+        statistics: row.try_get("statistics")?,
+        request: json_column(row, "request")?.unwrap_or_default(),
+        idempotency_key: row.try_get("idempotency_key")?,
+        request_sha256: row.try_get("request_sha256")?,
+        step: row.try_get::<i64, _>("step")? as u64,
+        total: row.try_get::<i64, _>("total")? as u64,
+        loss: row.try_get("loss")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+impl SqliteStore {
+    async fn exemplars_of(&self, model: &str, number: u32) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT exemplar FROM version_exemplars WHERE model = ? AND number = ? ORDER BY position")
+            .bind(model)
+            .bind(i64::from(number))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get("exemplar")?)).collect()
+    }
+
+    async fn with_exemplars(&self, rows: Vec<SqliteRow>) -> Result<Vec<VersionRecord>, StoreError> {
+        let mut versions = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (model, number): (String, i64) = (row.try_get("model")?, row.try_get("number")?);
+            versions.push(version_from_row(row, self.exemplars_of(&model, number as u32).await?)?);
+        }
+        Ok(versions)
+    }
+}
+
+const INSERT_JOB: &str = "INSERT INTO jobs (id, kind, model, state, version, statistics, request, idempotency_key, \
+    request_sha256, step, total, loss, error, created_at, started_at, finished_at) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+fn bind_job<'q>(
+    query: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    job: &'q JobRecord,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    query
+        .bind(&job.id)
+        .bind(enum_text(job.kind))
+        .bind(&job.model)
+        .bind(enum_text(job.state))
+        .bind(job.version.map(i64::from))
+        .bind(&job.statistics)
+        .bind(job.request.to_string())
+        .bind(&job.idempotency_key)
+        .bind(&job.request_sha256)
+        .bind(job.step as i64)
+        .bind(job.total as i64)
+        .bind(job.loss)
+        .bind(&job.error)
+        .bind(&job.created_at)
+        .bind(&job.started_at)
+        .bind(&job.finished_at)
 }
 
 #[async_trait]
@@ -103,6 +212,251 @@ impl MetadataStore for SqliteStore {
     async fn delete_exemplar(&self, id: &str) -> Result<bool, StoreError> {
         let result = sqlx::query("DELETE FROM exemplars WHERE id = ?").bind(id).execute(&self.pool).await?;
         Ok(result.rows_affected() > 0)
+    }
+
+    async fn exemplar_in_use(&self, id: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM version_exemplars e JOIN versions v ON v.model = e.model AND v.number = e.number \
+             WHERE e.exemplar = ? AND v.state != 'deleted') AS used",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("used")? != 0)
+    }
+
+    async fn create_edit(&self, job: &JobRecord, v: &VersionRecord) -> Result<u32, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // One statement takes the number and writes the row, so two edits never get the same number.
+        let row = sqlx::query(
+            "INSERT INTO versions (model, number, parent, state, layer, method, solver, parameters, statistics, \
+             description, metrics, error, job, delta_blob, stored_bytes, created_at, ready_at) \
+             SELECT ?, COALESCE(MAX(number), 0) + 1, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?, NULL, 0, ?, NULL \
+             FROM versions WHERE model = ? RETURNING number",
+        )
+        .bind(&v.model)
+        .bind(i64::from(v.parent))
+        .bind(enum_text(v.state))
+        .bind(&v.layer)
+        .bind(&v.method)
+        .bind(&v.solver)
+        .bind(v.parameters.to_string())
+        .bind(&v.statistics)
+        .bind(&v.description)
+        .bind(&v.job)
+        .bind(&v.created_at)
+        .bind(&v.model)
+        .fetch_one(&mut *tx)
+        .await?;
+        let number: i64 = row.try_get("number")?;
+        for (position, exemplar) in v.exemplars.iter().enumerate() {
+            sqlx::query("INSERT INTO version_exemplars (model, number, position, exemplar) VALUES (?, ?, ?, ?)")
+                .bind(&v.model)
+                .bind(number)
+                .bind(position as i64)
+                .bind(exemplar)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let job = JobRecord { version: Some(number as u32), ..job.clone() };
+        bind_job(sqlx::query(INSERT_JOB), &job).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(number as u32)
+    }
+
+    async fn create_job(&self, job: &JobRecord) -> Result<(), StoreError> {
+        bind_job(sqlx::query(INSERT_JOB), job).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&self.pool).await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn start_job(&self, id: &str, at: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET state = 'running', started_at = ? WHERE id = ? AND state = 'queued'")
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_job(
+        &self,
+        job: &JobRecord,
+        version: Option<&VersionRecord>,
+        statistics: Option<&StatisticsRecord>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE jobs SET state = ?, statistics = ?, step = ?, total = ?, loss = ?, error = ?, started_at = ?, \
+             finished_at = ? WHERE id = ?",
+        )
+        .bind(enum_text(job.state))
+        .bind(&job.statistics)
+        .bind(job.step as i64)
+        .bind(job.total as i64)
+        .bind(job.loss)
+        .bind(&job.error)
+        .bind(&job.started_at)
+        .bind(&job.finished_at)
+        .bind(&job.id)
+        .execute(&mut *tx)
+        .await?;
+        if let Some(v) = version {
+            sqlx::query(
+                "UPDATE versions SET state = ?, metrics = ?, error = ?, delta_blob = ?, stored_bytes = ?, ready_at = ? \
+                 WHERE model = ? AND number = ?",
+            )
+            .bind(enum_text(v.state))
+            .bind(v.metrics.as_ref().map(|m| m.to_string()))
+            .bind(&v.error)
+            .bind(&v.delta_blob)
+            .bind(v.stored_bytes as i64)
+            .bind(&v.ready_at)
+            .bind(&v.model)
+            .bind(i64::from(v.number))
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(s) = statistics {
+            sqlx::query(
+                "INSERT INTO statistics (id, model, layer, blob, images, positions, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&s.id)
+            .bind(&s.model)
+            .bind(&s.layer)
+            .bind(&s.blob)
+            .bind(s.images as i64)
+            .bind(s.positions as i64)
+            .bind(&s.created_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn fail_unfinished_jobs(&self, message: &str) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let failed = sqlx::query(
+            "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
+        )
+        .bind(message)
+        .bind(now_rfc3339())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query("UPDATE versions SET state = 'failed', error = ? WHERE state = 'pending'")
+            .bind(message)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(failed)
+    }
+
+    async fn versions(&self, model: &str, before: Option<u32>, limit: u32) -> Result<Vec<VersionRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM versions WHERE model = ? AND number < ? AND state != 'deleted' ORDER BY number DESC LIMIT ?",
+        )
+        .bind(model)
+        .bind(before.map_or(i64::MAX, i64::from))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        self.with_exemplars(rows).await
+    }
+
+    async fn version(&self, model: &str, number: u32) -> Result<Option<VersionRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM versions WHERE model = ? AND number = ?")
+            .bind(model)
+            .bind(i64::from(number))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(self.with_exemplars(rows).await?.pop())
+    }
+
+    async fn latest_ready(&self, model: &str) -> Result<Option<u32>, StoreError> {
+        let row = sqlx::query("SELECT MAX(number) AS latest FROM versions WHERE model = ? AND state = 'ready'")
+            .bind(model)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("latest")?.map(|n| n as u32))
+    }
+
+    async fn children(&self, model: &str, number: u32) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM versions WHERE model = ? AND parent = ? AND state != 'deleted'")
+            .bind(model)
+            .bind(i64::from(number))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? as u64)
+    }
+
+    async fn delete_version(&self, model: &str, number: u32) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE versions SET state = 'deleted' WHERE model = ? AND number = ?")
+            .bind(model)
+            .bind(i64::from(number))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM version_exemplars WHERE model = ? AND number = ?")
+            .bind(model)
+            .bind(i64::from(number))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn aliases(&self, model: &str) -> Result<Vec<(String, u32)>, StoreError> {
+        let rows = sqlx::query("SELECT alias, number FROM aliases WHERE model = ? ORDER BY alias")
+            .bind(model)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("alias")?, r.try_get::<i64, _>("number")? as u32))).collect()
+    }
+
+    async fn set_alias(&self, model: &str, alias: &str, number: u32) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO aliases (model, alias, number, updated_at) VALUES (?, ?, ?, ?) \
+             ON CONFLICT (model, alias) DO UPDATE SET number = excluded.number, updated_at = excluded.updated_at",
+        )
+        .bind(model)
+        .bind(alias)
+        .bind(i64::from(number))
+        .bind(now_rfc3339())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_alias(&self, model: &str, alias: &str) -> Result<bool, StoreError> {
+        let result = sqlx::query("DELETE FROM aliases WHERE model = ? AND alias = ?").bind(model).bind(alias).execute(&self.pool).await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM statistics WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.map(|row| {
+            Ok(StatisticsRecord {
+                id: row.try_get("id")?,
+                model: row.try_get("model")?,
+                layer: row.try_get("layer")?,
+                blob: row.try_get("blob")?,
+                images: row.try_get::<i64, _>("images")? as u64,
+                positions: row.try_get::<i64, _>("positions")? as u64,
+                created_at: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
     }
 
     async fn record_audit(&self, action: &str, subject: &str, caller: &str, detail: Option<serde_json::Value>) -> Result<(), StoreError> {

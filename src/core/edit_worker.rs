@@ -1,0 +1,197 @@
+//! The edit worker of one device: a thread apart from the inference worker, so that classification keeps
+//! serving while an edit optimises. It runs at the lowest scheduling priority, as the decoders do, so that
+//! on a CPU device it takes the cores inference leaves. It keeps its own copy of each model's base weights,
+//! materialises the parent version from its lineage, and runs one edit or statistics computation at a time.
+
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use tch::{Device, Tensor};
+use tokio::sync::oneshot;
+
+use super::cpu_pool::lower_priority;
+use super::registry::LoadedPackage;
+use super::scheduler::Lineage;
+use super::CoreError;
+use crate::edit::delta::materialise;
+use crate::edit::statistics::SecondMoment;
+use crate::edit::{edit, EditError, EditParams, Exemplars, Progress};
+use crate::imaging::{binary_mask, decode, DecodeLimits};
+use crate::models::{load_package, Classifier};
+
+/// Images per forward pass when accumulating statistics.
+const STATISTICS_BATCH: usize = 16;
+
+/// One exemplar as stored: the image, its concept mask and the modified copy, each a PNG.
+pub struct ExemplarPngs {
+    pub image: Bytes,
+    pub mask: Bytes,
+    pub modified: Bytes,
+}
+
+pub enum Work {
+    /// An edit of the version whose changes are `lineage`; `moment` is a stored second moment.
+    Edit { lineage: Lineage, exemplars: Vec<ExemplarPngs>, params: EditParams, moment: Option<Bytes> },
+    /// The second moment of the keys at `layer` of the base weights over `images`.
+    Statistics { layer: String, images: Vec<Bytes> },
+}
+
+pub enum Outcome {
+    Edit { delta: Vec<u8>, metrics: serde_json::Value },
+    Statistics { moment: Vec<u8>, images: u64, positions: u64 },
+}
+
+/// Progress that the edit thread reports and the job's watchers read.
+pub type SharedProgress = Arc<dyn Progress + Send + Sync>;
+
+struct Task {
+    package: LoadedPackage,
+    work: Work,
+    progress: SharedProgress,
+    reply: oneshot::Sender<Result<Outcome, EditError>>,
+}
+
+enum Message {
+    Run(Task),
+    /// Drops the copy of an unloaded model's weights.
+    Forget(String),
+}
+
+pub struct EditWorker {
+    sender: Option<Sender<Message>>,
+}
+
+impl EditWorker {
+    pub fn spawn(device: Device, limits: DecodeLimits) -> Result<Self, CoreError> {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        std::thread::Builder::new()
+            .name(format!("editserve-edit-{device:?}").to_lowercase())
+            .spawn(move || Thread { device, limits, bases: HashMap::new() }.run(receiver))
+            .map_err(|e| CoreError::Internal(format!("cannot start the edit worker: {e}")))?;
+        Ok(Self { sender: Some(sender) })
+    }
+
+    pub async fn run(&self, package: LoadedPackage, work: Work, progress: SharedProgress) -> Result<Outcome, CoreError> {
+        let (reply, answer) = oneshot::channel();
+        let sender = self.sender.as_ref().ok_or(CoreError::ShuttingDown)?;
+        sender.send(Message::Run(Task { package, work, progress, reply })).map_err(|_| CoreError::ShuttingDown)?;
+        match answer.await {
+            Ok(result) => result.map_err(CoreError::from),
+            Err(_) => Err(CoreError::Internal("the edit worker stopped during the job".into())),
+        }
+    }
+
+    pub fn forget(&self, model: &str) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.send(Message::Forget(model.to_string()));
+        }
+    }
+}
+
+impl From<EditError> for CoreError {
+    fn from(error: EditError) -> Self {
+        match error {
+            EditError::Invalid(message) | EditError::Unsupported(message) => CoreError::InvalidArgument(message),
+            EditError::Cancelled => CoreError::Cancelled,
+            other => CoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+struct Thread {
+    device: Device,
+    limits: DecodeLimits,
+    /// Base weights by model name, with the load generation they are of.
+    bases: HashMap<String, (u64, Box<dyn Classifier>)>,
+}
+
+impl Thread {
+    fn run(mut self, messages: Receiver<Message>) {
+        lower_priority();
+        while let Ok(message) = messages.recv() {
+            let Task { package, work, progress, reply } = match message {
+                Message::Run(task) => task,
+                Message::Forget(model) => {
+                    self.bases.remove(&model);
+                    continue;
+                }
+            };
+            // libtorch reports errors by panicking through tch; one failed job must not stop the worker.
+            let result = catch_unwind(AssertUnwindSafe(|| self.execute(&package, work, progress.as_ref())))
+                .unwrap_or_else(|panic| {
+                    let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                    Err(EditError::Io(format!("tensor computation failed: {}", message.unwrap_or_default())))
+                });
+            let _ = reply.send(result);
+        }
+    }
+
+    fn base(&mut self, package: &LoadedPackage) -> Result<&dyn Classifier, EditError> {
+        let name = &package.package.name;
+        let stale = self.bases.get(name).is_none_or(|(generation, _)| *generation != package.generation);
+        if stale {
+            let model = load_package(&package.package, self.device)?;
+            self.bases.insert(name.clone(), (package.generation, model));
+        }
+        let (_, model) = &self.bases[name];
+        Ok(model.as_ref())
+    }
+
+    fn execute(&mut self, package: &LoadedPackage, work: Work, progress: &dyn Progress) -> Result<Outcome, EditError> {
+        let (device, limits) = (self.device, self.limits);
+        let preprocessing = package.package.config.preprocessing.clone();
+        let base = self.base(package)?;
+        match work {
+            Work::Edit { lineage, exemplars, params, moment } => {
+                let mut triples = Vec::with_capacity(exemplars.len());
+                for exemplar in &exemplars {
+                    let read = |bytes: &Bytes| decode(bytes, limits).map_err(|e| EditError::Io(format!("stored exemplar: {e}")));
+                    triples.push((read(&exemplar.image)?, read(&exemplar.modified)?, binary_mask(&read(&exemplar.mask)?)));
+                }
+                let exemplars = Exemplars::from_images(&preprocessing, &triples, device)?;
+                let whitening = moment.map(|bytes| SecondMoment::from_safetensors(&bytes).map(|m| m.whitening().to_device(device))).transpose()?;
+                let (parent, _) = materialise(base, &lineage)?;
+                let result = edit(parent.as_ref(), &exemplars, &params, whitening.as_ref(), progress)?;
+                let metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
+                Ok(Outcome::Edit { delta: result.delta.to_safetensors()?, metrics })
+            }
+            Work::Statistics { layer, images } => {
+                let total = images.len();
+                // Batches are decoded as the accumulation asks for them, so memory stays at one batch.
+                let mut failure = None;
+                let batches = images.chunks(STATISTICS_BATCH).enumerate().map_while(|(i, chunk)| {
+                    if progress.cancelled() {
+                        failure = Some(EditError::Cancelled);
+                        return None;
+                    }
+                    let mut inputs = Vec::with_capacity(chunk.len());
+                    for (j, bytes) in chunk.iter().enumerate() {
+                        match decode(bytes, limits) {
+                            Ok(image) => {
+                                let input = preprocessing.apply(&image);
+                                let (h, w) = (i64::from(input.height), i64::from(input.width));
+                                inputs.push(Tensor::from_slice(&input.data).view([3, h, w]));
+                            }
+                            Err(e) => {
+                                failure = Some(EditError::Invalid(format!("image {}: {e}", i * STATISTICS_BATCH + j)));
+                                return None;
+                            }
+                        }
+                    }
+                    progress.report(i * STATISTICS_BATCH + chunk.len(), total, f64::NAN);
+                    Some(Tensor::stack(&inputs, 0).to_device(device))
+                });
+                let moment = SecondMoment::accumulate(base, &layer, batches);
+                if let Some(failure) = failure {
+                    return Err(failure);
+                }
+                let moment = moment?;
+                let positions = moment.count as u64;
+                Ok(Outcome::Statistics { moment: moment.to_safetensors()?, images: total as u64, positions })
+            }
+        }
+    }
+}

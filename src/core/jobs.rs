@@ -1,0 +1,647 @@
+//! Edit and statistics jobs: validated and recorded at once, run one at a time from a bounded queue on the
+//! device's edit worker (apart from inference), watched live, cancellable, and finished atomically: a
+//! version becomes ready in the same transaction that records its stored change, never before.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use super::edit_worker::{EditWorker, ExemplarPngs, Outcome, Work};
+use super::exemplars::ANONYMOUS;
+use super::registry::Registry;
+use super::versions::{VersionRef, Versions};
+use super::{Conflict, CoreError, Resource};
+use crate::edit::{EditParams, Method, Progress, Solver};
+use crate::store::{now_rfc3339, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionRecord, VersionState};
+
+const MAX_EXEMPLARS: usize = 16;
+const MAX_RANK: usize = 16;
+const MAX_STEPS: usize = 100_000;
+const MAX_DESCRIPTION: usize = 1000;
+const MAX_STATISTICS_IMAGES: usize = 100_000;
+/// How long cancelling a running job waits for it to stop.
+const CANCEL_WAIT: Duration = Duration::from_secs(60);
+pub const RESTART_FAILURE: &str = "the server stopped before the job finished";
+
+/// A version as a JSON request names it: a number or an alias.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum VersionName {
+    Number(u32),
+    Alias(String),
+}
+
+impl VersionName {
+    fn reference(&self) -> Result<VersionRef, CoreError> {
+        match self {
+            VersionName::Number(n) => Ok(VersionRef::Number(*n)),
+            VersionName::Alias(text) => VersionRef::parse(text),
+        }
+    }
+}
+
+/// `POST /v1/models/{m}/versions`: everything but the exemplars has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditRequest {
+    #[serde(default)]
+    pub parent: Option<VersionName>,
+    pub exemplars: Vec<String>,
+    #[serde(default)]
+    pub method: Option<Method>,
+    #[serde(default)]
+    pub solver: Option<Solver>,
+    #[serde(default)]
+    pub layer: Option<String>,
+    #[serde(default)]
+    pub rank: Option<usize>,
+    #[serde(default)]
+    pub steps: Option<usize>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<i64>,
+    #[serde(default)]
+    pub statistics: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// What a statistics job reads.
+pub enum StatisticsImages {
+    Uploaded(Vec<Bytes>),
+    /// A subdirectory of the operator's statistics directory.
+    Directory(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressView {
+    pub step: u64,
+    pub total: u64,
+    pub loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    pub id: String,
+    pub kind: JobKind,
+    pub model: String,
+    pub state: JobState,
+    pub progress: ProgressView,
+    pub version: Option<u32>,
+    pub statistics: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        Self {
+            id: r.id.clone(),
+            kind: r.kind,
+            model: r.model.clone(),
+            state: r.state,
+            progress: ProgressView { step: r.step, total: r.total, loss: r.loss },
+            version: r.version,
+            statistics: r.statistics.clone(),
+            error: r.error.clone(),
+            created_at: r.created_at.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+        }
+    }
+}
+
+/// Answer to an accepted edit.
+#[derive(Debug, Serialize)]
+pub struct EditAccepted {
+    pub job: JobView,
+    pub version: PendingVersion,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PendingVersion {
+    pub number: u32,
+    pub state: VersionState,
+}
+
+/// A job's state while this process runs it: watchers subscribe to `record`.
+struct LiveJob {
+    record: watch::Sender<JobRecord>,
+    cancel: AtomicBool,
+    /// Uploaded statistics images, held until the job runs.
+    images: Mutex<Option<Vec<Bytes>>>,
+}
+
+impl Progress for LiveJob {
+    fn report(&self, step: usize, total: usize, loss: f64) {
+        self.record.send_modify(|r| {
+            r.step = step as u64;
+            r.total = total as u64;
+            r.loss = loss.is_finite().then_some(loss);
+        });
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// What an edit job runs, as stored with it.
+#[derive(Debug, Serialize, Deserialize)]
+struct EditPlan {
+    parent: u32,
+    exemplars: Vec<String>,
+    params: EditParams,
+    statistics: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StatisticsPlan {
+    layer: String,
+    directory: Option<PathBuf>,
+}
+
+pub struct Jobs {
+    registry: Arc<Registry>,
+    versions: Arc<Versions>,
+    metadata: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    worker: EditWorker,
+    queue: mpsc::Sender<String>,
+    capacity: usize,
+    live: Mutex<HashMap<String, Arc<LiveJob>>>,
+    statistics_dir: Option<PathBuf>,
+}
+
+fn request_sha256(model: &str, request: &serde_json::Value) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(model.as_bytes());
+    hasher.update([0]);
+    hasher.update(request.to_string().as_bytes());
+    format!("{:x}", hasher.finalize())
+}
+
+fn invalid(message: impl Into<String>) -> CoreError {
+    CoreError::InvalidArgument(message.into())
+}
+
+impl Jobs {
+    /// Fails what a stopped server left unfinished, then starts taking jobs.
+    pub async fn start(
+        registry: Arc<Registry>,
+        versions: Arc<Versions>,
+        metadata: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        worker: EditWorker,
+        capacity: usize,
+        statistics_dir: Option<PathBuf>,
+    ) -> Result<Arc<Self>, CoreError> {
+        let failed = metadata.fail_unfinished_jobs(RESTART_FAILURE).await?;
+        if failed > 0 {
+            tracing::warn!(jobs = failed, "jobs left unfinished by the previous run are marked failed");
+        }
+        let (queue, mut receiver) = mpsc::channel::<String>(capacity.max(1));
+        let jobs = Arc::new(Self {
+            registry,
+            versions,
+            metadata,
+            blobs,
+            worker,
+            queue,
+            capacity: capacity.max(1),
+            live: Mutex::new(HashMap::new()),
+            statistics_dir,
+        });
+        let runner = Arc::downgrade(&jobs);
+        tokio::spawn(async move {
+            while let Some(id) = receiver.recv().await {
+                let Some(jobs) = runner.upgrade() else { break };
+                jobs.run(&id).await;
+            }
+        });
+        Ok(jobs)
+    }
+
+    /// Frees what the edit worker keeps of an unloaded model.
+    pub fn forget_model(&self, model: &str) {
+        self.worker.forget(model);
+    }
+
+    fn live(&self, id: &str) -> Option<Arc<LiveJob>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    /// Validates an edit, records its pending version and queued job, and queues it. A repeated
+    /// idempotency key with the same request answers the first job.
+    pub async fn create_edit(&self, model: &str, request: EditRequest, key: Option<String>) -> Result<EditAccepted, CoreError> {
+        let package = self.registry.package(model)?;
+        let request_json = serde_json::to_value(&request).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let sha = request_sha256(model, &request_json);
+        let _writes = self.versions.writes.lock().await;
+        if let Some(key) = &key {
+            if let Some(first) = self.metadata.job_by_idempotency_key(key).await? {
+                if first.request_sha256 != sha {
+                    return Err(CoreError::IdempotencyKeyReused);
+                }
+                let current = self.live(&first.id).map_or(first, |live| live.record.borrow().clone());
+                let number = current.version.unwrap_or_default();
+                let state = self.metadata.version(model, number).await?.map_or(VersionState::Failed, |v| v.state);
+                return Ok(EditAccepted { job: JobView::from(&current), version: PendingVersion { number, state } });
+            }
+        }
+        let plan = self.plan(model, &package.surface, &request).await?;
+        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.capacity))?;
+        let now = now_rfc3339();
+        let job = JobRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: JobKind::Edit,
+            model: model.to_string(),
+            state: JobState::Queued,
+            version: None,
+            statistics: None,
+            request: serde_json::to_value(&plan).map_err(|e| CoreError::Internal(e.to_string()))?,
+            idempotency_key: key,
+            request_sha256: sha,
+            step: 0,
+            total: plan.params.steps as u64,
+            loss: None,
+            error: None,
+            created_at: now.clone(),
+            started_at: None,
+            finished_at: None,
+        };
+        let version = VersionRecord {
+            model: model.to_string(),
+            number: 0,
+            parent: plan.parent,
+            state: VersionState::Pending,
+            layer: plan.params.layer.clone(),
+            method: enum_name(plan.params.method),
+            solver: enum_name(plan.params.solver),
+            parameters: json!({"rank": plan.params.rank, "steps": plan.params.steps, "lr": plan.params.lr, "seed": plan.params.seed}),
+            statistics: plan.statistics.clone(),
+            description: request.description.clone(),
+            exemplars: plan.exemplars.clone(),
+            metrics: None,
+            error: None,
+            job: job.id.clone(),
+            delta_blob: None,
+            stored_bytes: 0,
+            created_at: now,
+            ready_at: None,
+        };
+        let number = self.metadata.create_edit(&job, &version).await?;
+        let job = JobRecord { version: Some(number), ..job };
+        self.metadata
+            .record_audit("edit.create", &job.id, ANONYMOUS, Some(json!({"model": model, "version": number, "parent": plan.parent})))
+            .await?;
+        let view = JobView::from(&job);
+        self.enqueue(job, None, permit);
+        Ok(EditAccepted { job: view, version: PendingVersion { number, state: VersionState::Pending } })
+    }
+
+    fn enqueue(&self, job: JobRecord, images: Option<Vec<Bytes>>, permit: mpsc::Permit<'_, String>) {
+        let id = job.id.clone();
+        let live = LiveJob { record: watch::Sender::new(job), cancel: AtomicBool::new(false), images: Mutex::new(images) };
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), Arc::new(live));
+        permit.send(id);
+    }
+
+    /// The edit a request asks for, with every default filled in, or why it cannot run.
+    async fn plan(&self, model: &str, surface: &super::scheduler::EditSurface, request: &EditRequest) -> Result<EditPlan, CoreError> {
+        let parent = match &request.parent {
+            Some(name) => name.reference()?,
+            None => VersionRef::default_alias(),
+        };
+        let parent = self.versions.ready(model, &parent).await?;
+        if request.exemplars.is_empty() || request.exemplars.len() > MAX_EXEMPLARS {
+            return Err(invalid(format!("an edit takes 1 to {MAX_EXEMPLARS} exemplars, got {}", request.exemplars.len())));
+        }
+        for id in &request.exemplars {
+            if self.metadata.exemplar(id).await?.is_none() {
+                return Err(CoreError::not_found(Resource::Exemplar, id));
+            }
+        }
+        let method = request.method.unwrap_or(Method::Rewrite);
+        let solver = request.solver.unwrap_or(Solver::Adam);
+        let layer_name = request.layer.clone().unwrap_or_else(|| surface.default_edit_layer.clone());
+        let layer = surface.editable_layers.iter().find(|l| l.name == layer_name).ok_or_else(|| {
+            invalid(format!("'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"))
+        })?;
+        if solver == Solver::ClosedForm {
+            if method != Method::Rewrite {
+                return Err(invalid("the closed_form solver solves a rewrite only; fine-tuning uses adam"));
+            }
+            if layer.weight_shape.get(2..) != Some(&[1, 1][..]) {
+                return Err(invalid(format!("the closed_form solver needs a 1x1 conv; '{layer_name}' is {:?}", layer.weight_shape)));
+            }
+        }
+        let mut params = EditParams::new(method, solver, &layer_name);
+        params.rank = request.rank.unwrap_or(params.rank);
+        if !(1..=MAX_RANK).contains(&params.rank) {
+            return Err(invalid(format!("rank must be between 1 and {MAX_RANK}, got {}", params.rank)));
+        }
+        if let Some(steps) = request.steps {
+            if !(1..=MAX_STEPS).contains(&steps) {
+                return Err(invalid(format!("steps must be between 1 and {MAX_STEPS}, got {steps}")));
+            }
+            params.steps = steps;
+        }
+        if let Some(lr) = request.lr {
+            if !(lr.is_finite() && lr > 0.0) {
+                return Err(invalid(format!("lr must be a positive number, got {lr}")));
+            }
+            params.lr = lr;
+        }
+        params.seed = request.seed.unwrap_or(params.seed);
+        if let Some(id) = &request.statistics {
+            let statistics = self.metadata.statistics(id).await?.ok_or_else(|| CoreError::not_found(Resource::Statistics, id))?;
+            if statistics.model != model || statistics.layer != layer_name {
+                return Err(invalid(format!(
+                    "statistics '{id}' are of layer '{}' of model '{}', not of '{layer_name}' of '{model}'",
+                    statistics.layer, statistics.model
+                )));
+            }
+        }
+        if request.description.as_ref().is_some_and(|d| d.chars().count() > MAX_DESCRIPTION) {
+            return Err(invalid(format!("description is longer than {MAX_DESCRIPTION} characters")));
+        }
+        Ok(EditPlan { parent, exemplars: request.exemplars.clone(), params, statistics: request.statistics.clone() })
+    }
+
+    /// Queues a statistics job on `layer` (the default edit layer when None).
+    pub async fn create_statistics(&self, model: &str, layer: Option<String>, images: StatisticsImages) -> Result<JobView, CoreError> {
+        let package = self.registry.package(model)?;
+        let layer = layer.unwrap_or_else(|| package.surface.default_edit_layer.clone());
+        if !package.surface.editable_layers.iter().any(|l| l.name == layer) {
+            return Err(invalid(format!("'{layer}' is not an editable layer of '{model}'")));
+        }
+        let (directory, uploaded, total) = match images {
+            StatisticsImages::Uploaded(images) if images.is_empty() => return Err(invalid("give at least one 'image' part")),
+            StatisticsImages::Uploaded(images) => {
+                let total = images.len();
+                (None, Some(images), total)
+            }
+            StatisticsImages::Directory(name) => {
+                let directory = self.statistics_directory(&name)?;
+                let total = image_files(&directory)?.len();
+                (Some(directory), None, total)
+            }
+        };
+        let plan = StatisticsPlan { layer, directory };
+        let request = serde_json::to_value(&plan).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.capacity))?;
+        let job = JobRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind: JobKind::Statistics,
+            model: model.to_string(),
+            state: JobState::Queued,
+            version: None,
+            statistics: None,
+            request_sha256: request_sha256(model, &request),
+            request,
+            idempotency_key: None,
+            step: 0,
+            total: total as u64,
+            loss: None,
+            error: None,
+            created_at: now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+        };
+        self.metadata.create_job(&job).await?;
+        self.metadata.record_audit("statistics.create", &job.id, ANONYMOUS, Some(json!({"model": model, "layer": plan.layer}))).await?;
+        let view = JobView::from(&job);
+        self.enqueue(job, uploaded, permit);
+        Ok(view)
+    }
+
+    /// A subdirectory of the configured statistics directory; never a path outside it.
+    fn statistics_directory(&self, name: &str) -> Result<PathBuf, CoreError> {
+        let root = self
+            .statistics_dir
+            .as_ref()
+            .ok_or_else(|| invalid("no statistics directory is configured (--statistics-dir); upload 'image' parts instead"))?;
+        let root = root.canonicalize().map_err(|e| CoreError::Internal(format!("statistics directory {}: {e}", root.display())))?;
+        let dir = root.join(name).canonicalize().map_err(|_| invalid(format!("no directory '{name}' in the statistics directory")))?;
+        if !dir.starts_with(&root) || !dir.is_dir() {
+            return Err(invalid(format!("'{name}' is not a directory inside the statistics directory")));
+        }
+        Ok(dir)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<JobView, CoreError> {
+        if let Some(live) = self.live(id) {
+            return Ok(JobView::from(&*live.record.borrow()));
+        }
+        let record = self.metadata.job(id).await?.ok_or_else(|| CoreError::not_found(Resource::Job, id))?;
+        Ok(JobView::from(&record))
+    }
+
+    /// The job's views from now until its final state: a receiver while it is live, else its final view.
+    pub async fn watch(&self, id: &str) -> Result<Result<watch::Receiver<JobRecord>, JobView>, CoreError> {
+        if let Some(live) = self.live(id) {
+            return Ok(Ok(live.record.subscribe()));
+        }
+        Ok(Err(self.get(id).await?))
+    }
+
+    /// Cancels a queued or running job and answers its final view.
+    pub async fn cancel(&self, id: &str) -> Result<JobView, CoreError> {
+        let Some(live) = self.live(id) else {
+            let view = self.get(id).await?;
+            return Err(CoreError::Conflict(Conflict::JobFinished, format!("job {id} already ended: it {}", state_name(view.state))));
+        };
+        live.cancel.store(true, Ordering::SeqCst);
+        let mut watcher = live.record.subscribe();
+        // A queued job ends here; the runner skips it. A running one stops at its next step.
+        let was_queued = live.record.send_if_modified(|r| {
+            let queued = r.state == JobState::Queued;
+            if queued {
+                r.state = JobState::Cancelled;
+            }
+            queued
+        });
+        if was_queued {
+            let record = live.record.borrow().clone();
+            self.finish(&live, record, Err(CoreError::Cancelled)).await;
+        } else if live.record.borrow().state.is_final() {
+            let view = JobView::from(&*live.record.borrow());
+            return Err(CoreError::Conflict(Conflict::JobFinished, format!("job {id} already ended: it {}", state_name(view.state))));
+        }
+        let stopped = match tokio::time::timeout(CANCEL_WAIT, watcher.wait_for(|r| r.state.is_final())).await {
+            Ok(Ok(record)) => Some(JobView::from(&*record)),
+            _ => None,
+        };
+        let view = match stopped {
+            Some(view) => view,
+            None => self.get(id).await?,
+        };
+        self.metadata.record_audit("job.cancel", id, ANONYMOUS, Some(json!({"state": view.state}))).await?;
+        Ok(view)
+    }
+
+    async fn run(&self, id: &str) {
+        let Some(live) = self.live(id) else { return };
+        let started = now_rfc3339();
+        let begun = live.record.send_if_modified(|r| {
+            let queued = r.state == JobState::Queued;
+            if queued {
+                r.state = JobState::Running;
+                r.started_at = Some(started.clone());
+            }
+            queued
+        });
+        if !begun {
+            return;
+        }
+        let record = live.record.borrow().clone();
+        let outcome = match self.metadata.start_job(id, &started).await {
+            Ok(()) => self.execute(&record, Arc::clone(&live)).await,
+            Err(e) => Err(e.into()),
+        };
+        self.finish(&live, record, outcome).await;
+    }
+
+    async fn execute(&self, job: &JobRecord, live: Arc<LiveJob>) -> Result<Outcome, CoreError> {
+        let package = self.registry.package(&job.model)?;
+        let work = match job.kind {
+            JobKind::Edit => {
+                let plan: EditPlan = serde_json::from_value(job.request.clone()).map_err(|e| CoreError::Internal(e.to_string()))?;
+                let mut exemplars = Vec::with_capacity(plan.exemplars.len());
+                for id in &plan.exemplars {
+                    let record = self.metadata.exemplar(id).await?.ok_or_else(|| CoreError::not_found(Resource::Exemplar, id))?;
+                    exemplars.push(ExemplarPngs {
+                        image: self.blobs.get(&record.image_blob).await?.into(),
+                        mask: self.blobs.get(&record.mask_blob).await?.into(),
+                        modified: self.blobs.get(&record.modified_blob).await?.into(),
+                    });
+                }
+                let moment = match &plan.statistics {
+                    Some(id) => {
+                        let statistics = self.metadata.statistics(id).await?.ok_or_else(|| CoreError::not_found(Resource::Statistics, id))?;
+                        Some(Bytes::from(self.blobs.get(&statistics.blob).await?))
+                    }
+                    None => None,
+                };
+                let lineage = self.versions.lineage(&job.model, plan.parent).await?;
+                Work::Edit { lineage, exemplars, params: plan.params, moment }
+            }
+            JobKind::Statistics => {
+                let plan: StatisticsPlan = serde_json::from_value(job.request.clone()).map_err(|e| CoreError::Internal(e.to_string()))?;
+                let uploaded = live.images.lock().unwrap_or_else(|p| p.into_inner()).take();
+                let images = match (uploaded, &plan.directory) {
+                    (Some(images), _) => images,
+                    (None, Some(directory)) => {
+                        let mut images = Vec::new();
+                        for path in image_files(directory)? {
+                            let bytes = tokio::fs::read(&path).await.map_err(|e| CoreError::Internal(format!("{}: {e}", path.display())))?;
+                            images.push(Bytes::from(bytes));
+                        }
+                        images
+                    }
+                    (None, None) => return Err(CoreError::Internal("the job's images are gone".into())),
+                };
+                Work::Statistics { layer: plan.layer, images }
+            }
+        };
+        self.worker.run(package, work, live).await
+    }
+
+    /// Stores the outcome, writes the final state (and the version's) in one transaction, and lets
+    /// watchers see it.
+    async fn finish(&self, live: &LiveJob, mut job: JobRecord, outcome: Result<Outcome, CoreError>) {
+        let now = now_rfc3339();
+        let progress = live.record.borrow().clone();
+        (job.step, job.total, job.loss) = (progress.step, progress.total, progress.loss);
+        job.finished_at = Some(now.clone());
+        let mut version = match job.version {
+            Some(number) => self.metadata.version(&job.model, number).await.ok().flatten(),
+            None => None,
+        };
+        let mut statistics = None;
+        let stored = match outcome {
+            Ok(Outcome::Edit { delta, metrics }) => {
+                let bytes = delta.len() as u64;
+                self.blobs.put(delta).await.map(|blob| {
+                    if let Some(v) = version.as_mut() {
+                        (v.state, v.delta_blob, v.stored_bytes, v.metrics, v.ready_at) =
+                            (VersionState::Ready, Some(blob), bytes, Some(metrics), Some(now.clone()));
+                    }
+                })
+            }
+            Ok(Outcome::Statistics { moment, images, positions }) => self.blobs.put(moment).await.map(|blob| {
+                statistics = Some(StatisticsRecord {
+                    id: job.id.clone(),
+                    model: job.model.clone(),
+                    layer: job.request["layer"].as_str().unwrap_or_default().to_string(),
+                    blob,
+                    images,
+                    positions,
+                    created_at: now.clone(),
+                });
+                job.statistics = Some(job.id.clone());
+            }),
+            Err(e) => {
+                job.state = if matches!(e, CoreError::Cancelled) { JobState::Cancelled } else { JobState::Failed };
+                job.error = Some(e.to_string());
+                Ok(())
+            }
+        };
+        if let Err(e) = stored {
+            job.state = JobState::Failed;
+            job.error = Some(format!("cannot store the result: {e}"));
+            statistics = None;
+        } else if job.error.is_none() {
+            job.state = JobState::Succeeded;
+        }
+        if let Some(v) = version.as_mut() {
+            if job.state != JobState::Succeeded {
+                (v.state, v.error) = (VersionState::Failed, job.error.clone());
+            }
+        }
+        if let Err(e) = self.metadata.finish_job(&job, version.as_ref(), statistics.as_ref()).await {
+            // The row stays unfinished and the next start marks it failed; the version never turns ready.
+            tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
+            job.state = JobState::Failed;
+            job.error = Some(format!("cannot record the job's end: {e}"));
+        }
+        tracing::info!(job = %job.id, kind = ?job.kind, state = ?job.state, error = ?job.error, "job finished");
+        let id = job.id.clone();
+        live.record.send_replace(job);
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+}
+
+fn enum_name<T: Serialize>(value: T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+fn state_name(state: JobState) -> String {
+    enum_name(state)
+}
+
+/// The files of a statistics directory, sorted, at most `MAX_STATISTICS_IMAGES`.
+fn image_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, CoreError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| CoreError::Internal(format!("{}: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(invalid(format!("{} holds no images", dir.display())));
+    }
+    if files.len() > MAX_STATISTICS_IMAGES {
+        return Err(invalid(format!("{} holds {} files; at most {MAX_STATISTICS_IMAGES} are read", dir.display(), files.len())));
+    }
+    Ok(files)
+}

@@ -1,0 +1,381 @@
+//! Versions of the loaded models and their aliases: naming a version by number or alias, listing and
+//! deleting versions, setting aliases, and classifying with any ready version. A version is its parent
+//! plus one change; the changes of its lineage are read from the blob store once and kept, since a ready
+//! version never changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::json;
+
+use super::exemplars::ANONYMOUS;
+use super::registry::{Prediction, Registry};
+use super::scheduler::{Lineage, Target};
+use super::{Conflict, CoreError, Resource};
+use crate::store::{BlobStore, MetadataStore, VersionRecord, VersionState};
+
+pub const BASE: &str = "base";
+pub const LATEST: &str = "latest";
+pub const DEFAULT: &str = "default";
+const LONGEST_ALIAS: usize = 64;
+
+/// A version as a request names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionRef {
+    Number(u32),
+    Alias(String),
+}
+
+impl VersionRef {
+    /// Digits name a number; anything else an alias.
+    pub fn parse(text: &str) -> Result<Self, CoreError> {
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+            return text
+                .parse()
+                .map(VersionRef::Number)
+                .map_err(|_| CoreError::InvalidArgument(format!("version number {text} is out of range")));
+        }
+        if text.is_empty() {
+            return Err(CoreError::InvalidArgument("a version is a number or an alias, got an empty string".into()));
+        }
+        Ok(VersionRef::Alias(text.to_string()))
+    }
+
+    pub fn default_alias() -> Self {
+        VersionRef::Alias(DEFAULT.into())
+    }
+}
+
+impl std::fmt::Display for VersionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VersionRef::Number(n) => write!(f, "{n}"),
+            VersionRef::Alias(alias) => write!(f, "'{alias}'"),
+        }
+    }
+}
+
+/// A version as clients see it. Version 0 is the base weights and has no edit.
+#[derive(Debug, Serialize)]
+pub struct VersionView {
+    pub model: String,
+    pub number: u32,
+    pub parent: Option<u32>,
+    pub state: VersionState,
+    pub layer: Option<String>,
+    pub method: Option<String>,
+    pub solver: Option<String>,
+    pub parameters: Option<serde_json::Value>,
+    pub statistics: Option<String>,
+    pub exemplars: Vec<String>,
+    pub description: Option<String>,
+    pub metrics: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub job: Option<String>,
+    pub created_at: Option<String>,
+    pub ready_at: Option<String>,
+    /// Bytes of the stored change.
+    pub stored_bytes: u64,
+    pub resident: bool,
+    /// Bytes the version holds on the device beyond the base (its edited layers) while resident.
+    pub resident_bytes: u64,
+    pub aliases: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VersionPage {
+    pub versions: Vec<VersionView>,
+    pub next_before: Option<u32>,
+}
+
+pub struct Versions {
+    registry: Arc<Registry>,
+    metadata: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    lineages: Mutex<HashMap<(String, u32), Lineage>>,
+    /// Serialises management actions' checks with their writes (this process is the database's only
+    /// writer; several replicas would need the database's own locks instead).
+    pub(crate) writes: tokio::sync::Mutex<()>,
+}
+
+fn is_valid_alias(alias: &str) -> bool {
+    let mut bytes = alias.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_lowercase())
+        && alias.len() <= LONGEST_ALIAS
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+impl Versions {
+    pub fn new(registry: Arc<Registry>, metadata: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>) -> Self {
+        Self { registry, metadata, blobs, lineages: Mutex::new(HashMap::new()), writes: tokio::sync::Mutex::new(()) }
+    }
+
+    /// The number `reference` names now (aliases move); the model must be loaded.
+    pub async fn resolve(&self, model: &str, reference: &VersionRef) -> Result<u32, CoreError> {
+        self.registry.model(model)?;
+        match reference {
+            VersionRef::Number(n) => Ok(*n),
+            VersionRef::Alias(alias) if alias == BASE => Ok(0),
+            VersionRef::Alias(alias) if alias == LATEST => Ok(self.metadata.latest_ready(model).await?.unwrap_or(0)),
+            VersionRef::Alias(alias) => {
+                let stored = self.metadata.aliases(model).await?.into_iter().find(|(name, _)| name == alias);
+                match stored {
+                    Some((_, number)) => Ok(number),
+                    None if alias == DEFAULT => Ok(0),
+                    None => Err(CoreError::NotFound {
+                        kind: Resource::Version,
+                        message: format!("model '{model}' has no version or alias named '{alias}'"),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// The record of an edited version (None for version 0); deleted and unknown versions are not found.
+    async fn record(&self, model: &str, number: u32) -> Result<Option<VersionRecord>, CoreError> {
+        if number == 0 {
+            return Ok(None);
+        }
+        let missing = |what: &str| CoreError::NotFound { kind: Resource::Version, message: format!("version {number} of model '{model}' {what}") };
+        match self.metadata.version(model, number).await? {
+            None => Err(missing("does not exist")),
+            Some(record) if record.state == VersionState::Deleted => Err(missing("was deleted")),
+            Some(record) => Ok(Some(record)),
+        }
+    }
+
+    /// The number of a ready version, or why it cannot be used.
+    pub async fn ready(&self, model: &str, reference: &VersionRef) -> Result<u32, CoreError> {
+        let number = self.resolve(model, reference).await?;
+        if let Some(record) = self.record(model, number).await? {
+            let why = match record.state {
+                VersionState::Ready | VersionState::Deleted => return Ok(number),
+                VersionState::Pending => format!("is pending: its job {} has not finished", record.job),
+                VersionState::Failed => format!("failed: {}", record.error.unwrap_or_default()),
+            };
+            return Err(CoreError::Conflict(Conflict::VersionNotReady, format!("version {number} of model '{model}' {why}")));
+        }
+        Ok(number)
+    }
+
+    /// What the device worker needs to classify with a ready version.
+    pub async fn target(&self, model: &str, reference: &VersionRef) -> Result<Target, CoreError> {
+        let number = self.ready(model, reference).await?;
+        if number == 0 {
+            return Ok(Target::base(model));
+        }
+        Ok(Target { model: model.to_string(), version: number, lineage: self.lineage(model, number).await? })
+    }
+
+    /// The changes from the base to `number` (a ready version, or 0), oldest first.
+    pub async fn lineage(&self, model: &str, number: u32) -> Result<Lineage, CoreError> {
+        let key = (model.to_string(), number);
+        if let Some(found) = self.lineages.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(Arc::clone(found));
+        }
+        let mut changes = Vec::new();
+        let mut current = number;
+        // Parents of a version cannot be deleted while it exists, so the chain is whole.
+        while let Some(record) = self.record(model, current).await? {
+            let blob = record
+                .delta_blob
+                .ok_or_else(|| CoreError::Internal(format!("version {current} of model '{model}' has no stored change")))?;
+            changes.push(Bytes::from(self.blobs.get(&blob).await?));
+            current = record.parent;
+        }
+        changes.reverse();
+        let lineage = Arc::new(changes);
+        self.lineages.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Arc::clone(&lineage));
+        Ok(lineage)
+    }
+
+    fn view(&self, model: &str, number: u32, record: Option<VersionRecord>, aliases: &BTreeMap<String, u32>) -> VersionView {
+        let names = aliases.iter().filter(|(_, n)| **n == number).map(|(name, _)| name.clone()).collect();
+        let resident_bytes = self.registry.worker().resident_bytes(model, number);
+        match record {
+            None => VersionView {
+                model: model.to_string(),
+                number: 0,
+                parent: None,
+                state: VersionState::Ready,
+                layer: None,
+                method: None,
+                solver: None,
+                parameters: None,
+                statistics: None,
+                exemplars: Vec::new(),
+                description: None,
+                metrics: None,
+                error: None,
+                job: None,
+                created_at: None,
+                ready_at: None,
+                stored_bytes: 0,
+                resident: true,
+                resident_bytes: 0,
+                aliases: names,
+            },
+            Some(r) => VersionView {
+                model: r.model,
+                number: r.number,
+                parent: Some(r.parent),
+                state: r.state,
+                layer: Some(r.layer),
+                method: Some(r.method),
+                solver: Some(r.solver),
+                parameters: Some(r.parameters),
+                statistics: r.statistics,
+                exemplars: r.exemplars,
+                description: r.description,
+                metrics: r.metrics,
+                error: r.error,
+                job: Some(r.job),
+                created_at: Some(r.created_at),
+                ready_at: r.ready_at,
+                stored_bytes: r.stored_bytes,
+                resident: resident_bytes.is_some(),
+                resident_bytes: resident_bytes.unwrap_or(0),
+                aliases: names,
+            },
+        }
+    }
+
+    pub async fn get(&self, model: &str, reference: &VersionRef) -> Result<VersionView, CoreError> {
+        let number = self.resolve(model, reference).await?;
+        let record = self.record(model, number).await?;
+        let aliases = self.aliases(model).await?;
+        Ok(self.view(model, number, record, &aliases))
+    }
+
+    /// Newest first; version 0 comes last, on the last page.
+    pub async fn list(&self, model: &str, before: Option<u32>, limit: u32) -> Result<VersionPage, CoreError> {
+        self.registry.model(model)?;
+        let aliases = self.aliases(model).await?;
+        let records = self.metadata.versions(model, before, limit).await?;
+        let full = records.len() == limit as usize;
+        let mut versions: Vec<VersionView> = records.into_iter().map(|r| self.view(model, r.number, Some(r), &aliases)).collect();
+        let lowest = versions.last().map_or(before.unwrap_or(u32::MAX), |v| v.number);
+        if !full && lowest > 0 {
+            versions.push(self.view(model, 0, None, &aliases));
+        }
+        let next_before = match versions.last() {
+            Some(last) if full && last.number > 0 => Some(last.number),
+            _ => None,
+        };
+        Ok(VersionPage { versions, next_before })
+    }
+
+    pub async fn delete(&self, model: &str, reference: &VersionRef) -> Result<u32, CoreError> {
+        let _writes = self.writes.lock().await;
+        let number = self.resolve(model, reference).await?;
+        let in_use = |why: String| CoreError::Conflict(Conflict::VersionInUse, format!("version {number} of model '{model}' {why}"));
+        let Some(record) = self.record(model, number).await? else {
+            return Err(in_use("is the base weights and is never deleted".into()));
+        };
+        if record.state == VersionState::Pending {
+            return Err(CoreError::Conflict(
+                Conflict::VersionNotReady,
+                format!("version {number} of model '{model}' is pending; cancel its job {} instead", record.job),
+            ));
+        }
+        let stored = self.metadata.aliases(model).await?;
+        let names: Vec<&str> = stored.iter().filter(|(_, n)| *n == number).map(|(name, _)| name.as_str()).collect();
+        if !names.is_empty() {
+            return Err(in_use(format!("is named by the alias(es) {}; move or delete them first", names.join(", "))));
+        }
+        let children = self.metadata.children(model, number).await?;
+        if children > 0 {
+            return Err(in_use(format!("is the parent of {children} version(s); delete them first")));
+        }
+        self.metadata.delete_version(model, number).await?;
+        self.lineages.lock().unwrap_or_else(|p| p.into_inner()).remove(&(model.to_string(), number));
+        self.registry.worker().forget(model, number)?;
+        self.metadata.record_audit("version.delete", &format!("{model}/{number}"), ANONYMOUS, None).await?;
+        Ok(number)
+    }
+
+    /// Records a model's loading or unloading in the audit log, beside its versions' history.
+    pub async fn record_model_event(&self, action: &str, model: &str, detail: Option<serde_json::Value>) -> Result<(), CoreError> {
+        Ok(self.metadata.record_audit(action, model, ANONYMOUS, detail).await?)
+    }
+
+    /// Every alias of the model, built-in ones included.
+    pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, u32>, CoreError> {
+        self.registry.model(model)?;
+        let mut aliases: BTreeMap<String, u32> = self.metadata.aliases(model).await?.into_iter().collect();
+        aliases.insert(BASE.into(), 0);
+        aliases.insert(LATEST.into(), self.metadata.latest_ready(model).await?.unwrap_or(0));
+        aliases.entry(DEFAULT.into()).or_insert(0);
+        Ok(aliases)
+    }
+
+    fn settable(alias: &str) -> Result<(), CoreError> {
+        if alias == BASE || alias == LATEST {
+            return Err(CoreError::Conflict(
+                Conflict::BuiltinAlias,
+                format!("'{alias}' is built in: 'base' is always version 0 and 'latest' the newest ready version"),
+            ));
+        }
+        if !is_valid_alias(alias) {
+            return Err(CoreError::InvalidArgument(format!(
+                "alias names are a lowercase letter then up to {} lowercase letters, digits, '_' or '-', got '{alias}'",
+                LONGEST_ALIAS - 1
+            )));
+        }
+        Ok(())
+    }
+
+    pub async fn set_alias(&self, model: &str, alias: &str, target: &VersionRef) -> Result<u32, CoreError> {
+        Self::settable(alias)?;
+        let _writes = self.writes.lock().await;
+        let number = self.ready(model, target).await?;
+        self.metadata.set_alias(model, alias, number).await?;
+        self.metadata
+            .record_audit("alias.set", &format!("{model}/{alias}"), ANONYMOUS, Some(json!({ "version": number })))
+            .await?;
+        Ok(number)
+    }
+
+    /// Removes an alias; `default` goes back to version 0.
+    pub async fn delete_alias(&self, model: &str, alias: &str) -> Result<(), CoreError> {
+        self.registry.model(model)?;
+        Self::settable(alias)?;
+        let _writes = self.writes.lock().await;
+        if !self.metadata.delete_alias(model, alias).await? && alias != DEFAULT {
+            return Err(CoreError::NotFound { kind: Resource::Alias, message: format!("model '{model}' has no alias '{alias}'") });
+        }
+        self.metadata.record_audit("alias.delete", &format!("{model}/{alias}"), ANONYMOUS, None).await?;
+        Ok(())
+    }
+
+    /// Classifies with the version `reference` names (the `default` alias when None); returns its number.
+    pub async fn classify(
+        &self,
+        model: &str,
+        reference: Option<&VersionRef>,
+        images: Vec<Bytes>,
+        top_k: usize,
+    ) -> Result<(u32, Vec<Vec<Prediction>>), CoreError> {
+        let target = self.target(model, reference.unwrap_or(&VersionRef::default_alias())).await?;
+        let number = target.version;
+        Ok((number, self.registry.classify(target, images, top_k).await?))
+    }
+
+    /// One image through several versions: `(number, predictions)` in the order asked.
+    pub async fn compare(
+        &self,
+        model: &str,
+        references: &[VersionRef],
+        image: Bytes,
+        top_k: usize,
+    ) -> Result<Vec<(u32, Vec<Prediction>)>, CoreError> {
+        let mut targets = Vec::with_capacity(references.len());
+        for reference in references {
+            targets.push(self.target(model, reference).await?);
+        }
+        let results = self.registry.classify_each(&targets, vec![image], top_k).await?;
+        Ok(targets.iter().zip(results).map(|(t, mut per_image)| (t.version, per_image.pop().unwrap_or_default())).collect())
+    }
+}
