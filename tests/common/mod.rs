@@ -1,6 +1,9 @@
 //! Shared by the integration tests: paths of the set-up's artefacts, a real server process on a free
-//! loopback port, the Python reference, and packages of randomly initialised torchvision models.
+//! loopback port, the Python reference, and packages of randomly initialised torchvision models; `api`, the
+//! HTTP API helpers of the versions tests.
 #![allow(dead_code)]
+
+pub mod api;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
