@@ -16,6 +16,8 @@ use crate::core::exemplars::Exemplars;
 use crate::core::jobs::Jobs;
 use crate::core::scheduler::DeviceWorker;
 use crate::core::versions::Versions;
+use crate::core::CoreError;
+use crate::models::ModelPackage;
 use crate::store::{BlobStore, FsBlobStore, MetadataStore, SqliteStore};
 use crate::telemetry;
 
@@ -45,12 +47,19 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
-    let state = Arc::new(AppState { registry: Arc::clone(&registry), exemplars, versions, jobs, config, metrics });
+    let state = Arc::new(AppState {
+        registry: Arc::clone(&registry),
+        exemplars,
+        versions: Arc::clone(&versions),
+        jobs,
+        config,
+        metrics,
+    });
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal());
     let mut server = std::pin::pin!(server.into_future());
     // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.
     tokio::select! {
-        loaded = registry.load_all(&packages) => {
+        loaded = load_models(&registry, &versions, &packages) => {
             loaded.context("loading models")?;
             tracing::info!(models = packages.len(), "ready");
         }
@@ -59,6 +68,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     server.await.context("server failed")?;
     tracing::info!("drained in-flight requests; stopping");
     Ok(())
+}
+
+/// Loads the packages, each only on the weights its name's versions were made on.
+async fn load_models(registry: &Registry, versions: &Versions, packages: &[PathBuf]) -> Result<(), CoreError> {
+    for dir in packages {
+        let package = ModelPackage::open(dir)?;
+        versions.bind_base(&package.name, &package.weights_path()).await?;
+    }
+    registry.load_all(packages).await
 }
 
 fn available_cores() -> usize {

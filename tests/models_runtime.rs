@@ -4,16 +4,20 @@ mod common;
 
 use std::path::Path;
 
-use common::{foolbox_photos, model_dir, read, write_lite0_without, TestServer};
+use common::api::{closed_form, striped_form, Api, Image};
+use common::{foolbox_photos, read, root, write_lite0_without, TestServer};
 use serde_json::{json, Value};
 
-/// A models directory holding efficientnet-lite0 (by symlinks) and a copy missing one tensor.
+/// A models directory holding efficientnet-lite0 and efficientnet-lite1 (by symlinks) and a copy of lite0
+/// missing one tensor.
 fn models_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let good = dir.path().join("efficientnet-lite0");
-    std::fs::create_dir(&good).unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        std::os::unix::fs::symlink(model_dir().join(file), good.join(file)).unwrap();
+    for package in ["efficientnet-lite0", "efficientnet-lite1"] {
+        let good = dir.path().join(package);
+        std::fs::create_dir(&good).unwrap();
+        for file in ["config.json", "model.safetensors"] {
+            std::os::unix::fs::symlink(root().join("models").join(package).join(file), good.join(file)).unwrap();
+        }
     }
     write_lite0_without(&dir.path().join("broken"), "_conv_head.weight");
     dir
@@ -158,4 +162,31 @@ async fn unloading_a_model_in_use_ends_every_request_cleanly() {
     println!("during unload: {} answered, {} not found, {} unloaded while waiting", answered[0], answered[1], answered[2]);
     let (status, _) = classify(&client, &server, "efficientnet-lite0", &photos[0].0).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_name_keeps_the_weights_its_versions_were_made_on() {
+    let dir = models_dir();
+    let server = TestServer::start_in(dir.path(), &[]).await;
+    let api = Api::new(&server);
+    let loaded = api.post_json("/v1/models", &json!({"name": "copy", "path": "efficientnet-lite0"})).await;
+    loaded.ok(201, "load copy");
+    let exemplar = api.create_exemplar(striped_form(0)).await;
+    let job = api.post_json("/v1/models/copy/versions", &closed_form(&exemplar, "on copy")).await.ok(202, "edit copy");
+    api.wait_succeeded(job["job"]["id"].as_str().unwrap()).await;
+    let probe = Image::photo(0);
+    let before = api.post_image("/v1/models/copy/versions/1/classify?top_k=1000", &probe).await.ok(200, "version 1");
+    assert_eq!(api.delete("/v1/models/copy").await.status, 204);
+
+    // Other weights under the same name would turn version 1 into another model: refused, nothing loaded.
+    let other = api.post_json("/v1/models", &json!({"name": "copy", "path": "efficientnet-lite1"})).await;
+    other.expect_error(409, "model_weights_changed", "lite1 weights under the name of lite0 versions");
+    assert_eq!(api.get("/v1/models/copy").await.status, 404);
+
+    // The same weights again: version 1 is back and answers exactly as before.
+    api.post_json("/v1/models", &json!({"name": "copy", "path": "efficientnet-lite0"})).await.ok(201, "reload copy");
+    let after = api.post_image("/v1/models/copy/versions/1/classify?top_k=1000", &probe).await.ok(200, "version 1 again");
+    assert_eq!(before, after);
+    // A name without ready versions may change weights.
+    api.post_json("/v1/models", &json!({"name": "fresh", "path": "efficientnet-lite1"})).await.ok(201, "load fresh");
 }

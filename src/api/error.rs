@@ -47,6 +47,7 @@ impl ApiError {
                         Conflict::ExemplarInUse => "exemplar_in_use",
                         Conflict::BuiltinAlias => "builtin_alias",
                         Conflict::JobFinished => "job_finished",
+                        Conflict::WeightsChanged => "model_weights_changed",
                     },
                 ),
                 CoreError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),

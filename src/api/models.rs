@@ -18,6 +18,7 @@ use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
+use crate::models::ModelPackage;
 
 const DEFAULT_TOP_K: usize = 5;
 
@@ -48,6 +49,11 @@ pub async fn load_model(
 ) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
     let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let dir = package_dir(&state.config.models_dir, &request.path)?;
+    if state.registry.model(&request.name).is_ok() {
+        return Err(CoreError::ModelExists(request.name).into());
+    }
+    let package = ModelPackage::open(&dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
+    state.versions.bind_base(&request.name, &package.weights_path()).await?;
     let info = state.registry.load_as(&request.name, &dir).await?;
     let detail = serde_json::json!({"path": request.path, "architecture": info.architecture});
     state.versions.record_model_event("model.load", &info.name, Some(detail)).await?;

@@ -85,6 +85,8 @@ pub enum Conflict {
     BuiltinAlias,
     /// The job already reached a final state.
     JobFinished,
+    /// The model name has versions made on other weights than those being loaded.
+    WeightsChanged,
 }
 
 /// What kind of image problem, kept apart from the message so the transport can pick a status.

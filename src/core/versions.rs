@@ -14,6 +14,7 @@ use super::exemplars::ANONYMOUS;
 use super::registry::{Prediction, Registry};
 use super::scheduler::{Lineage, Target};
 use super::{Conflict, CoreError, Resource};
+use crate::edit::statistics::files_sha256;
 use crate::store::{BlobStore, MetadataStore, VersionRecord, VersionState};
 
 pub const BASE: &str = "base";
@@ -294,6 +295,33 @@ impl Versions {
         self.registry.worker().forget(model, number)?;
         self.metadata.record_audit("version.delete", &format!("{model}/{number}"), ANONYMOUS, None).await?;
         Ok(number)
+    }
+
+    /// Ties the model name's versions to the weights in `weights`: a name whose ready versions were made on
+    /// other weights is refused, since their changes would be applied to the wrong base.
+    pub async fn bind_base(&self, model: &str, weights: &std::path::Path) -> Result<(), CoreError> {
+        let path = weights.to_path_buf();
+        let sha256 = tokio::task::spawn_blocking(move || files_sha256(&[path]))
+            .await
+            .map_err(|e| CoreError::Internal(format!("hashing the weights: {e}")))?
+            .map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
+        let _writes = self.writes.lock().await;
+        let recorded = self.metadata.base_weights(model).await?;
+        if recorded.as_deref() == Some(sha256.as_str()) {
+            return Ok(());
+        }
+        if recorded.is_some() && self.metadata.latest_ready(model).await?.is_some() {
+            return Err(CoreError::Conflict(
+                Conflict::WeightsChanged,
+                format!(
+                    "model '{model}' has versions made on other weights (sha256 {}), not on {} (sha256 {sha256}); \
+                     load these weights under another name",
+                    recorded.unwrap_or_default(),
+                    weights.display()
+                ),
+            ));
+        }
+        Ok(self.metadata.set_base_weights(model, &sha256).await?)
     }
 
     /// Records a model's loading or unloading in the audit log, beside its versions' history.

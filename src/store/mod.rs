@@ -212,6 +212,10 @@ pub trait MetadataStore: Send + Sync {
 
     async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError>;
 
+    /// The sha256 of the weights the model name's versions are made on, once recorded.
+    async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError>;
+    async fn set_base_weights(&self, model: &str, sha256: &str) -> Result<(), StoreError>;
+
     async fn record_audit(&self, action: &str, subject: &str, caller: &str, detail: Option<serde_json::Value>) -> Result<(), StoreError>;
     /// Entries at or after `since` (RFC 3339), oldest first, at most `limit`.
     async fn audit_since(&self, since: &str, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;

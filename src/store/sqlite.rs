@@ -459,6 +459,24 @@ impl MetadataStore for SqliteStore {
         .transpose()
     }
 
+    async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT weights_sha256 FROM model_bases WHERE model = ?").bind(model).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get("weights_sha256")).transpose()?)
+    }
+
+    async fn set_base_weights(&self, model: &str, sha256: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO model_bases (model, weights_sha256, recorded_at) VALUES (?, ?, ?) \
+             ON CONFLICT (model) DO UPDATE SET weights_sha256 = excluded.weights_sha256, recorded_at = excluded.recorded_at",
+        )
+        .bind(model)
+        .bind(sha256)
+        .bind(now_rfc3339())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn record_audit(&self, action: &str, subject: &str, caller: &str, detail: Option<serde_json::Value>) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO audit (at, action, subject, caller, detail) VALUES (?, ?, ?, ?, ?)")
             .bind(now_rfc3339())
