@@ -83,6 +83,12 @@ pub struct ServeConfig {
     /// Edit and statistics jobs that may wait while one runs; beyond that, 503 with Retry-After.
     #[arg(long, env = "EDITSERVE_EDIT_QUEUE_CAPACITY", default_value_t = 16)]
     pub edit_queue_capacity: usize,
+    /// libtorch threads an edit job computes with. Each OpenMP team beyond the inference worker's, once the
+    /// teams' threads outnumber the cores, makes OpenMP stop spinning between operations for every team,
+    /// which slowed both edits and classification on the 2-core machine (README, "Edit jobs"); one thread
+    /// keeps the edit beside inference instead of against it.
+    #[arg(long, env = "EDITSERVE_EDIT_THREADS", default_value_t = std::num::NonZeroUsize::MIN)]
+    pub edit_threads: std::num::NonZeroUsize,
     /// A directory whose subdirectories statistics jobs may read images from, by name.
     #[arg(long, env = "EDITSERVE_STATISTICS_DIR")]
     pub statistics_dir: Option<PathBuf>,

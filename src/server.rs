@@ -39,7 +39,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Arc::clone(&versions),
         metadata,
         blobs,
-        EditWorker::spawn(device, config.decode_limits())?,
+        EditWorker::spawn(device, config.decode_limits(), config.edit_threads)?,
         config.edit_queue_capacity,
         config.statistics_dir.clone(),
     )

@@ -4,6 +4,7 @@
 //! materialises the parent version from its lineage, and runs one edit or statistics computation at a time.
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -65,11 +66,13 @@ pub struct EditWorker {
 }
 
 impl EditWorker {
-    pub fn spawn(device: Device, limits: DecodeLimits) -> Result<Self, CoreError> {
+    /// `intra_op_threads`: libtorch threads for this thread's operations (see `ServeConfig::edit_threads`).
+    pub fn spawn(device: Device, limits: DecodeLimits, intra_op_threads: NonZeroUsize) -> Result<Self, CoreError> {
         let (sender, receiver) = crossbeam_channel::unbounded();
+        let intra_op_threads = intra_op_threads.get().min(i32::MAX as usize);
         std::thread::Builder::new()
             .name(format!("editserve-edit-{device:?}").to_lowercase())
-            .spawn(move || Thread { device, limits, bases: HashMap::new() }.run(receiver))
+            .spawn(move || Thread { device, limits, intra_op_threads, bases: HashMap::new() }.run(receiver))
             .map_err(|e| CoreError::Internal(format!("cannot start the edit worker: {e}")))?;
         Ok(Self { sender: Some(sender) })
     }
@@ -104,6 +107,7 @@ impl From<EditError> for CoreError {
 struct Thread {
     device: Device,
     limits: DecodeLimits,
+    intra_op_threads: usize,
     /// Base weights by model name, with the load generation they are of.
     bases: HashMap<String, (u64, Box<dyn Classifier>)>,
 }
@@ -111,6 +115,7 @@ struct Thread {
 impl Thread {
     fn run(mut self, messages: Receiver<Message>) {
         lower_priority();
+        tch::set_num_threads(self.intra_op_threads as i32);
         while let Ok(message) = messages.recv() {
             let Task { package, work, progress, reply } = match message {
                 Message::Run(task) => task,

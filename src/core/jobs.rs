@@ -48,30 +48,20 @@ impl VersionName {
     }
 }
 
-/// `POST /v1/models/{m}/versions`: everything but the exemplars has a default.
+/// `POST /v1/models/{m}/versions`: everything but the exemplars has a default (a missing option is None).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EditRequest {
-    #[serde(default)]
     pub parent: Option<VersionName>,
     pub exemplars: Vec<String>,
-    #[serde(default)]
     pub method: Option<Method>,
-    #[serde(default)]
     pub solver: Option<Solver>,
-    #[serde(default)]
     pub layer: Option<String>,
-    #[serde(default)]
     pub rank: Option<usize>,
-    #[serde(default)]
     pub steps: Option<usize>,
-    #[serde(default)]
     pub lr: Option<f64>,
-    #[serde(default)]
     pub seed: Option<i64>,
-    #[serde(default)]
     pub statistics: Option<String>,
-    #[serde(default)]
     pub description: Option<String>,
 }
 
