@@ -302,6 +302,18 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     let deletes = entries(&audit, "version.delete");
     assert_eq!(deletes.len(), 1, "{deletes:?}");
     assert_eq!(deletes[0]["subject"], format!("{MODEL}/2"), "{}", deletes[0]);
+
+    // Jobs and resident versions are visible to monitoring.
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    for line in [
+        r#"editserve_jobs_total{kind="edit",state="succeeded"} 2"#,
+        "editserve_job_seconds_count{kind=\"edit\"} 2",
+        "editserve_resident_versions ",
+        "editserve_version_materialisations_total ",
+        "editserve_edit_queue_depth 0",
+    ] {
+        assert!(metrics.contains(line), "/metrics lacks {line}:\n{metrics}");
+    }
 }
 
 #[tokio::test]

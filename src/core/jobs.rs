@@ -305,6 +305,7 @@ impl Jobs {
         let id = job.id.clone();
         let live = LiveJob { record: watch::Sender::new(job), cancel: AtomicBool::new(false), images: Mutex::new(images) };
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), Arc::new(live));
+        metrics::gauge!("editserve_edit_queue_depth").increment(1.0);
         permit.send(id);
     }
 
@@ -483,6 +484,7 @@ impl Jobs {
     }
 
     async fn run(&self, id: &str) {
+        metrics::gauge!("editserve_edit_queue_depth").decrement(1.0);
         let Some(live) = self.live(id) else { return };
         let started = now_rfc3339();
         let begun = live.record.send_if_modified(|r| {
@@ -497,10 +499,13 @@ impl Jobs {
             return;
         }
         let record = live.record.borrow().clone();
+        let clock = std::time::Instant::now();
         let outcome = match self.metadata.start_job(id, &started).await {
             Ok(()) => self.execute(&record, Arc::clone(&live)).await,
             Err(e) => Err(e.into()),
         };
+        let kind = enum_name(record.kind);
+        metrics::histogram!("editserve_job_seconds", "kind" => kind).record(clock.elapsed().as_secs_f64());
         self.finish(&live, record, outcome).await;
     }
 
@@ -608,6 +613,7 @@ impl Jobs {
             job.error = Some(format!("cannot record the job's end: {e}"));
         }
         tracing::info!(job = %job.id, kind = ?job.kind, state = ?job.state, error = ?job.error, "job finished");
+        metrics::counter!("editserve_jobs_total", "kind" => enum_name(job.kind), "state" => enum_name(job.state)).increment(1);
         let id = job.id.clone();
         live.record.send_replace(job);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);

@@ -273,6 +273,7 @@ impl Worker {
         if self.versions.pop(key).is_some() {
             self.residency.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         }
+        metrics::gauge!("editserve_resident_versions").set(self.versions.len() as f64);
     }
 
     /// Makes `target` resident unless it is the base or already resident.
@@ -288,6 +289,8 @@ impl Worker {
             self.residency.lock().unwrap_or_else(|p| p.into_inner()).remove(&evicted);
         }
         self.residency.lock().unwrap_or_else(|p| p.into_inner()).insert(target.key(), bytes);
+        metrics::gauge!("editserve_resident_versions").set(self.versions.len() as f64);
+        metrics::counter!("editserve_version_materialisations_total").increment(1);
         tracing::info!(model = %target.model, version = target.version, bytes, seconds = started.elapsed().as_secs_f64(), "version materialised");
         Ok(())
     }

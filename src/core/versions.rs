@@ -3,10 +3,11 @@
 //! plus one change; the changes of its lineage are read from the blob store once and kept, since a ready
 //! version never changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use lru::LruCache;
 use serde::Serialize;
 use serde_json::json;
 
@@ -95,10 +96,58 @@ pub struct Versions {
     registry: Arc<Registry>,
     metadata: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
-    lineages: Mutex<HashMap<(String, u32), Lineage>>,
+    lineages: Mutex<LineageCache>,
     /// Serialises management actions' checks with their writes (this process is the database's only
     /// writer; several replicas would need the database's own locks instead).
     pub(crate) writes: tokio::sync::Mutex<()>,
+}
+
+/// Lineages read from the blob store, least recently used first out, within a byte budget: a rewrite's
+/// change is a few kilobytes, a global fine-tune's as large as the model.
+struct LineageCache {
+    entries: LruCache<(String, u32), Lineage>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// What the lineage cache may hold.
+const LINEAGE_CACHE_BYTES: usize = 256 * 1024 * 1024;
+
+fn lineage_bytes(lineage: &Lineage) -> usize {
+    lineage.iter().map(Bytes::len).sum()
+}
+
+impl LineageCache {
+    fn new(budget: usize) -> Self {
+        Self { entries: LruCache::unbounded(), bytes: 0, budget }
+    }
+
+    fn get(&mut self, key: &(String, u32)) -> Option<Lineage> {
+        self.entries.get(key).cloned()
+    }
+
+    fn insert(&mut self, key: (String, u32), lineage: Lineage) {
+        let size = lineage_bytes(&lineage);
+        if size > self.budget {
+            return;
+        }
+        if let Some(replaced) = self.entries.put(key, lineage) {
+            self.bytes -= lineage_bytes(&replaced);
+        }
+        self.bytes += size;
+        while self.bytes > self.budget {
+            match self.entries.pop_lru() {
+                Some((_, evicted)) => self.bytes -= lineage_bytes(&evicted),
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &(String, u32)) {
+        if let Some(removed) = self.entries.pop(key) {
+            self.bytes -= lineage_bytes(&removed);
+        }
+    }
 }
 
 fn is_valid_alias(alias: &str) -> bool {
@@ -110,7 +159,7 @@ fn is_valid_alias(alias: &str) -> bool {
 
 impl Versions {
     pub fn new(registry: Arc<Registry>, metadata: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { registry, metadata, blobs, lineages: Mutex::new(HashMap::new()), writes: tokio::sync::Mutex::new(()) }
+        Self { registry, metadata, blobs, lineages: Mutex::new(LineageCache::new(LINEAGE_CACHE_BYTES)), writes: tokio::sync::Mutex::new(()) }
     }
 
     /// The number `reference` names now (aliases move); the model must be loaded.
@@ -174,7 +223,7 @@ impl Versions {
     pub async fn lineage(&self, model: &str, number: u32) -> Result<Lineage, CoreError> {
         let key = (model.to_string(), number);
         if let Some(found) = self.lineages.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
-            return Ok(Arc::clone(found));
+            return Ok(found);
         }
         let mut changes = Vec::new();
         let mut current = number;
@@ -297,8 +346,8 @@ impl Versions {
         Ok(number)
     }
 
-    /// Ties the model name's versions to the weights in `weights`: a name whose ready versions were made on
-    /// other weights is refused, since their changes would be applied to the wrong base.
+    /// Ties the model name's versions to the weights in `weights`: a name whose ready (or pending) versions
+    /// were made on other weights is refused, since their changes would be applied to the wrong base.
     pub async fn bind_base(&self, model: &str, weights: &std::path::Path) -> Result<(), CoreError> {
         let path = weights.to_path_buf();
         let sha256 = tokio::task::spawn_blocking(move || files_sha256(&[path]))
@@ -310,7 +359,7 @@ impl Versions {
         if recorded.as_deref() == Some(sha256.as_str()) {
             return Ok(());
         }
-        if recorded.is_some() && self.metadata.latest_ready(model).await?.is_some() {
+        if recorded.is_some() && self.metadata.live_versions(model).await? > 0 {
             return Err(CoreError::Conflict(
                 Conflict::WeightsChanged,
                 format!(
@@ -405,5 +454,39 @@ impl Versions {
         }
         let results = self.registry.classify_each(&targets, vec![image], top_k).await?;
         Ok(targets.iter().zip(results).map(|(t, mut per_image)| (t.version, per_image.pop().unwrap_or_default())).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lineage(sizes: &[usize]) -> Lineage {
+        Arc::new(sizes.iter().map(|&n| Bytes::from(vec![0u8; n])).collect())
+    }
+
+    #[test]
+    fn the_lineage_cache_keeps_within_its_budget() {
+        let mut cache = LineageCache::new(10);
+        let key = |n: u32| ("m".to_string(), n);
+        cache.insert(key(1), lineage(&[4]));
+        cache.insert(key(2), lineage(&[2, 2]));
+        assert!(cache.get(&key(1)).is_some(), "1 is now the most recently used");
+        cache.insert(key(3), lineage(&[5]));
+        assert!(cache.get(&key(2)).is_none(), "2 was the least recently used");
+        assert_eq!(cache.bytes, 9);
+        cache.insert(key(4), lineage(&[11]));
+        assert!(cache.get(&key(4)).is_none(), "over the budget on its own: never cached");
+        cache.remove(&key(1));
+        assert_eq!(cache.bytes, 5);
+    }
+
+    #[test]
+    fn version_names_parse() {
+        assert_eq!(VersionRef::parse("12").ok(), Some(VersionRef::Number(12)));
+        assert_eq!(VersionRef::parse("prod-2").ok(), Some(VersionRef::Alias("prod-2".into())));
+        assert!(VersionRef::parse("").is_err());
+        assert!(VersionRef::parse("99999999999").is_err());
+        assert!(is_valid_alias("canary_1") && !is_valid_alias("1abc") && !is_valid_alias("Prod"));
     }
 }

@@ -199,6 +199,8 @@ pub trait MetadataStore: Send + Sync {
     async fn versions(&self, model: &str, before: Option<u32>, limit: u32) -> Result<Vec<VersionRecord>, StoreError>;
     async fn version(&self, model: &str, number: u32) -> Result<Option<VersionRecord>, StoreError>;
     async fn latest_ready(&self, model: &str) -> Result<Option<u32>, StoreError>;
+    /// Versions of the model that are pending or ready: those whose change is, or will be, on its weights.
+    async fn live_versions(&self, model: &str) -> Result<u64, StoreError>;
     /// Versions that are not deleted whose parent is `number`.
     async fn children(&self, model: &str, number: u32) -> Result<u64, StoreError>;
     /// Marks a version deleted and forgets which exemplars it used.

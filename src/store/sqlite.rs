@@ -391,6 +391,14 @@ impl MetadataStore for SqliteStore {
         Ok(row.try_get::<Option<i64>, _>("latest")?.map(|n| n as u32))
     }
 
+    async fn live_versions(&self, model: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM versions WHERE model = ? AND state IN ('pending', 'ready')")
+            .bind(model)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? as u64)
+    }
+
     async fn children(&self, model: &str, number: u32) -> Result<u64, StoreError> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM versions WHERE model = ? AND parent = ? AND state != 'deleted'")
             .bind(model)
