@@ -32,6 +32,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metadata: Arc<dyn MetadataStore> =
         Arc::new(SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?);
     let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.data_dir.join("blobs"))?);
+    // Nothing writes yet: blobs of deleted versions and exemplars, and any a crash left behind, can go.
+    let (swept, swept_bytes) = blobs.sweep(&metadata.referenced_blobs().await?).await?;
+    if swept > 0 {
+        tracing::info!(blobs = swept, bytes = swept_bytes, "removed blobs nothing refers to");
+    }
     let exemplars = Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), cpu_pool, config.decode_limits());
     let versions = Arc::new(Versions::new(Arc::clone(&registry), Arc::clone(&metadata), Arc::clone(&blobs)));
     let jobs = Jobs::start(

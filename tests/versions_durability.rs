@@ -11,7 +11,7 @@ mod common;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
-use common::api::{closed_form, long_adam, merged, numbers, striped_form, Api, Image};
+use common::api::{closed_form, long_adam, merged, model_path, numbers, striped_form, Api, Image};
 use common::{foolbox_photos, root, striped_exemplar, TestServer};
 use serde_json::{json, Value};
 
@@ -87,6 +87,12 @@ fn assert_bitwise_equal(version: u64, probes: &[Probe], before: &[Vec<f64>], aft
     }
 }
 
+/// How many blobs the data directory holds.
+fn blob_files(data: &Path) -> usize {
+    let shards = std::fs::read_dir(data.join("blobs")).unwrap();
+    shards.map(|shard| std::fs::read_dir(shard.unwrap().path()).unwrap().count()).sum()
+}
+
 /// A server on a fresh data directory, which outlives it for `restart`.
 async fn first_start() -> (tempfile::TempDir, TestServer, Api) {
     let data = tempfile::tempdir().unwrap();
@@ -113,6 +119,17 @@ async fn sigterm_restart_brings_back_versions_aliases_exemplars_and_exact_probab
     let set = api.set_alias("production", json!(v2)).await.ok(200, "PUT alias production");
     assert_eq!(set, json!({"alias": "production", "version": v2}));
 
+    // Two versions deleted before the restart: 3 repeats version 1's change (the same blob, which must stay),
+    // 4 has a change of its own (a blob nothing refers to any more, which the restart removes).
+    let (_, v3) = api.edit(&closed_form_on(0, &first, "the change of version 1 again")).await;
+    let (_, v4) = api.edit(&closed_form_on(0, &second, "a change of its own")).await;
+    let (third, first_version) = (api.version(v3).await.ok(200, "GET 3"), api.version(v1).await.ok(200, "GET 1"));
+    assert_eq!(third["stored_bytes"], first_version["stored_bytes"], "{third} {first_version}");
+    for version in [v4, v3] {
+        assert_eq!(api.delete(&model_path(&format!("/versions/{version}"))).await.status, 204, "DELETE {version}");
+    }
+    let blobs_before = blob_files(data.path());
+
     let images = probe_images();
     let mut before = Vec::new();
     for version in [0, v1, v2] {
@@ -131,6 +148,7 @@ async fn sigterm_restart_brings_back_versions_aliases_exemplars_and_exact_probab
     let status = server.terminate();
     assert!(status.success(), "SIGTERM: {status:?}");
     let (_server, api) = restart(data.path()).await;
+    assert_eq!(blob_files(data.path()), blobs_before - 1, "only the deleted version 4's change is removed");
 
     assert_eq!(durable(&api.list_versions("?limit=200").await), versions, "the versions changed across the restart");
     assert_eq!(api.aliases().await, aliases, "the aliases changed across the restart");

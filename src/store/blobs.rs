@@ -1,6 +1,7 @@
 //! Content-addressed blobs on the local filesystem: `<root>/<first two hex digits>/<sha256>`. Written to
 //! a temporary file, fsynced, then renamed, so a crash never leaves a partly written blob under its name.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -45,6 +46,33 @@ impl BlobStore for FsBlobStore {
             Err(e) => Err(StoreError::Blob(format!("{}: {e}", path.display()))),
         }
     }
+
+    async fn sweep(&self, keep: &HashSet<String>) -> Result<(u64, u64), StoreError> {
+        let (root, keep) = (self.root.clone(), keep.clone());
+        tokio::task::spawn_blocking(move || sweep(&root, &keep)).await.map_err(|e| StoreError::Blob(e.to_string()))?
+    }
+}
+
+fn sweep(root: &Path, keep: &HashSet<String>) -> Result<(u64, u64), StoreError> {
+    let error = |path: &Path, e: std::io::Error| StoreError::Blob(format!("{}: {e}", path.display()));
+    let (mut blobs, mut bytes) = (0, 0);
+    for shard in std::fs::read_dir(root).map_err(|e| error(root, e))? {
+        let shard = shard.map_err(|e| error(root, e))?.path();
+        if !shard.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&shard).map_err(|e| error(&shard, e))? {
+            let path = entry.map_err(|e| error(&shard, e))?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if keep.contains(name) {
+                continue;
+            }
+            let size = path.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(&path).map_err(|e| error(&path, e))?;
+            (blobs, bytes) = (blobs + 1, bytes + size);
+        }
+    }
+    Ok((blobs, bytes))
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
@@ -81,5 +109,18 @@ mod tests {
         // No temporary file is left beside the blob.
         let leftovers = std::fs::read_dir(dir.path().join(&id[..2])).unwrap().count();
         assert_eq!(leftovers, 1);
+    }
+
+    #[tokio::test]
+    async fn sweeps_what_nothing_refers_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobStore::open(dir.path()).unwrap();
+        let kept = store.put(b"kept".to_vec()).await.unwrap();
+        let dropped = store.put(b"dropped".to_vec()).await.unwrap();
+        std::fs::write(dir.path().join(&kept[..2]).join(".tmp-crashed"), b"half").unwrap();
+        let keep: HashSet<String> = [kept.clone()].into();
+        assert_eq!(store.sweep(&keep).await.unwrap(), (2, 7 + 4));
+        assert_eq!(store.get(&kept).await.unwrap(), b"kept");
+        assert!(matches!(store.get(&dropped).await, Err(StoreError::MissingBlob(_))));
     }
 }

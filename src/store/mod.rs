@@ -215,6 +215,9 @@ pub trait MetadataStore: Send + Sync {
     async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError>;
 
     /// The sha256 of the weights the model name's versions are made on, once recorded.
+    /// Every blob a row refers to (deleted versions' changes excepted).
+    async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, StoreError>;
+
     async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError>;
     async fn set_base_weights(&self, model: &str, sha256: &str) -> Result<(), StoreError>;
 
@@ -228,6 +231,9 @@ pub trait BlobStore: Send + Sync {
     /// Stores `bytes` under their sha256 (hex), which it returns; storing the same bytes twice is a no-op.
     async fn put(&self, bytes: Vec<u8>) -> Result<String, StoreError>;
     async fn get(&self, sha256: &str) -> Result<Vec<u8>, StoreError>;
+    /// Removes every blob not in `keep`, and what a crash left half written; returns (blobs, bytes) removed.
+    /// Only safe while nothing else writes: the server runs it at start-up, before it serves.
+    async fn sweep(&self, keep: &std::collections::HashSet<String>) -> Result<(u64, u64), StoreError>;
 }
 
 /// Stored timestamps: RFC 3339 in UTC with exactly six fractional digits, so that they sort as text.

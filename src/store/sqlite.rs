@@ -467,6 +467,18 @@ impl MetadataStore for SqliteStore {
         .transpose()
     }
 
+    async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT image_blob AS blob FROM exemplars UNION SELECT mask_blob FROM exemplars \
+             UNION SELECT modified_blob FROM exemplars UNION SELECT image_blob FROM textures \
+             UNION SELECT delta_blob FROM versions WHERE state != 'deleted' AND delta_blob IS NOT NULL \
+             UNION SELECT blob FROM statistics",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get("blob")?)).collect()
+    }
+
     async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT weights_sha256 FROM model_bases WHERE model = ?").bind(model).fetch_optional(&self.pool).await?;
         Ok(row.map(|r| r.try_get("weights_sha256")).transpose()?)
