@@ -169,7 +169,7 @@ async fn sigterm_restart_brings_back_versions_aliases_exemplars_and_exact_probab
 }
 
 #[tokio::test]
-async fn kill_9_fails_the_running_job_and_keeps_the_ready_versions() {
+async fn kill_9_fails_the_running_job_requeues_the_queued_one_and_keeps_the_ready_versions() {
     let (data, mut server, api) = first_start().await;
 
     let exemplar = api.create_exemplar(striped_form(0)).await;
@@ -182,6 +182,9 @@ async fn kill_9_fails_the_running_job_and_keeps_the_ready_versions() {
     let (job, doomed) = api.start_edit(&long_adam(&exemplar, "killed")).await;
     assert_eq!(doomed, ready + 1);
     api.wait_running(&job).await;
+    // A job queued behind it: it has not started, so the restart queues it again.
+    let (waiting, resumed) = api.start_edit(&closed_form_on(ready, &exemplar, "queued at the kill")).await;
+    assert_eq!(api.job(&waiting).await["state"], "queued");
     // SAFETY: signalling our own child process; terminate() then reaps it (its SIGTERM comes too late to matter).
     unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
     let status = server.terminate();
@@ -200,7 +203,12 @@ async fn kill_9_fails_the_running_job_and_keeps_the_ready_versions() {
     assert!(version["error"].as_str().is_some_and(|e| !e.is_empty()), "{version}");
     let doomed_route = format!("/versions/{doomed}/classify");
     api.classify(&doomed_route, &images[0].image).await.expect_error(409, "version_not_ready", "classify it");
-    assert_eq!(api.aliases().await["latest"], ready, "latest must not move to the failed version");
+    assert_ne!(api.aliases().await["latest"], doomed, "latest must not move to the failed version");
+
+    // The queued job ran after the restart.
+    let done = api.wait_finished(&waiting).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(api.version(resumed).await.ok(200, "GET the resumed version")["state"], "ready");
 
     // The ready versions answer bit for bit as before.
     for (version, before) in [0, ready].into_iter().zip(&before) {
@@ -210,7 +218,7 @@ async fn kill_9_fails_the_running_job_and_keeps_the_ready_versions() {
 
     // The failed version keeps its number: the next edit gets the one after.
     let (_, next) = api.edit(&closed_form_on(ready, &exemplar, "after the restart")).await;
-    assert_eq!(next, doomed + 1, "a version number was reused");
-    assert_eq!(numbers(&api.list_versions("?limit=200").await), [next, doomed, ready, 0]);
+    assert_eq!(next, resumed + 1, "a version number was reused");
+    assert_eq!(numbers(&api.list_versions("?limit=200").await), [next, resumed, doomed, ready, 0]);
     assert_eq!(api.aliases().await["latest"], next);
 }

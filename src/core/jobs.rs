@@ -187,7 +187,8 @@ fn invalid(message: impl Into<String>) -> CoreError {
 }
 
 impl Jobs {
-    /// Fails what a stopped server left unfinished, then starts taking jobs.
+    /// Fails the jobs a stopped server was running, queues again the ones it had queued, then starts
+    /// taking jobs.
     pub async fn start(
         registry: Arc<Registry>,
         versions: Arc<Versions>,
@@ -197,9 +198,9 @@ impl Jobs {
         capacity: usize,
         statistics_dir: Option<PathBuf>,
     ) -> Result<Arc<Self>, CoreError> {
-        let failed = metadata.fail_unfinished_jobs(RESTART_FAILURE).await?;
+        let failed = metadata.fail_running_jobs(RESTART_FAILURE).await?;
         if failed > 0 {
-            tracing::warn!(jobs = failed, "jobs left unfinished by the previous run are marked failed");
+            tracing::warn!(jobs = failed, "jobs running when the previous run stopped are marked failed");
         }
         let (queue, mut receiver) = mpsc::channel::<String>(capacity.max(1));
         let jobs = Arc::new(Self {
@@ -213,14 +214,42 @@ impl Jobs {
             live: Mutex::new(HashMap::new()),
             statistics_dir,
         });
+        jobs.requeue().await?;
         let runner = Arc::downgrade(&jobs);
+        let registry = Arc::clone(&jobs.registry);
         tokio::spawn(async move {
+            // Jobs queued again at start-up need their models.
+            registry.wait_ready().await;
             while let Some(id) = receiver.recv().await {
                 let Some(jobs) = runner.upgrade() else { break };
                 jobs.run(&id).await;
             }
         });
         Ok(jobs)
+    }
+
+    /// Queues again what the previous run had queued; what cannot run again fails.
+    async fn requeue(&self) -> Result<(), CoreError> {
+        for job in self.metadata.queued_jobs().await? {
+            let uploaded = job.kind == JobKind::Statistics && job.request.get("directory").is_none_or(|d| d.is_null());
+            let permit = if uploaded { None } else { self.queue.try_reserve().ok() };
+            let live = LiveJob { record: watch::Sender::new(job.clone()), cancel: AtomicBool::new(false), images: Mutex::new(None) };
+            match permit {
+                Some(permit) => {
+                    tracing::info!(job = %job.id, "queued again after the restart");
+                    self.enqueue(job, None, permit);
+                }
+                None => {
+                    let why = if uploaded {
+                        "the uploaded images were lost when the server stopped; submit the job again"
+                    } else {
+                        "the edit queue is shorter than before the restart; submit the job again"
+                    };
+                    self.finish(&live, job, Err(CoreError::Internal(why.into()))).await;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Frees what the edit worker keeps of an unloaded model.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -70,7 +70,8 @@ pub struct Registry {
     cpu_pool: Arc<CpuPool>,
     models: RwLock<HashMap<String, Arc<ModelEntry>>>,
     generations: std::sync::atomic::AtomicU64,
-    ready: AtomicBool,
+    /// Whether the models given at start-up are loaded.
+    ready: tokio::sync::watch::Sender<bool>,
     limits: DecodeLimits,
 }
 
@@ -99,7 +100,7 @@ impl Registry {
             cpu_pool,
             models: RwLock::new(HashMap::new()),
             generations: std::sync::atomic::AtomicU64::new(0),
-            ready: AtomicBool::new(false),
+            ready: tokio::sync::watch::Sender::new(false),
             limits,
         }
     }
@@ -109,7 +110,7 @@ impl Registry {
         for dir in packages {
             self.load(dir).await?;
         }
-        self.ready.store(true, Ordering::SeqCst);
+        self.ready.send_replace(true);
         Ok(())
     }
 
@@ -174,7 +175,13 @@ impl Registry {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        *self.ready.borrow()
+    }
+
+    /// Returns once the models given at start-up are loaded.
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.subscribe();
+        let _ = ready.wait_for(|ready| *ready).await;
     }
 
     pub fn models(&self) -> Vec<ModelInfo> {

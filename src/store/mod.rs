@@ -192,8 +192,10 @@ pub trait MetadataStore: Send + Sync {
         version: Option<&VersionRecord>,
         statistics: Option<&StatisticsRecord>,
     ) -> Result<(), StoreError>;
-    /// At start-up: jobs left queued or running by a stopped server fail, and so do their versions.
-    async fn fail_unfinished_jobs(&self, message: &str) -> Result<u64, StoreError>;
+    /// At start-up: jobs a stopped server left running fail, and so do their versions; returns how many.
+    async fn fail_running_jobs(&self, message: &str) -> Result<u64, StoreError>;
+    /// Jobs still queued, oldest first.
+    async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
 
     /// Versions that are not deleted, newest first, numbered below `before`, at most `limit`.
     async fn versions(&self, model: &str, before: Option<u32>, limit: u32) -> Result<Vec<VersionRecord>, StoreError>;

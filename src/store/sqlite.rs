@@ -344,22 +344,28 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
-    async fn fail_unfinished_jobs(&self, message: &str) -> Result<u64, StoreError> {
+    async fn fail_running_jobs(&self, message: &str) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let failed = sqlx::query(
-            "UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state IN ('queued', 'running')",
+        sqlx::query(
+            "UPDATE versions SET state = 'failed', error = ? \
+             WHERE state = 'pending' AND job IN (SELECT id FROM jobs WHERE state = 'running')",
         )
         .bind(message)
-        .bind(now_rfc3339())
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        sqlx::query("UPDATE versions SET state = 'failed', error = ? WHERE state = 'pending'")
+        .await?;
+        let failed = sqlx::query("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state = 'running'")
             .bind(message)
+            .bind(now_rfc3339())
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(failed)
+    }
+
+    async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid").fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
     }
 
     async fn versions(&self, model: &str, before: Option<u32>, limit: u32) -> Result<Vec<VersionRecord>, StoreError> {
