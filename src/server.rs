@@ -52,15 +52,21 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
+    let stopping = tokio::sync::watch::Sender::new(false);
     let state = Arc::new(AppState {
+        stopping: stopping.subscribe(),
         registry: Arc::clone(&registry),
         exemplars,
         versions: Arc::clone(&versions),
-        jobs,
+        jobs: Arc::clone(&jobs),
         config,
         metrics,
     });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal());
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        // Event streams follow jobs that may run for minutes: end them, or draining would wait for the jobs.
+        stopping.send_replace(true);
+    });
     let mut server = std::pin::pin!(server.into_future());
     // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.
     tokio::select! {
@@ -71,6 +77,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         served = &mut server => return served.context("server failed"),
     }
     server.await.context("server failed")?;
+    jobs.stop().await;
     tracing::info!("drained in-flight requests; stopping");
     Ok(())
 }

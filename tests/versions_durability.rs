@@ -222,3 +222,28 @@ async fn kill_9_fails_the_running_job_requeues_the_queued_one_and_keeps_the_read
     assert_eq!(numbers(&api.list_versions("?limit=200").await), [next, resumed, doomed, ready, 0]);
     assert_eq!(api.aliases().await["latest"], next);
 }
+
+#[tokio::test]
+async fn sigterm_ends_event_streams_and_fails_the_running_job() {
+    let (data, mut server, api) = first_start().await;
+    let exemplar = api.create_exemplar(striped_form(0)).await;
+    let (job, number) = api.start_edit(&long_adam(&exemplar, "followed at the stop")).await;
+    api.wait_running(&job).await;
+    let mut stream = reqwest::get(server.url(&format!("/v1/jobs/{job}/events"))).await.unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(stream.chunk().await.unwrap().is_some(), "the first event comes at once");
+
+    let stopped = std::time::Instant::now();
+    let status = server.terminate();
+    assert!(status.success(), "SIGTERM: {status:?}");
+    // The job had about 100,000 steps to go: minutes, had the drain waited for its stream.
+    assert!(stopped.elapsed() < std::time::Duration::from_secs(20), "the stop took {:?}", stopped.elapsed());
+    while let Ok(Some(_)) = stream.chunk().await {}
+
+    // Stopped, not cancelled by anyone: failed as after a crash, and so is its version.
+    let (_server, api) = restart(data.path()).await;
+    let failed = api.job(&job).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("stopped")), "{failed}");
+    assert_eq!(api.version(number).await.ok(200, "GET its version")["state"], "failed");
+}

@@ -32,6 +32,8 @@ pub struct AppState {
     pub exemplars: Exemplars,
     pub versions: Arc<Versions>,
     pub jobs: Arc<Jobs>,
+    /// Turns true when the server starts draining.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
     pub config: ServeConfig,
     pub metrics: PrometheusHandle,
 }

@@ -272,5 +272,9 @@ pub async fn job_events(
         let next = if view.state.is_final() { Watch::Done } else { Watch::Live(receiver, false) };
         Some((Ok(event(&view)), next))
     });
+    let mut stopping = state.stopping.clone();
+    let stream = futures_util::StreamExt::take_until(stream, async move {
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    });
     Ok(Sse::new(futures_util::StreamExt::boxed(stream)).keep_alive(KeepAlive::default()))
 }

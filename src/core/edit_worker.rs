@@ -6,7 +6,8 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
@@ -62,7 +63,8 @@ enum Message {
 }
 
 pub struct EditWorker {
-    sender: Option<Sender<Message>>,
+    sender: Mutex<Option<Sender<Message>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl EditWorker {
@@ -70,16 +72,29 @@ impl EditWorker {
     pub fn spawn(device: Device, limits: DecodeLimits, intra_op_threads: NonZeroUsize) -> Result<Self, CoreError> {
         let (sender, receiver) = crossbeam_channel::unbounded();
         let intra_op_threads = intra_op_threads.get().min(i32::MAX as usize);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("editserve-edit-{device:?}").to_lowercase())
             .spawn(move || Thread { device, limits, intra_op_threads, bases: HashMap::new() }.run(receiver))
             .map_err(|e| CoreError::Internal(format!("cannot start the edit worker: {e}")))?;
-        Ok(Self { sender: Some(sender) })
+        Ok(Self { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
+    }
+
+    fn sender(&self) -> Option<Sender<Message>> {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Lets the thread finish its task and waits for it to exit: libtorch must not be computing on it while
+    /// the process tears libtorch down.
+    pub fn stop(&self) {
+        self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = thread.join();
+        }
     }
 
     pub async fn run(&self, package: LoadedPackage, work: Work, progress: SharedProgress) -> Result<Outcome, CoreError> {
         let (reply, answer) = oneshot::channel();
-        let sender = self.sender.as_ref().ok_or(CoreError::ShuttingDown)?;
+        let sender = self.sender().ok_or(CoreError::ShuttingDown)?;
         sender.send(Message::Run(Task { package, work, progress, reply })).map_err(|_| CoreError::ShuttingDown)?;
         match answer.await {
             Ok(result) => result.map_err(CoreError::from),
@@ -88,7 +103,7 @@ impl EditWorker {
     }
 
     pub fn forget(&self, model: &str) {
-        if let Some(sender) = &self.sender {
+        if let Some(sender) = self.sender() {
             let _ = sender.send(Message::Forget(model.to_string()));
         }
     }

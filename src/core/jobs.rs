@@ -167,11 +167,13 @@ pub struct Jobs {
     versions: Arc<Versions>,
     metadata: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
-    worker: EditWorker,
+    worker: Arc<EditWorker>,
     queue: mpsc::Sender<String>,
     capacity: usize,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
     statistics_dir: Option<PathBuf>,
+    /// Set when the server stops: no job starts any more, and the running one is stopped and failed.
+    stopping: AtomicBool,
 }
 
 fn request_sha256(model: &str, request: &serde_json::Value) -> String {
@@ -208,11 +210,12 @@ impl Jobs {
             versions,
             metadata,
             blobs,
-            worker,
+            worker: Arc::new(worker),
             queue,
             capacity: capacity.max(1),
             live: Mutex::new(HashMap::new()),
             statistics_dir,
+            stopping: AtomicBool::new(false),
         });
         jobs.requeue().await?;
         let runner = Arc::downgrade(&jobs);
@@ -250,6 +253,20 @@ impl Jobs {
             }
         }
         Ok(())
+    }
+
+    /// For a stopping server: queued jobs stay queued (the next start runs them); the running one is stopped,
+    /// recorded as failed as after a crash, and the edit thread exits.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let live: Vec<Arc<LiveJob>> = self.live.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        for job in live.iter().filter(|job| job.record.borrow().state == JobState::Running) {
+            job.cancel.store(true, Ordering::SeqCst);
+            let mut watcher = job.record.subscribe();
+            let _ = tokio::time::timeout(CANCEL_WAIT, watcher.wait_for(|r| r.state.is_final())).await;
+        }
+        let worker = Arc::clone(&self.worker);
+        let _ = tokio::task::spawn_blocking(move || worker.stop()).await;
     }
 
     /// Frees what the edit worker keeps of an unloaded model.
@@ -515,6 +532,9 @@ impl Jobs {
     async fn run(&self, id: &str) {
         metrics::gauge!("editserve_edit_queue_depth").decrement(1.0);
         let Some(live) = self.live(id) else { return };
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
         let started = now_rfc3339();
         let begun = live.record.send_if_modified(|r| {
             let queued = r.state == JobState::Queued;
@@ -617,6 +637,10 @@ impl Jobs {
                 });
                 job.statistics = Some(job.id.clone());
             }),
+            Err(CoreError::Cancelled) if self.stopping.load(Ordering::SeqCst) => {
+                (job.state, job.error) = (JobState::Failed, Some(RESTART_FAILURE.into()));
+                Ok(())
+            }
             Err(e) => {
                 job.state = if matches!(e, CoreError::Cancelled) { JobState::Cancelled } else { JobState::Failed };
                 job.error = Some(e.to_string());
