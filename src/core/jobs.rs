@@ -20,7 +20,10 @@ use super::registry::Registry;
 use super::versions::{VersionRef, Versions};
 use super::{Conflict, CoreError, Resource};
 use crate::edit::{EditParams, Method, Progress, Solver};
-use crate::store::{now_rfc3339, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionRecord, VersionState};
+use crate::store::{
+    now_rfc3339, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionOutcome, VersionRecord,
+    VersionState,
+};
 
 const MAX_EXEMPLARS: usize = 16;
 const MAX_RANK: usize = 16;
@@ -610,19 +613,13 @@ impl Jobs {
         let progress = live.record.borrow().clone();
         (job.step, job.total, job.loss) = (progress.step, progress.total, progress.loss);
         job.finished_at = Some(now.clone());
-        let mut version = match job.version {
-            Some(number) => self.metadata.version(&job.model, number).await.ok().flatten(),
-            None => None,
-        };
+        let mut ready = None;
         let mut statistics = None;
         let stored = match outcome {
             Ok(Outcome::Edit { delta, metrics }) => {
-                let bytes = delta.len() as u64;
-                self.blobs.put(delta).await.map(|blob| {
-                    if let Some(v) = version.as_mut() {
-                        (v.state, v.delta_blob, v.stored_bytes, v.metrics, v.ready_at) =
-                            (VersionState::Ready, Some(blob), bytes, Some(metrics), Some(now.clone()));
-                    }
+                let stored_bytes = delta.len() as u64;
+                self.blobs.put(delta).await.map(|delta_blob| {
+                    ready = Some(VersionOutcome::Ready { delta_blob, stored_bytes, metrics, ready_at: now.clone() });
                 })
             }
             Ok(Outcome::Statistics { moment, images, positions }) => self.blobs.put(moment).await.map(|blob| {
@@ -650,15 +647,11 @@ impl Jobs {
         if let Err(e) = stored {
             job.state = JobState::Failed;
             job.error = Some(format!("cannot store the result: {e}"));
-            statistics = None;
+            (ready, statistics) = (None, None);
         } else if job.error.is_none() {
             job.state = JobState::Succeeded;
         }
-        if let Some(v) = version.as_mut() {
-            if job.state != JobState::Succeeded {
-                (v.state, v.error) = (VersionState::Failed, job.error.clone());
-            }
-        }
+        let version = job.version.map(|_| ready.unwrap_or_else(|| VersionOutcome::Failed { error: job.error.clone().unwrap_or_default() }));
         if let Err(e) = self.metadata.finish_job(&job, version.as_ref(), statistics.as_ref()).await {
             // The row stays unfinished and the next start marks it failed; the version never turns ready.
             tracing::error!(job = %job.id, error = %e, "cannot record the job's end");

@@ -341,7 +341,8 @@ impl Versions {
         }
         self.metadata.delete_version(model, number).await?;
         self.lineages.lock().unwrap_or_else(|p| p.into_inner()).remove(&(model.to_string(), number));
-        self.registry.worker().forget(model, number)?;
+        // Best effort: a deleted version is unreachable, and a full queue only delays its eviction.
+        let _ = self.registry.worker().forget(model, number);
         self.metadata.record_audit("version.delete", &format!("{model}/{number}"), ANONYMOUS, None).await?;
         Ok(number)
     }

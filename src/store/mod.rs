@@ -111,6 +111,13 @@ pub struct VersionRecord {
     pub ready_at: Option<String>,
 }
 
+/// How an edit job ended for its version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VersionOutcome {
+    Ready { delta_blob: String, stored_bytes: u64, metrics: serde_json::Value, ready_at: String },
+    Failed { error: String },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
@@ -185,11 +192,12 @@ pub trait MetadataStore: Send + Sync {
     async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
     async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError>;
     async fn start_job(&self, id: &str, at: &str) -> Result<(), StoreError>;
-    /// Writes a job's final state with, atomically, its version's outcome and the statistics it made.
+    /// Writes a job's final state with, atomically, its version's outcome (the version is the job's) and the
+    /// statistics it made.
     async fn finish_job(
         &self,
         job: &JobRecord,
-        version: Option<&VersionRecord>,
+        version: Option<&VersionOutcome>,
         statistics: Option<&StatisticsRecord>,
     ) -> Result<(), StoreError>;
     /// At start-up: jobs a stopped server left running fail, and so do their versions; returns how many.

@@ -9,7 +9,7 @@ use sqlx::Row;
 
 use super::{
     now_rfc3339, AuditEntry, ExemplarRecord, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord,
-    VersionRecord,
+    VersionOutcome, VersionRecord,
 };
 
 pub struct SqliteStore {
@@ -291,7 +291,7 @@ impl MetadataStore for SqliteStore {
     async fn finish_job(
         &self,
         job: &JobRecord,
-        version: Option<&VersionRecord>,
+        version: Option<&VersionOutcome>,
         statistics: Option<&StatisticsRecord>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -310,21 +310,31 @@ impl MetadataStore for SqliteStore {
         .bind(&job.id)
         .execute(&mut *tx)
         .await?;
-        if let Some(v) = version {
-            sqlx::query(
-                "UPDATE versions SET state = ?, metrics = ?, error = ?, delta_blob = ?, stored_bytes = ?, ready_at = ? \
-                 WHERE model = ? AND number = ?",
-            )
-            .bind(enum_text(v.state))
-            .bind(v.metrics.as_ref().map(|m| m.to_string()))
-            .bind(&v.error)
-            .bind(&v.delta_blob)
-            .bind(v.stored_bytes as i64)
-            .bind(&v.ready_at)
-            .bind(&v.model)
-            .bind(i64::from(v.number))
-            .execute(&mut *tx)
-            .await?;
+        let number = job.version.map(i64::from);
+        match version {
+            Some(VersionOutcome::Ready { delta_blob, stored_bytes, metrics, ready_at }) => {
+                sqlx::query(
+                    "UPDATE versions SET state = 'ready', metrics = ?, delta_blob = ?, stored_bytes = ?, ready_at = ? \
+                     WHERE model = ? AND number = ?",
+                )
+                .bind(metrics.to_string())
+                .bind(delta_blob)
+                .bind(*stored_bytes as i64)
+                .bind(ready_at)
+                .bind(&job.model)
+                .bind(number)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Some(VersionOutcome::Failed { error }) => {
+                sqlx::query("UPDATE versions SET state = 'failed', error = ? WHERE model = ? AND number = ?")
+                    .bind(error)
+                    .bind(&job.model)
+                    .bind(number)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            None => {}
         }
         if let Some(s) = statistics {
             sqlx::query(
