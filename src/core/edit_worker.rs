@@ -57,7 +57,7 @@ struct Task {
 }
 
 enum Message {
-    Run(Task),
+    Run(Box<Task>),
     /// Drops the copy of an unloaded model's weights.
     Forget(String),
 }
@@ -95,7 +95,7 @@ impl EditWorker {
     pub async fn run(&self, package: LoadedPackage, work: Work, progress: SharedProgress) -> Result<Outcome, CoreError> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender().ok_or(CoreError::ShuttingDown)?;
-        sender.send(Message::Run(Task { package, work, progress, reply })).map_err(|_| CoreError::ShuttingDown)?;
+        sender.send(Message::Run(Box::new(Task { package, work, progress, reply }))).map_err(|_| CoreError::ShuttingDown)?;
         match answer.await {
             Ok(result) => result.map_err(CoreError::from),
             Err(_) => Err(CoreError::Internal("the edit worker stopped during the job".into())),
@@ -133,7 +133,7 @@ impl Thread {
         tch::set_num_threads(self.intra_op_threads as i32);
         while let Ok(message) = messages.recv() {
             let Task { package, work, progress, reply } = match message {
-                Message::Run(task) => task,
+                Message::Run(task) => *task,
                 Message::Forget(model) => {
                     self.bases.remove(&model);
                     continue;
