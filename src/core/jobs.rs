@@ -501,7 +501,7 @@ impl Jobs {
     pub async fn cancel(&self, id: &str) -> Result<JobView, CoreError> {
         let Some(live) = self.live(id) else {
             let view = self.get(id).await?;
-            return Err(CoreError::Conflict(Conflict::JobFinished, format!("job {id} already ended: it {}", state_name(view.state))));
+            return Err(already_ended(id, view.state));
         };
         live.cancel.store(true, Ordering::SeqCst);
         let mut watcher = live.record.subscribe();
@@ -516,9 +516,11 @@ impl Jobs {
         if was_queued {
             let record = live.record.borrow().clone();
             self.finish(&live, record, Err(CoreError::Cancelled)).await;
-        } else if live.record.borrow().state.is_final() {
-            let view = JobView::from(&*live.record.borrow());
-            return Err(CoreError::Conflict(Conflict::JobFinished, format!("job {id} already ended: it {}", state_name(view.state))));
+        } else {
+            let state = live.record.borrow().state;
+            if state.is_final() {
+                return Err(already_ended(id, state));
+            }
         }
         let stopped = match tokio::time::timeout(CANCEL_WAIT, watcher.wait_for(|r| r.state.is_final())).await {
             Ok(Ok(record)) => Some(JobView::from(&*record)),
@@ -670,8 +672,8 @@ fn enum_name<T: Serialize>(value: T) -> String {
     serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
-fn state_name(state: JobState) -> String {
-    enum_name(state)
+fn already_ended(id: &str, state: JobState) -> CoreError {
+    CoreError::Conflict(Conflict::JobFinished, format!("job {id} has already ended ({}); nothing to cancel", enum_name(state)))
 }
 
 /// The files of a statistics directory, sorted, at most `MAX_STATISTICS_IMAGES`.
