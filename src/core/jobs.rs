@@ -434,8 +434,13 @@ impl Jobs {
                 (None, Some(images), total)
             }
             StatisticsImages::Directory(name) => {
-                let directory = self.statistics_directory(&name)?;
-                let total = image_files(&directory)?.len();
+                let root = self.statistics_dir.clone();
+                let (directory, total) = blocking(move || {
+                    let directory = statistics_directory(root.as_deref(), &name)?;
+                    let total = image_files(&directory)?.len();
+                    Ok((directory, total))
+                })
+                .await?;
                 (Some(directory), None, total)
             }
         };
@@ -465,20 +470,6 @@ impl Jobs {
         let view = JobView::from(&job);
         self.enqueue(job, uploaded, permit);
         Ok(view)
-    }
-
-    /// A subdirectory of the configured statistics directory; never a path outside it.
-    fn statistics_directory(&self, name: &str) -> Result<PathBuf, CoreError> {
-        let root = self
-            .statistics_dir
-            .as_ref()
-            .ok_or_else(|| invalid("no statistics directory is configured (--statistics-dir); upload 'image' parts instead"))?;
-        let root = root.canonicalize().map_err(|e| CoreError::Internal(format!("statistics directory {}: {e}", root.display())))?;
-        let dir = root.join(name).canonicalize().map_err(|_| invalid(format!("no directory '{name}' in the statistics directory")))?;
-        if !dir.starts_with(&root) || !dir.is_dir() {
-            return Err(invalid(format!("'{name}' is not a directory inside the statistics directory")));
-        }
-        Ok(dir)
     }
 
     pub async fn get(&self, id: &str) -> Result<JobView, CoreError> {
@@ -594,7 +585,8 @@ impl Jobs {
                     (Some(images), _) => images,
                     (None, Some(directory)) => {
                         let mut images = Vec::new();
-                        for path in image_files(directory)? {
+                        let listed = directory.clone();
+                        for path in blocking(move || image_files(&listed)).await? {
                             let bytes = tokio::fs::read(&path).await.map_err(|e| CoreError::Internal(format!("{}: {e}", path.display())))?;
                             images.push(Bytes::from(bytes));
                         }
@@ -674,6 +666,23 @@ fn enum_name<T: Serialize>(value: T) -> String {
 
 fn already_ended(id: &str, state: JobState) -> CoreError {
     CoreError::Conflict(Conflict::JobFinished, format!("job {id} has already ended ({}); nothing to cancel", enum_name(state)))
+}
+
+/// A subdirectory of the configured statistics directory; never a path outside it.
+fn statistics_directory(root: Option<&std::path::Path>, name: &str) -> Result<PathBuf, CoreError> {
+    let root = root
+        .ok_or_else(|| invalid("no statistics directory is configured (--statistics-dir); upload 'image' parts instead"))?;
+    let root = root.canonicalize().map_err(|e| CoreError::Internal(format!("statistics directory {}: {e}", root.display())))?;
+    let dir = root.join(name).canonicalize().map_err(|_| invalid(format!("no directory '{name}' in the statistics directory")))?;
+    if !dir.starts_with(&root) || !dir.is_dir() {
+        return Err(invalid(format!("'{name}' is not a directory inside the statistics directory")));
+    }
+    Ok(dir)
+}
+
+/// Filesystem work, off the async runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, CoreError> + Send + 'static) -> Result<T, CoreError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| CoreError::Internal(format!("a blocking task failed: {e}")))?
 }
 
 /// The files of a statistics directory, sorted, at most `MAX_STATISTICS_IMAGES`.
