@@ -665,3 +665,37 @@ async fn statistics_jobs_feed_second_moment_edits() {
 
     assert_eq!(entries(&api.audit().await, "statistics.create").len(), 2);
 }
+
+#[tokio::test]
+async fn least_recently_used_versions_leave_the_device_and_come_back_identical() {
+    let server = TestServer::start(&["--max-resident-versions", "1"]).await;
+    let api = Api::new(&server);
+    let first = api.create_exemplar(striped_form(0)).await;
+    let second = api.create_exemplar(striped_form(3)).await;
+    let (_, v1) = api.edit(&closed_form(&first, "one")).await;
+    let (_, v2) = api.edit(&closed_form(&second, "two")).await;
+    let probe = Image::photo(0);
+    let classify = |version: u64| {
+        let api = &api;
+        let probe = &probe;
+        async move { api.classify(&format!("/versions/{version}/classify?top_k=1000"), probe).await.ok(200, "classify") }
+    };
+    let residency = |version: u64| {
+        let api = &api;
+        async move {
+            let v = api.version(version).await.ok(200, "GET a version");
+            (v["resident"].as_bool().unwrap(), v["resident_bytes"].as_u64().unwrap())
+        }
+    };
+
+    let first_answer = classify(v1).await;
+    let (resident, bytes) = residency(v1).await;
+    assert!(resident && bytes > 0, "version 1 after use: resident {resident}, {bytes} bytes");
+    assert!(bytes < 18_798_728 / 4, "a version holds its edited layer, not a model: {bytes} bytes");
+    classify(v2).await;
+    assert!(residency(v2).await.0, "version 2 after use");
+    assert_eq!(residency(v1).await, (false, 0), "one resident version at most: version 1 must have left");
+    // Materialised again from its stored change: the same answer, bit for bit.
+    assert_eq!(classify(v1).await, first_answer);
+    assert_eq!(residency(v2).await, (false, 0));
+}
