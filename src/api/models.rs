@@ -49,7 +49,7 @@ pub async fn load_model(
 ) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
     let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let dir = package_dir(&state.config.models_dir, &request.path)?;
-    if state.registry.model(&request.name).is_ok() {
+    if state.registry.ensure_loaded(&request.name).is_ok() {
         return Err(CoreError::ModelExists(request.name).into());
     }
     let package = ModelPackage::open(&dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
@@ -134,7 +134,7 @@ pub async fn classify_version(
 ) -> Result<Json<ClassifyResponse>, ApiError> {
     // The body is read (within the limit) before any other error is answered: a server that answers and
     // closes while the client is still sending makes the client see a reset instead of the error.
-    let known = state.registry.model(&model);
+    let known = state.registry.ensure_loaded(&model);
     let images = read_images(&state, request).await;
     let top_k = top_k(&query?)?;
     known?;

@@ -86,7 +86,7 @@ pub async fn create_version(
     body: Result<Json<EditRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
-    state.registry.model(&model)?;
+    state.registry.ensure_loaded(&model)?;
     let request = json_body(body)?;
     let created = state.jobs.create_edit(&model, request, key).await?;
     Ok(accepted(format!("/v1/jobs/{}", created.job.id), created))
@@ -131,7 +131,7 @@ pub async fn compare(
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Json<Comparison>, ApiError> {
-    let known = state.registry.model(&model);
+    let known = state.registry.ensure_loaded(&model);
     let images = read_images(&state, request).await;
     let query = parse_query(query.as_deref(), &["versions", "top_k"])?;
     let top_k = top_k(&query)?;
@@ -181,7 +181,7 @@ pub async fn put_alias(
     Path((model, alias)): Path<(String, String)>,
     body: Result<Json<AliasTarget>, JsonRejection>,
 ) -> Result<Json<AliasSet>, ApiError> {
-    state.registry.model(&model)?;
+    state.registry.ensure_loaded(&model)?;
     let target = match json_body(body)?.version {
         VersionName::Number(n) => VersionRef::Number(n),
         VersionName::Alias(name) => version_ref(&name)?,
@@ -210,7 +210,7 @@ pub async fn create_statistics(
     request: Request,
 ) -> Result<Response, ApiError> {
     let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
-    state.registry.model(&model)?;
+    state.registry.ensure_loaded(&model)?;
     let images = parts.take_all("image");
     let text = |bytes: Option<bytes::Bytes>, name: &str| {
         bytes

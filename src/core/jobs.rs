@@ -21,7 +21,7 @@ use super::versions::{VersionRef, Versions};
 use super::{Conflict, CoreError, Resource};
 use crate::edit::{EditParams, Method, Progress, Solver};
 use crate::store::{
-    now_rfc3339, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionOutcome, VersionRecord,
+    now_rfc3339, serde_name, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionOutcome, VersionRecord,
     VersionState,
 };
 
@@ -136,6 +136,19 @@ struct LiveJob {
     images: Mutex<Option<Vec<Bytes>>>,
 }
 
+impl LiveJob {
+    /// Applies `update` if the job is still queued (atomically with respect to watchers); whether it was.
+    fn leave_queue(&self, update: impl FnOnce(&mut JobRecord)) -> bool {
+        self.record.send_if_modified(|r| {
+            let queued = r.state == JobState::Queued;
+            if queued {
+                update(r);
+            }
+            queued
+        })
+    }
+}
+
 impl Progress for LiveJob {
     fn report(&self, step: usize, total: usize, loss: f64) {
         self.record.send_modify(|r| {
@@ -172,7 +185,6 @@ pub struct Jobs {
     blobs: Arc<dyn BlobStore>,
     worker: Arc<EditWorker>,
     queue: mpsc::Sender<String>,
-    capacity: usize,
     live: Mutex<HashMap<String, Arc<LiveJob>>>,
     statistics_dir: Option<PathBuf>,
     /// Set when the server stops: no job starts any more, and the running one is stopped and failed.
@@ -185,6 +197,41 @@ fn request_sha256(model: &str, request: &serde_json::Value) -> String {
     hasher.update([0]);
     hasher.update(request.to_string().as_bytes());
     format!("{:x}", hasher.finalize())
+}
+
+/// A new job, queued, with no progress yet.
+fn queued_job(
+    kind: JobKind,
+    model: &str,
+    request: serde_json::Value,
+    request_sha256: String,
+    idempotency_key: Option<String>,
+    total: usize,
+    created_at: &str,
+) -> JobRecord {
+    JobRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind,
+        model: model.to_string(),
+        state: JobState::Queued,
+        version: None,
+        statistics: None,
+        request,
+        idempotency_key,
+        request_sha256,
+        step: 0,
+        total: total as u64,
+        loss: None,
+        error: None,
+        created_at: created_at.to_string(),
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+/// The plan a job was queued with.
+fn plan_of<T: serde::de::DeserializeOwned>(job: &JobRecord) -> Result<T, CoreError> {
+    serde_json::from_value(job.request.clone()).map_err(|e| CoreError::Internal(format!("job {}: unreadable plan: {e}", job.id)))
 }
 
 fn invalid(message: impl Into<String>) -> CoreError {
@@ -215,7 +262,6 @@ impl Jobs {
             blobs,
             worker: Arc::new(worker),
             queue,
-            capacity: capacity.max(1),
             live: Mutex::new(HashMap::new()),
             statistics_dir,
             stopping: AtomicBool::new(false),
@@ -237,7 +283,8 @@ impl Jobs {
     /// Queues again what the previous run had queued; what cannot run again fails.
     async fn requeue(&self) -> Result<(), CoreError> {
         for job in self.metadata.queued_jobs().await? {
-            let uploaded = job.kind == JobKind::Statistics && job.request.get("directory").is_none_or(|d| d.is_null());
+            // Uploaded statistics images lived in the stopped server's memory.
+            let uploaded = job.kind == JobKind::Statistics && plan_of::<StatisticsPlan>(&job).is_ok_and(|p| p.directory.is_none());
             let permit = if uploaded { None } else { self.queue.try_reserve().ok() };
             let live = LiveJob { record: watch::Sender::new(job.clone()), cancel: AtomicBool::new(false), images: Mutex::new(None) };
             match permit {
@@ -300,34 +347,18 @@ impl Jobs {
             }
         }
         let plan = self.plan(model, &package.surface, &request).await?;
-        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.capacity))?;
+        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.queue.max_capacity()))?;
         let now = now_rfc3339();
-        let job = JobRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            kind: JobKind::Edit,
-            model: model.to_string(),
-            state: JobState::Queued,
-            version: None,
-            statistics: None,
-            request: serde_json::to_value(&plan).map_err(|e| CoreError::Internal(e.to_string()))?,
-            idempotency_key: key,
-            request_sha256: sha,
-            step: 0,
-            total: plan.params.steps as u64,
-            loss: None,
-            error: None,
-            created_at: now.clone(),
-            started_at: None,
-            finished_at: None,
-        };
+        let stored_plan = serde_json::to_value(&plan).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let job = queued_job(JobKind::Edit, model, stored_plan, sha, key, plan.params.steps, &now);
         let version = VersionRecord {
             model: model.to_string(),
             number: 0,
             parent: plan.parent,
             state: VersionState::Pending,
             layer: plan.params.layer.clone(),
-            method: enum_name(plan.params.method),
-            solver: enum_name(plan.params.solver),
+            method: serde_name(plan.params.method),
+            solver: serde_name(plan.params.solver),
             parameters: json!({"rank": plan.params.rank, "steps": plan.params.steps, "lr": plan.params.lr, "seed": plan.params.seed}),
             statistics: plan.statistics.clone(),
             description: request.description.clone(),
@@ -376,7 +407,7 @@ impl Jobs {
         let method = request.method.unwrap_or(Method::Rewrite);
         let solver = request.solver.unwrap_or(Solver::Adam);
         let layer_name = request.layer.clone().unwrap_or_else(|| surface.default_edit_layer.clone());
-        let layer = surface.editable_layers.iter().find(|l| l.name == layer_name).ok_or_else(|| {
+        let layer = surface.layer(&layer_name).ok_or_else(|| {
             invalid(format!("'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"))
         })?;
         if solver == Solver::ClosedForm {
@@ -424,7 +455,7 @@ impl Jobs {
     pub async fn create_statistics(&self, model: &str, layer: Option<String>, images: StatisticsImages) -> Result<JobView, CoreError> {
         let package = self.registry.package(model)?;
         let layer = layer.unwrap_or_else(|| package.surface.default_edit_layer.clone());
-        if !package.surface.editable_layers.iter().any(|l| l.name == layer) {
+        if package.surface.layer(&layer).is_none() {
             return Err(invalid(format!("'{layer}' is not an editable layer of '{model}'")));
         }
         let (directory, uploaded, total) = match images {
@@ -446,25 +477,9 @@ impl Jobs {
         };
         let plan = StatisticsPlan { layer, directory };
         let request = serde_json::to_value(&plan).map_err(|e| CoreError::Internal(e.to_string()))?;
-        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.capacity))?;
-        let job = JobRecord {
-            id: uuid::Uuid::new_v4().to_string(),
-            kind: JobKind::Statistics,
-            model: model.to_string(),
-            state: JobState::Queued,
-            version: None,
-            statistics: None,
-            request_sha256: request_sha256(model, &request),
-            request,
-            idempotency_key: None,
-            step: 0,
-            total: total as u64,
-            loss: None,
-            error: None,
-            created_at: now_rfc3339(),
-            started_at: None,
-            finished_at: None,
-        };
+        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.queue.max_capacity()))?;
+        let sha = request_sha256(model, &request);
+        let job = queued_job(JobKind::Statistics, model, request, sha, None, total, &now_rfc3339());
         self.metadata.create_job(&job).await?;
         self.metadata.record_audit("statistics.create", &job.id, ANONYMOUS, Some(json!({"model": model, "layer": plan.layer}))).await?;
         let view = JobView::from(&job);
@@ -497,13 +512,7 @@ impl Jobs {
         live.cancel.store(true, Ordering::SeqCst);
         let mut watcher = live.record.subscribe();
         // A queued job ends here; the runner skips it. A running one stops at its next step.
-        let was_queued = live.record.send_if_modified(|r| {
-            let queued = r.state == JobState::Queued;
-            if queued {
-                r.state = JobState::Cancelled;
-            }
-            queued
-        });
+        let was_queued = live.leave_queue(|r| r.state = JobState::Cancelled);
         if was_queued {
             let record = live.record.borrow().clone();
             self.finish(&live, record, Err(CoreError::Cancelled)).await;
@@ -532,14 +541,7 @@ impl Jobs {
             return;
         }
         let started = now_rfc3339();
-        let begun = live.record.send_if_modified(|r| {
-            let queued = r.state == JobState::Queued;
-            if queued {
-                r.state = JobState::Running;
-                r.started_at = Some(started.clone());
-            }
-            queued
-        });
+        let begun = live.leave_queue(|r| (r.state, r.started_at) = (JobState::Running, Some(started.clone())));
         if !begun {
             return;
         }
@@ -549,7 +551,7 @@ impl Jobs {
             Ok(()) => self.execute(&record, Arc::clone(&live)).await,
             Err(e) => Err(e.into()),
         };
-        let kind = enum_name(record.kind);
+        let kind = serde_name(record.kind);
         metrics::histogram!("editserve_job_seconds", "kind" => kind).record(clock.elapsed().as_secs_f64());
         self.finish(&live, record, outcome).await;
     }
@@ -558,7 +560,7 @@ impl Jobs {
         let package = self.registry.package(&job.model)?;
         let work = match job.kind {
             JobKind::Edit => {
-                let plan: EditPlan = serde_json::from_value(job.request.clone()).map_err(|e| CoreError::Internal(e.to_string()))?;
+                let plan: EditPlan = plan_of(job)?;
                 let mut exemplars = Vec::with_capacity(plan.exemplars.len());
                 for id in &plan.exemplars {
                     let record = self.metadata.exemplar(id).await?.ok_or_else(|| CoreError::not_found(Resource::Exemplar, id))?;
@@ -579,7 +581,7 @@ impl Jobs {
                 Work::Edit { lineage, exemplars, params: plan.params, moment }
             }
             JobKind::Statistics => {
-                let plan: StatisticsPlan = serde_json::from_value(job.request.clone()).map_err(|e| CoreError::Internal(e.to_string()))?;
+                let plan: StatisticsPlan = plan_of(job)?;
                 let uploaded = live.images.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let images = match (uploaded, &plan.directory) {
                     (Some(images), _) => images,
@@ -653,19 +655,15 @@ impl Jobs {
             job.error = Some(format!("cannot record the job's end: {e}"));
         }
         tracing::info!(job = %job.id, kind = ?job.kind, state = ?job.state, error = ?job.error, "job finished");
-        metrics::counter!("editserve_jobs_total", "kind" => enum_name(job.kind), "state" => enum_name(job.state)).increment(1);
+        metrics::counter!("editserve_jobs_total", "kind" => serde_name(job.kind), "state" => serde_name(job.state)).increment(1);
         let id = job.id.clone();
         live.record.send_replace(job);
         self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 }
 
-fn enum_name<T: Serialize>(value: T) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
-
 fn already_ended(id: &str, state: JobState) -> CoreError {
-    CoreError::Conflict(Conflict::JobFinished, format!("job {id} has already ended ({}); nothing to cancel", enum_name(state)))
+    CoreError::Conflict(Conflict::JobFinished, format!("job {id} has already ended ({}); nothing to cancel", serde_name(state)))
 }
 
 /// A subdirectory of the configured statistics directory; never a path outside it.

@@ -194,6 +194,11 @@ impl Registry {
         Ok(self.entry(name)?.info.clone())
     }
 
+    /// Fails with `UnknownModel` unless `name` is loaded (without copying its description).
+    pub fn ensure_loaded(&self, name: &str) -> Result<(), CoreError> {
+        self.entry(name).map(|_| ())
+    }
+
     /// The package of a loaded model, for edits.
     pub fn package(&self, name: &str) -> Result<LoadedPackage, CoreError> {
         let entry = self.entry(name)?;
@@ -228,7 +233,13 @@ impl Registry {
         }
         let incoming: Vec<_> = targets.iter().map(|_| self.worker.announce()).collect();
         let inputs = self.preprocess(Arc::clone(&entry), images).await?;
-        let runs = targets.iter().zip(incoming).map(|(target, incoming)| self.worker.classify(target.clone(), inputs.clone(), incoming));
+        // One copy of the inputs per target beyond the first; a single classification copies nothing.
+        let copies = std::iter::repeat_n(inputs, targets.len());
+        let runs = targets
+            .iter()
+            .zip(incoming)
+            .zip(copies)
+            .map(|((target, incoming), inputs)| self.worker.classify(target.clone(), inputs, incoming));
         let mut results = Vec::with_capacity(targets.len());
         for probabilities in futures_util::future::join_all(runs).await {
             results.push(probabilities?.iter().map(|p| top_predictions(p, top_k, &entry.labels)).collect());

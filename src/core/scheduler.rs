@@ -66,6 +66,12 @@ pub struct EditSurface {
     pub default_edit_layer: String,
 }
 
+impl EditSurface {
+    pub fn layer(&self, name: &str) -> Option<&EditableLayer> {
+        self.editable_layers.iter().find(|layer| layer.name == name)
+    }
+}
+
 /// The bytes each resident version holds beyond its base, by (model, version); written by the worker.
 pub type Residency = Arc<Mutex<HashMap<(String, u32), u64>>>;
 
@@ -270,9 +276,17 @@ impl Worker {
     }
 
     fn evict(&mut self, key: &(String, u32)) {
-        if self.versions.pop(key).is_some() {
-            self.residency.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
-        }
+        self.versions.pop(key);
+        self.record_residency(key, None);
+    }
+
+    /// Publishes what the LRU holds, for readers on other threads and for monitoring.
+    fn record_residency(&self, key: &(String, u32), bytes: Option<u64>) {
+        let mut residency = self.residency.lock().unwrap_or_else(|p| p.into_inner());
+        match bytes {
+            Some(bytes) => residency.insert(key.clone(), bytes),
+            None => residency.remove(key),
+        };
         metrics::gauge!("editserve_resident_versions").set(self.versions.len() as f64);
     }
 
@@ -286,10 +300,9 @@ impl Worker {
         let (model, bytes) = guarded(|| materialise(base.as_ref(), &target.lineage))?
             .map_err(|e| CoreError::Internal(format!("cannot materialise version {}: {e}", target.version)))?;
         if let Some((evicted, _)) = self.versions.push(target.key(), model) {
-            self.residency.lock().unwrap_or_else(|p| p.into_inner()).remove(&evicted);
+            self.record_residency(&evicted, None);
         }
-        self.residency.lock().unwrap_or_else(|p| p.into_inner()).insert(target.key(), bytes);
-        metrics::gauge!("editserve_resident_versions").set(self.versions.len() as f64);
+        self.record_residency(&target.key(), Some(bytes));
         metrics::counter!("editserve_version_materialisations_total").increment(1);
         tracing::info!(model = %target.model, version = target.version, bytes, seconds = started.elapsed().as_secs_f64(), "version materialised");
         Ok(())

@@ -164,7 +164,7 @@ impl Versions {
 
     /// The number `reference` names now (aliases move); the model must be loaded.
     pub async fn resolve(&self, model: &str, reference: &VersionRef) -> Result<u32, CoreError> {
-        self.registry.model(model)?;
+        self.registry.ensure_loaded(model)?;
         match reference {
             VersionRef::Number(n) => Ok(*n),
             VersionRef::Alias(alias) if alias == BASE => Ok(0),
@@ -301,7 +301,7 @@ impl Versions {
 
     /// Newest first; version 0 comes last, on the last page.
     pub async fn list(&self, model: &str, before: Option<u32>, limit: u32) -> Result<VersionPage, CoreError> {
-        self.registry.model(model)?;
+        self.registry.ensure_loaded(model)?;
         let aliases = self.aliases(model).await?;
         let records = self.metadata.versions(model, before, limit).await?;
         let full = records.len() == limit as usize;
@@ -381,7 +381,7 @@ impl Versions {
 
     /// Every alias of the model, built-in ones included.
     pub async fn aliases(&self, model: &str) -> Result<BTreeMap<String, u32>, CoreError> {
-        self.registry.model(model)?;
+        self.registry.ensure_loaded(model)?;
         let mut aliases: BTreeMap<String, u32> = self.metadata.aliases(model).await?.into_iter().collect();
         aliases.insert(BASE.into(), 0);
         aliases.insert(LATEST.into(), self.metadata.latest_ready(model).await?.unwrap_or(0));
@@ -418,7 +418,7 @@ impl Versions {
 
     /// Removes an alias; `default` goes back to version 0.
     pub async fn delete_alias(&self, model: &str, alias: &str) -> Result<(), CoreError> {
-        self.registry.model(model)?;
+        self.registry.ensure_loaded(model)?;
         Self::settable(alias)?;
         let _writes = self.writes.lock().await;
         if !self.metadata.delete_alias(model, alias).await? && alias != DEFAULT {

@@ -246,6 +246,11 @@ pub trait BlobStore: Send + Sync {
     async fn sweep(&self, keep: &std::collections::HashSet<String>) -> Result<(u64, u64), StoreError>;
 }
 
+/// An enum's serde name (`"pending"`, `"edit"`, ...): how states and kinds are stored and reported.
+pub fn serde_name<T: Serialize>(value: T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
 /// Stored timestamps: RFC 3339 in UTC with exactly six fractional digits, so that they sort as text.
 const TIMESTAMP: &[time::format_description::FormatItem<'static>] =
     time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");

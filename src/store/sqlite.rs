@@ -8,7 +8,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 
 use super::{
-    now_rfc3339, AuditEntry, ExemplarRecord, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord,
+    now_rfc3339, serde_name, AuditEntry, ExemplarRecord, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord,
     VersionOutcome, VersionRecord,
 };
 
@@ -46,11 +46,6 @@ fn exemplar_from_row(row: &SqliteRow) -> Result<ExemplarRecord, StoreError> {
         transform: transform.and_then(|t| serde_json::from_str(&t).ok()),
         created_at: row.try_get("created_at")?,
     })
-}
-
-/// An enum stored as its serde name (`"pending"`, `"edit"`, ...).
-fn enum_text<T: serde::Serialize>(value: T) -> String {
-    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 fn enum_from<T: serde::de::DeserializeOwned>(text: String) -> Result<T, StoreError> {
@@ -137,9 +132,9 @@ fn bind_job<'q>(
 ) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
     query
         .bind(&job.id)
-        .bind(enum_text(job.kind))
+        .bind(serde_name(job.kind))
         .bind(&job.model)
-        .bind(enum_text(job.state))
+        .bind(serde_name(job.state))
         .bind(job.version.map(i64::from))
         .bind(&job.statistics)
         .bind(job.request.to_string())
@@ -236,7 +231,7 @@ impl MetadataStore for SqliteStore {
         )
         .bind(&v.model)
         .bind(i64::from(v.parent))
-        .bind(enum_text(v.state))
+        .bind(serde_name(v.state))
         .bind(&v.layer)
         .bind(&v.method)
         .bind(&v.solver)
@@ -299,7 +294,7 @@ impl MetadataStore for SqliteStore {
             "UPDATE jobs SET state = ?, statistics = ?, step = ?, total = ?, loss = ?, error = ?, started_at = ?, \
              finished_at = ? WHERE id = ?",
         )
-        .bind(enum_text(job.state))
+        .bind(serde_name(job.state))
         .bind(&job.statistics)
         .bind(job.step as i64)
         .bind(job.total as i64)
