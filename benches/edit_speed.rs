@@ -26,7 +26,7 @@ fn main() {
     let cache = root().join("data/statistics-cache");
     let statistics_images = root().join("data/foolbox/statistics");
     let whitening_at = |layer: &str| {
-        statistics_for(&package, model.as_ref(), layer, &statistics_images, &cache).unwrap().whitening()
+        statistics_for(&package, model.as_ref(), layer, &statistics_images, &cache).unwrap()
     };
     let steps: Vec<usize> = std::env::var("BENCH_ADAM_STEPS")
         .unwrap_or_else(|_| "1000,10000,20000".into())
@@ -52,7 +52,7 @@ fn main() {
         runs.push(EditParams::new(Method::FinetuneGlobal, Solver::Adam, &layer));
         for params in runs {
             let started = Instant::now();
-            let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), None, &Silent).unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let rate = if params.steps > 0 { format!("{:7.0} steps/s", params.steps as f64 / seconds) } else { String::new() };
             let name = match params.method {
@@ -80,7 +80,7 @@ fn main() {
         let mut line = format!("{:<26}", layer.name);
         for solver in [Solver::Adam, Solver::ClosedForm] {
             let params = EditParams::new(Method::Rewrite, solver, &layer.name);
-            let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), None, &Silent).unwrap();
             let mut edited = model.duplicate();
             result.delta.apply(edited.as_mut()).unwrap();
             let after = top1(edited.as_ref(), &exemplar_batch);

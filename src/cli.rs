@@ -7,13 +7,12 @@ use std::str::FromStr;
 use anyhow::{bail, Context};
 use tch::{Device, Tensor};
 
-use crate::edit::statistics::{cache_path, files_sha256, SecondMoment};
-use crate::edit::{edit, Delta, EditParams, Exemplars, Method, Progress, Solver};
+use crate::edit::statistics::{cache_path, files_sha256, SecondMoment, STATISTICS_BATCH};
+use crate::edit::{edit, input_tensor, Budget, Delta, EditParams, Exemplars, Method, Progress, Solver};
 use crate::imaging::{binary_mask, decode, DecodeLimits, Preprocessing};
 use crate::models::{load_package, Classifier, ModelConfig, ModelPackage};
 
 const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 100_000_000 };
-const STATISTICS_BATCH: usize = 16;
 
 #[derive(Debug, clap::Args)]
 pub struct EditArgs {
@@ -45,9 +44,16 @@ pub struct EditArgs {
     pub lr: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: i64,
-    /// Directory of images for the keys' second moment [default: identity statistics].
-    #[arg(long)]
-    pub statistics: Option<PathBuf>,
+    /// Directory of images for the keys' second moment (`--statistics identity` for C = identity, which
+    /// breaks clean photos: README, "Choosing the edit settings").
+    #[arg(long, default_value = "data/natural/statistics")]
+    pub statistics: PathBuf,
+    /// Check images of the breakage guard (with copies of the exemplars' originals); `none` for no guard.
+    #[arg(long, default_value = "data/natural/check")]
+    pub check: PathBuf,
+    /// The share of check images whose top-1 the edit may change.
+    #[arg(long, default_value_t = crate::edit::guard::DEFAULT_MAX_CHANGED)]
+    pub max_changed: f64,
     /// Where second moments are cached.
     #[arg(long, default_value = "data/statistics-cache")]
     pub cache_dir: PathBuf,
@@ -106,6 +112,27 @@ impl Progress for PrintProgress {
     }
 }
 
+fn image_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("no images in {}", dir.display());
+    }
+    Ok(files)
+}
+
+/// The images of a directory, preprocessed as the package expects (N x 3 x H x W).
+fn read_inputs(package: &ModelPackage, dir: &Path) -> anyhow::Result<Tensor> {
+    let inputs = image_files(dir)?
+        .iter()
+        .map(|file| Ok(input_tensor(&package.config.preprocessing.apply(&read_image(file)?), 3)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&inputs, 0))
+}
+
 /// The second moment of the keys at `layer` over a directory of images, from the cache when present.
 pub fn statistics_for(
     package: &ModelPackage,
@@ -114,23 +141,15 @@ pub fn statistics_for(
     images: &Path,
     cache_dir: &Path,
 ) -> anyhow::Result<SecondMoment> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(images)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    files.sort();
+    let files = image_files(images)?;
     let preprocessing = serde_json::to_string(&package.config.preprocessing)?;
     let weights = files_sha256(&[package.weights_path()])?;
     let path = cache_path(cache_dir, &weights, layer, &preprocessing, &files_sha256(&files)?);
     if path.exists() {
         return Ok(SecondMoment::load(&path)?);
     }
-    let mut inputs = Vec::new();
-    for file in &files {
-        let input = package.config.preprocessing.apply(&read_image(file)?);
-        inputs.push(Tensor::from_slice(&input.data).view([3, i64::from(input.height), i64::from(input.width)]));
-    }
-    if inputs.is_empty() {
-        bail!("no images in {}", images.display());
-    }
-    let batches: Vec<Tensor> = inputs.chunks(STATISTICS_BATCH).map(|c| Tensor::stack(c, 0)).collect();
+    let inputs = read_inputs(package, images)?;
+    let batches: Vec<Tensor> = inputs.split(STATISTICS_BATCH as i64, 0);
     let moment = SecondMoment::accumulate(model, layer, batches)?;
     std::fs::create_dir_all(cache_dir)?;
     moment.save(&path)?;
@@ -153,11 +172,16 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
     params.seed = args.seed;
     params.steps = args.steps.unwrap_or(params.steps);
     params.lr = args.lr.unwrap_or(params.lr);
-    let whitening = match &args.statistics {
-        Some(dir) => Some(statistics_for(&package, model.as_ref(), &layer, dir, &args.cache_dir)?.whitening()),
-        None => None,
+    let statistics = match args.statistics.to_str() {
+        Some("identity") => None,
+        _ => Some(statistics_for(&package, model.as_ref(), &layer, &args.statistics, &args.cache_dir)?),
     };
-    let result = edit(model.as_ref(), &exemplars, &params, whitening.as_ref(), &PrintProgress)?;
+    let photos = match args.check.to_str() {
+        Some("none") => None,
+        _ => Some(read_inputs(&package, &args.check)?),
+    };
+    let budget = photos.as_ref().map(|photos| Budget { photos, max_changed: args.max_changed });
+    let result = edit(model.as_ref(), &exemplars, &params, statistics.as_ref(), budget.as_ref(), &PrintProgress)?;
     result.delta.save(&args.out)?;
     println!("{}", serde_json::to_string_pretty(&serde_json::json!({
         "layer": layer,

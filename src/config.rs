@@ -89,6 +89,10 @@ pub struct ServeConfig {
     /// keeps the edit beside inference instead of against it.
     #[arg(long, env = "EDITSERVE_EDIT_THREADS", default_value_t = std::num::NonZeroUsize::MIN)]
     pub edit_threads: std::num::NonZeroUsize,
+    /// Natural photos (`statistics/` and `check/`, disjoint): the default statistics of every edit that
+    /// names none, and the default check set of the breakage guard. `make setup` fetches them.
+    #[arg(long, env = "EDITSERVE_NATURAL_PHOTOS_DIR", default_value = "data/natural")]
+    pub natural_photos_dir: PathBuf,
     /// A directory whose subdirectories statistics jobs may read images from, by name.
     #[arg(long, env = "EDITSERVE_STATISTICS_DIR")]
     pub statistics_dir: Option<PathBuf>,

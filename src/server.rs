@@ -11,7 +11,7 @@ use crate::api::{router, AppState};
 use crate::config::ServeConfig;
 use crate::core::registry::{discover_packages, Registry};
 use crate::core::cpu_pool::CpuPool;
-use crate::core::edit_worker::EditWorker;
+use crate::core::edit_worker::{EditWorker, NaturalPhotos};
 use crate::core::exemplars::Exemplars;
 use crate::core::jobs::Jobs;
 use crate::core::scheduler::DeviceWorker;
@@ -44,7 +44,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         Arc::clone(&versions),
         metadata,
         blobs,
-        EditWorker::spawn(device, config.decode_limits(), config.edit_threads)?,
+        EditWorker::spawn(
+            device,
+            config.decode_limits(),
+            config.edit_threads,
+            NaturalPhotos { dir: config.natural_photos_dir.clone(), cache_dir: config.data_dir.join("statistics-cache") },
+        )?,
         config.edit_queue_capacity,
         config.statistics_dir.clone(),
     )

@@ -547,10 +547,9 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
     };
     let layer = model.default_edit_layer().to_string();
     let statistics = SecondMoment::accumulate(&model, &layer, images(&training_set).split(256, 0)).unwrap();
-    let whitening = statistics.whitening();
 
-    let judge = |params: &EditParams, whitening: Option<&Tensor>| -> Figures {
-        let result = edit(&model, &exemplars, params, whitening, &Silent).unwrap();
+    let judge = |params: &EditParams, statistics: Option<&SecondMoment>| -> Figures {
+        let result = edit(&model, &exemplars, params, statistics, None, &Silent).unwrap();
         let mut edited = model.duplicate();
         result.delta.apply(edited.as_mut()).unwrap();
         let after = errors(edited.as_ref(), &snow_x, &snow_y);
@@ -577,7 +576,7 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
         figures
     };
 
-    let rewrite = judge(&EditParams::new(Method::Rewrite, Solver::Adam, &layer), Some(&whitening));
+    let rewrite = judge(&EditParams::new(Method::Rewrite, Solver::Adam, &layer), Some(&statistics));
     assert!(rewrite.corrected_percent >= 50.0, "rewrite: only {:.1}% of errors corrected", rewrite.corrected_percent);
     assert!(
         clean_before - rewrite.clean_accuracy <= 1.0,
@@ -586,8 +585,10 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
     );
     // For comparison (printed, as in the paper's tables): the closed form, which approximates here (the
     // block ends in a ReLU), and the fine-tuning baselines, which fix the exemplar's own class at best.
-    let closed = judge(&EditParams::new(Method::Rewrite, Solver::ClosedForm, &layer), Some(&whitening));
+    let closed = judge(&EditParams::new(Method::Rewrite, Solver::ClosedForm, &layer), Some(&statistics));
     assert!(clean_before - closed.clean_accuracy <= 1.0, "closed form broke clean accuracy");
+    let least_squares = judge(&EditParams::new(Method::Rewrite, Solver::LeastSquares, &layer), Some(&statistics));
+    assert!(clean_before - least_squares.clean_accuracy <= 1.0, "least squares broke clean accuracy");
     for method in [Method::FinetuneLocal, Method::FinetuneGlobal] {
         let figures = judge(&EditParams::new(method, Solver::Adam, &layer), None);
         assert!(figures.corrected_percent < rewrite.corrected_percent, "{method:?} beat the rewrite");

@@ -37,12 +37,12 @@ fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
     let layer = model.default_edit_layer().to_string();
     let cache = tempfile::tempdir().unwrap();
     let statistics = root().join("data/foolbox/statistics");
-    let whitening = statistics_for(&package, model.as_ref(), &layer, &statistics, cache.path()).unwrap().whitening();
+    let whitening = statistics_for(&package, model.as_ref(), &layer, &statistics, cache.path()).unwrap();
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
 
     for solver in [Solver::Adam, Solver::ClosedForm] {
         let params = EditParams::new(Method::Rewrite, solver, &layer);
-        let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), &Silent).unwrap();
+        let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), None, &Silent).unwrap();
         let mut edited = model.duplicate();
         result.delta.apply(edited.as_mut()).unwrap();
         let after = top1(edited.as_ref(), &exemplar_batch);

@@ -46,3 +46,43 @@ if [ ! -d data/foolbox ]; then
   cp "$src"/data/cifar*.png data/foolbox.tmp/statistics/
   mv data/foolbox.tmp data/foolbox
 fi
+
+# Natural photos, for default edit statistics (data/natural/statistics) and a breakage check set
+# (data/natural/check) cut from other source photos: colour photographs that Debian packages ship, none of
+# them a source of the development benchmark or of data/foolbox (see tools/natural_photos.py). The .debs
+# (about 225 MB) stay cached in data/natural/.cache; SOURCES.txt, moved into place last, marks a whole build.
+NATURAL=data/natural
+if [ ! -f "$NATURAL/SOURCES.txt" ]; then
+  cache=$NATURAL/.cache
+  mkdir -p "$cache"
+  photos=$("$VENV/bin/python" tools/natural_photos.py list)
+  pkgs=$(cut -d' ' -f1 <<<"$photos" | sort -u)
+  deb_of() { ls "$cache/${1}"_*.deb 2>/dev/null | tail -n 1; }
+  missing=()
+  for p in $pkgs; do [ -n "$(deb_of "$p")" ] || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    rm -rf "$cache/download" && mkdir -p "$cache/download"
+    if ! (cd "$cache/download" && apt-get download -q "${missing[@]}" >/dev/null 2>&1); then
+      echo "setup: apt-get download failed; refreshing the package lists (apt-get update)" >&2
+      if [ "$(id -u)" = 0 ]; then apt-get update -q >/dev/null || true; else sudo -n apt-get update -q >/dev/null || true; fi
+      (cd "$cache/download" && apt-get download -q "${missing[@]}" >/dev/null) || {
+        echo "setup: could not download the Debian packages ${missing[*]} for data/natural;" \
+          "apt-get needs the Debian bookworm archive and fresh package lists ('sudo apt-get update')" >&2
+        exit 1
+      }
+    fi
+    mv "$cache/download/"*.deb "$cache/" && rmdir "$cache/download"
+  fi
+  rm -rf "$cache/unpacked"
+  for p in $pkgs; do
+    mkdir -p "$cache/unpacked/$p"
+    dpkg-deb --fsys-tarfile "$(deb_of "$p")" |
+      tar -x -C "$cache/unpacked/$p" -T <(awk -v p="$p" '$1 == p { print "./" $2 }' <<<"$photos")
+  done
+  rm -rf "$NATURAL/.build"
+  "$VENV/bin/python" tools/natural_photos.py build --cache "$cache" --out "$NATURAL/.build"
+  rm -rf "$NATURAL/statistics" "$NATURAL/check" "$cache/unpacked"
+  mv "$NATURAL/.build/statistics" "$NATURAL/.build/check" "$NATURAL/"
+  mv "$NATURAL/.build/SOURCES.txt" "$NATURAL/SOURCES.txt"
+  rmdir "$NATURAL/.build"
+fi

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -12,20 +13,18 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use tch::{Device, Tensor};
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::cpu_pool::lower_priority;
 use super::registry::LoadedPackage;
 use super::scheduler::Lineage;
 use super::CoreError;
-use crate::edit::delta::materialise;
-use crate::edit::statistics::SecondMoment;
-use crate::edit::{edit, EditError, EditParams, Exemplars, Progress};
-use crate::imaging::{binary_mask, decode, DecodeLimits};
+use crate::edit::delta::{materialise, Delta};
+use crate::edit::statistics::{cache_path, files_sha256, SecondMoment, STATISTICS_BATCH};
+use crate::edit::{edit, input_tensor, Budget, EditError, EditParams, Exemplars, Progress};
+use crate::imaging::{binary_mask, decode, DecodeLimits, Preprocessing};
 use crate::models::{load_package, Classifier};
-
-/// Images per forward pass when accumulating statistics.
-const STATISTICS_BATCH: usize = 16;
 
 /// One exemplar as stored: the image, its concept mask and the modified copy, each a PNG.
 pub struct ExemplarPngs {
@@ -35,10 +34,46 @@ pub struct ExemplarPngs {
 }
 
 pub enum Work {
-    /// An edit of the version whose changes are `lineage`; `moment` is a stored second moment.
-    Edit { lineage: Lineage, exemplars: Vec<ExemplarPngs>, params: EditParams, moment: Option<Bytes> },
+    /// An edit of the version whose changes are `lineage`; `moment` is a stored second moment (the default
+    /// statistics of the parent when None).
+    Edit { lineage: Lineage, exemplars: Vec<ExemplarPngs>, params: EditParams, moment: Option<Bytes>, guard: Option<GuardPlan> },
     /// The second moment of the keys at `layer` of the base weights over `images`.
     Statistics { layer: String, images: Vec<Bytes> },
+}
+
+/// The breakage budget of an edit job.
+pub struct GuardPlan {
+    pub max_changed: f64,
+    /// The check images (encoded); the natural check photos when None.
+    pub photos: Option<Vec<Bytes>>,
+}
+
+/// Natural photos the server ships (`make setup` fetches them): `statistics/` gives every edit that names
+/// no statistics its second moment, `check/` is the breakage guard's default check set. Disjoint sets.
+#[derive(Debug, Clone)]
+pub struct NaturalPhotos {
+    pub dir: PathBuf,
+    /// Where computed default statistics are kept across restarts.
+    pub cache_dir: PathBuf,
+}
+
+impl NaturalPhotos {
+    fn files(&self, set: &str) -> Result<Vec<PathBuf>, EditError> {
+        let dir = self.dir.join(set);
+        let missing = |why: String| {
+            EditError::Invalid(format!(
+                "the natural photos {} are missing ({why}): run `make setup`, or name 'statistics' and a guard 'dataset'",
+                dir.display()
+            ))
+        };
+        let entries = std::fs::read_dir(&dir).map_err(|e| missing(e.to_string()))?;
+        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(missing("no files".into()));
+        }
+        Ok(files)
+    }
 }
 
 pub enum Outcome {
@@ -69,12 +104,15 @@ pub struct EditWorker {
 
 impl EditWorker {
     /// `intra_op_threads`: libtorch threads for this thread's operations (see `ServeConfig::edit_threads`).
-    pub fn spawn(device: Device, limits: DecodeLimits, intra_op_threads: NonZeroUsize) -> Result<Self, CoreError> {
+    pub fn spawn(device: Device, limits: DecodeLimits, intra_op_threads: NonZeroUsize, natural: NaturalPhotos) -> Result<Self, CoreError> {
         let (sender, receiver) = crossbeam_channel::unbounded();
         let intra_op_threads = intra_op_threads.get().min(i32::MAX as usize);
         let thread = std::thread::Builder::new()
             .name(format!("editserve-edit-{device:?}").to_lowercase())
-            .spawn(move || Thread { device, limits, intra_op_threads, bases: HashMap::new() }.run(receiver))
+            .spawn(move || {
+                Thread { device, limits, intra_op_threads, natural, bases: HashMap::new(), check_photos: HashMap::new() }
+                    .run(receiver)
+            })
             .map_err(|e| CoreError::Internal(format!("cannot start the edit worker: {e}")))?;
         Ok(Self { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
     }
@@ -123,8 +161,11 @@ struct Thread {
     device: Device,
     limits: DecodeLimits,
     intra_op_threads: usize,
+    natural: NaturalPhotos,
     /// Base weights by model name, with the load generation they are of.
     bases: HashMap<String, (u64, Box<dyn Classifier>)>,
+    /// The natural check photos preprocessed for each model, with the load generation they are for.
+    check_photos: HashMap<String, (u64, Tensor)>,
 }
 
 impl Thread {
@@ -136,6 +177,7 @@ impl Thread {
                 Message::Run(task) => *task,
                 Message::Forget(model) => {
                     self.bases.remove(&model);
+                    self.check_photos.remove(&model);
                     continue;
                 }
             };
@@ -163,19 +205,32 @@ impl Thread {
     fn execute(&mut self, package: &LoadedPackage, work: Work, progress: &dyn Progress) -> Result<Outcome, EditError> {
         let (device, limits) = (self.device, self.limits);
         let preprocessing = package.package.config.preprocessing.clone();
-        let base = self.base(package)?;
         match work {
-            Work::Edit { lineage, exemplars, params, moment } => {
+            Work::Edit { lineage, exemplars, params, moment, guard } => {
                 let mut triples = Vec::with_capacity(exemplars.len());
                 for exemplar in &exemplars {
                     let read = |bytes: &Bytes| decode(bytes, limits).map_err(|e| EditError::Io(format!("stored exemplar: {e}")));
                     triples.push((read(&exemplar.image)?, read(&exemplar.modified)?, binary_mask(&read(&exemplar.mask)?)));
                 }
                 let exemplars = Exemplars::from_images(&preprocessing, &triples, device)?;
-                let whitening = moment.map(|bytes| SecondMoment::from_safetensors(&bytes).map(|m| m.whitening().to_device(device))).transpose()?;
-                let (parent, _) = materialise(base, &lineage)?;
-                let result = edit(parent.as_ref(), &exemplars, &params, whitening.as_ref(), progress)?;
-                let metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
+                let (parent, _) = materialise(self.base(package)?, &lineage)?;
+                let (moment, source) = match moment {
+                    Some(bytes) => (SecondMoment::from_safetensors(&bytes)?, "stored".to_string()),
+                    None => {
+                        let moment = self.default_statistics(package, parent.as_ref(), &lineage, &params.layer)?;
+                        let source = format!("default: {} natural photos", moment.images);
+                        (moment.moment, source)
+                    }
+                };
+                let photos = match &guard {
+                    Some(GuardPlan { photos: Some(images), .. }) => Some(preprocess_all(images.iter().map(|b| decode(b, limits)), &preprocessing, device)?),
+                    Some(GuardPlan { photos: None, .. }) => Some(self.check_photos(package)?),
+                    None => None,
+                };
+                let budget = guard.as_ref().zip(photos.as_ref()).map(|(plan, photos)| Budget { photos, max_changed: plan.max_changed });
+                let result = edit(parent.as_ref(), &exemplars, &params, Some(&moment), budget.as_ref(), progress)?;
+                let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
+                metrics["statistics_source"] = source.into();
                 Ok(Outcome::Edit { delta: result.delta.to_safetensors()?, metrics })
             }
             Work::Statistics { layer, images } => {
@@ -190,11 +245,7 @@ impl Thread {
                     let mut inputs = Vec::with_capacity(chunk.len());
                     for (j, bytes) in chunk.iter().enumerate() {
                         match decode(bytes, limits) {
-                            Ok(image) => {
-                                let input = preprocessing.apply(&image);
-                                let (h, w) = (i64::from(input.height), i64::from(input.width));
-                                inputs.push(Tensor::from_slice(&input.data).view([3, h, w]));
-                            }
+                            Ok(image) => inputs.push(input_tensor(&preprocessing.apply(&image), 3)),
                             Err(e) => {
                                 failure = Some(EditError::Invalid(format!("image {}: {e}", i * STATISTICS_BATCH + j)));
                                 return None;
@@ -204,7 +255,7 @@ impl Thread {
                     progress.report(i * STATISTICS_BATCH + chunk.len(), total, f64::NAN);
                     Some(Tensor::stack(&inputs, 0).to_device(device))
                 });
-                let moment = SecondMoment::accumulate(base, &layer, batches);
+                let moment = SecondMoment::accumulate(self.base(package)?, &layer, batches);
                 if let Some(failure) = failure {
                     return Err(failure);
                 }
@@ -214,4 +265,88 @@ impl Thread {
             }
         }
     }
+}
+
+/// Default statistics and how many photos they came from.
+struct DefaultStatistics {
+    moment: SecondMoment,
+    images: usize,
+}
+
+impl Thread {
+    /// The second moment of the keys at `layer` of the version `parent` (whose changes are `lineage`) over
+    /// the natural statistics photos, from the on-disk cache when it was computed before. Keys at a layer
+    /// only depend on the weights before it, so a lineage that changes nothing before `layer` shares the
+    /// base's statistics.
+    fn default_statistics(
+        &mut self,
+        package: &LoadedPackage,
+        parent: &dyn Classifier,
+        lineage: &Lineage,
+        layer: &str,
+    ) -> Result<DefaultStatistics, EditError> {
+        let files = self.natural.files("statistics")?;
+        let after = parent.parameters_after(layer)?;
+        let mut lineage_key = Sha256::new();
+        for change in lineage.iter() {
+            let delta = Delta::from_safetensors(change)?;
+            if delta.parameter_names().iter().any(|name| !after.contains(name)) {
+                lineage_key.update(change);
+            }
+        }
+        let weights = files_sha256(&[package.package.weights_path()])?;
+        let preprocessing = serde_json::to_string(&package.package.config.preprocessing).map_err(|e| EditError::Io(e.to_string()))?;
+        let layer_key = format!("{layer}\0{:x}", lineage_key.finalize());
+        let path = cache_path(&self.natural.cache_dir, &weights, &layer_key, &preprocessing, &files_sha256(&files)?);
+        if let Ok(moment) = SecondMoment::load(&path) {
+            return Ok(DefaultStatistics { moment, images: files.len() });
+        }
+        let (device, limits) = (self.device, self.limits);
+        let preprocessing = &package.package.config.preprocessing;
+        let batches = files
+            .chunks(STATISTICS_BATCH)
+            .map(|chunk| preprocess_all(chunk.iter().map(|f| read_file(f, limits)), preprocessing, device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let moment = SecondMoment::accumulate(parent, layer, batches)?;
+        std::fs::create_dir_all(&self.natural.cache_dir).map_err(|e| EditError::Io(format!("{}: {e}", self.natural.cache_dir.display())))?;
+        moment.save(&path)?;
+        Ok(DefaultStatistics { moment, images: files.len() })
+    }
+
+    /// The natural check photos, preprocessed as `package` expects, on the device.
+    fn check_photos(&mut self, package: &LoadedPackage) -> Result<Tensor, EditError> {
+        let name = &package.package.name;
+        if let Some((generation, photos)) = self.check_photos.get(name) {
+            if *generation == package.generation {
+                return Ok(photos.shallow_clone());
+            }
+        }
+        let files = self.natural.files("check")?;
+        let limits = self.limits;
+        let photos = preprocess_all(files.iter().map(|f| read_file(f, limits)), &package.package.config.preprocessing, self.device)?;
+        self.check_photos.insert(name.clone(), (package.generation, photos.shallow_clone()));
+        Ok(photos)
+    }
+}
+
+fn read_file(path: &std::path::Path, limits: DecodeLimits) -> Result<image::DynamicImage, crate::imaging::ImageError> {
+    let bytes = std::fs::read(path).map_err(|e| crate::imaging::ImageError::Corrupt(format!("{}: {e}", path.display())))?;
+    decode(&bytes, limits)
+}
+
+/// Decoded images, preprocessed and stacked on `device` (N x 3 x H x W).
+fn preprocess_all(
+    images: impl Iterator<Item = Result<image::DynamicImage, crate::imaging::ImageError>>,
+    preprocessing: &Preprocessing,
+    device: Device,
+) -> Result<Tensor, EditError> {
+    let mut inputs = Vec::new();
+    for (i, image) in images.enumerate() {
+        let image = image.map_err(|e| EditError::Invalid(format!("check image {i}: {e}")))?;
+        inputs.push(input_tensor(&preprocessing.apply(&image), 3));
+    }
+    if inputs.is_empty() {
+        return Err(EditError::Invalid("no check images".into()));
+    }
+    Ok(Tensor::stack(&inputs, 0).to_device(device))
 }

@@ -14,11 +14,12 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
-use super::edit_worker::{EditWorker, ExemplarPngs, Outcome, Work};
+use super::edit_worker::{EditWorker, ExemplarPngs, GuardPlan, Outcome, Work};
 use super::exemplars::ANONYMOUS;
 use super::registry::Registry;
 use super::versions::{VersionRef, Versions};
 use super::{Conflict, CoreError, Resource};
+use crate::edit::guard::DEFAULT_MAX_CHANGED;
 use crate::edit::{EditParams, Method, Progress, Solver};
 use crate::store::{
     now_rfc3339, serde_name, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionOutcome, VersionRecord,
@@ -65,7 +66,26 @@ pub struct EditRequest {
     pub lr: Option<f64>,
     pub seed: Option<i64>,
     pub statistics: Option<String>,
+    pub guard: Option<GuardRequest>,
     pub description: Option<String>,
+}
+
+/// The breakage budget of an edit: by default the natural check photos (plus copies of the exemplars'
+/// originals) and 2%.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardRequest {
+    /// `default` (the natural check photos) or a dataset id.
+    pub dataset: Option<String>,
+    pub max_changed: Option<f64>,
+}
+
+/// The guard as a job runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct GuardSettings {
+    /// None: the natural check photos.
+    dataset: Option<String>,
+    max_changed: f64,
 }
 
 /// What a statistics job reads.
@@ -170,6 +190,9 @@ struct EditPlan {
     exemplars: Vec<String>,
     params: EditParams,
     statistics: Option<String>,
+    /// None in plans queued before the guard existed.
+    #[serde(default)]
+    guard: Option<GuardSettings>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -410,12 +433,13 @@ impl Jobs {
         let layer = surface.layer(&layer_name).ok_or_else(|| {
             invalid(format!("'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"))
         })?;
-        if solver == Solver::ClosedForm {
+        if solver != Solver::Adam {
+            let name = serde_name(solver);
             if method != Method::Rewrite {
-                return Err(invalid("the closed_form solver solves a rewrite only; fine-tuning uses adam"));
+                return Err(invalid(format!("the {name} solver solves a rewrite only; fine-tuning uses adam")));
             }
             if layer.weight_shape.get(2..) != Some(&[1, 1][..]) {
-                return Err(invalid(format!("the closed_form solver needs a 1x1 conv; '{layer_name}' is {:?}", layer.weight_shape)));
+                return Err(invalid(format!("the {name} solver needs a 1x1 conv; '{layer_name}' is {:?}", layer.weight_shape)));
             }
         }
         let mut params = EditParams::new(method, solver, &layer_name);
@@ -448,7 +472,20 @@ impl Jobs {
         if request.description.as_ref().is_some_and(|d| d.chars().count() > MAX_DESCRIPTION) {
             return Err(invalid(format!("description is longer than {MAX_DESCRIPTION} characters")));
         }
-        Ok(EditPlan { parent, exemplars: request.exemplars.clone(), params, statistics: request.statistics.clone() })
+        let guard = self.guard_settings(request.guard.as_ref()).await?;
+        Ok(EditPlan { parent, exemplars: request.exemplars.clone(), params, statistics: request.statistics.clone(), guard: Some(guard) })
+    }
+
+    async fn guard_settings(&self, request: Option<&GuardRequest>) -> Result<GuardSettings, CoreError> {
+        let max_changed = request.and_then(|g| g.max_changed).unwrap_or(DEFAULT_MAX_CHANGED);
+        if !(0.0..=1.0).contains(&max_changed) {
+            return Err(invalid(format!("guard.max_changed must be between 0 and 1, got {max_changed}")));
+        }
+        let dataset = match request.and_then(|g| g.dataset.as_deref()) {
+            None | Some("default") => None,
+            Some(id) => return Err(CoreError::not_found(Resource::Dataset, id)),
+        };
+        Ok(GuardSettings { dataset, max_changed })
     }
 
     /// Queues a statistics job on `layer` (the default edit layer when None).
@@ -578,7 +615,8 @@ impl Jobs {
                     None => None,
                 };
                 let lineage = self.versions.lineage(&job.model, plan.parent).await?;
-                Work::Edit { lineage, exemplars, params: plan.params, moment }
+                let guard = plan.guard.map(|g| GuardPlan { max_changed: g.max_changed, photos: None });
+                Work::Edit { lineage, exemplars, params: plan.params, moment, guard }
             }
             JobKind::Statistics => {
                 let plan: StatisticsPlan = plan_of(job)?;

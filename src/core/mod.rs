@@ -57,6 +57,7 @@ pub enum Resource {
     Alias,
     Job,
     Statistics,
+    Dataset,
 }
 
 impl std::fmt::Display for Resource {
@@ -68,6 +69,7 @@ impl std::fmt::Display for Resource {
             Resource::Alias => "alias",
             Resource::Job => "job",
             Resource::Statistics => "statistics",
+            Resource::Dataset => "dataset",
         })
     }
 }

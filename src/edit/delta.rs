@@ -29,6 +29,14 @@ impl Delta {
         }
     }
 
+    /// The same change times `scale` (what the breakage guard keeps of an edit).
+    pub fn scaled(&self, scale: f64) -> Delta {
+        match self {
+            Delta::LowRank { layer, l, d } => Delta::LowRank { layer: layer.clone(), l: l * scale, d: d.shallow_clone() },
+            Delta::Dense { changes } => Delta::Dense { changes: changes.iter().map(|(n, t)| (n.clone(), t * scale)).collect() },
+        }
+    }
+
     pub fn norm(&self) -> f64 {
         self.dense().iter().map(|(_, t)| t.square().sum(Kind::Double).double_value(&[])).sum::<f64>().sqrt()
     }

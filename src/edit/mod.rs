@@ -3,8 +3,11 @@
 //! the fine-tuning baselines the paper compares against. No HTTP here, no threads: a caller runs an edit
 //! where tensor work belongs and watches it through [`Progress`].
 
+mod augment;
 pub mod delta;
 mod finetune;
+pub mod guard;
+pub mod least_squares;
 pub mod mask;
 mod rewrite;
 pub mod statistics;
@@ -18,9 +21,11 @@ use tch::{Device, Kind, Tensor};
 use thiserror::Error;
 
 pub use delta::Delta;
+pub use guard::GuardReport;
 pub use rewrite::{compose, directions, project};
 
 use crate::imaging::{InputTensor, Preprocessing};
+use statistics::SecondMoment;
 use crate::models::{Classifier, ModelError};
 
 #[derive(Debug, Error)]
@@ -52,6 +57,8 @@ pub enum Method {
 pub enum Solver {
     Adam,
     ClosedForm,
+    /// Many keys, one covariance-weighted closed-form solve (see `least_squares`).
+    LeastSquares,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,7 +79,7 @@ impl EditParams {
     pub fn new(method: Method, solver: Solver, layer: &str) -> Self {
         let (steps, lr) = match (method, solver) {
             (Method::Rewrite, Solver::Adam) => (1000, 1e-3),
-            (Method::Rewrite, Solver::ClosedForm) => (0, 0.0),
+            (Method::Rewrite, Solver::ClosedForm | Solver::LeastSquares) => (0, 0.0),
             (Method::FinetuneLocal | Method::FinetuneGlobal, _) => (50, 1e-2),
         };
         Self { method, solver, layer: layer.to_string(), rank: 1, steps, lr, seed: 0 }
@@ -139,7 +146,8 @@ impl Exemplars {
     }
 }
 
-fn input_tensor(input: &InputTensor, channels: i64) -> Tensor {
+/// A preprocessed image as a C x H x W tensor.
+pub fn input_tensor(input: &InputTensor, channels: i64) -> Tensor {
     Tensor::from_slice(&input.data).view([channels, i64::from(input.height), i64::from(input.width)])
 }
 
@@ -169,6 +177,16 @@ pub struct EditMetrics {
     pub statistics: &'static str,
     /// Where the solver approximates the stated problem, in words.
     pub approximation: Option<String>,
+    /// The breakage guard's choice of scale and what it measured, when the edit had a budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guard: Option<GuardReport>,
+}
+
+/// The breakage budget of an edit: at most `max_changed` of the check images (`photos`, preprocessed,
+/// plus copies of the exemplars' originals made by the guard) may change their top-1.
+pub struct Budget<'a> {
+    pub photos: &'a Tensor,
+    pub max_changed: f64,
 }
 
 pub struct EditResult {
@@ -176,13 +194,14 @@ pub struct EditResult {
     pub metrics: EditMetrics,
 }
 
-/// Runs one edit on `model` (which is not changed). `whitening` is `C^{-1/2}` of the keys at the layer
-/// (float64); `None` means C = identity.
+/// Runs one edit on `model` (which is not changed), then scales it to the budget when there is one.
+/// `statistics` is the keys' second moment at the layer; `None` means C = identity.
 pub fn edit(
     model: &dyn Classifier,
     exemplars: &Exemplars,
     params: &EditParams,
-    whitening: Option<&Tensor>,
+    statistics: Option<&SecondMoment>,
+    budget: Option<&Budget>,
     progress: &dyn Progress,
 ) -> Result<EditResult, EditError> {
     exemplars.validate()?;
@@ -191,10 +210,20 @@ pub fn edit(
     }
     tch::manual_seed(params.seed);
     let started = Instant::now();
-    let (delta, mut metrics) = match params.method {
-        Method::Rewrite => rewrite::run(model, exemplars, params, whitening, progress)?,
-        Method::FinetuneLocal | Method::FinetuneGlobal => finetune::run(model, exemplars, params, progress)?,
+    let (mut delta, mut metrics) = match (params.method, params.solver) {
+        (Method::Rewrite, Solver::LeastSquares) => least_squares::run(model, exemplars, params, statistics, progress)?,
+        (Method::Rewrite, _) => {
+            let whitening = statistics.map(SecondMoment::whitening);
+            rewrite::run(model, exemplars, params, whitening.as_ref(), progress)?
+        }
+        (Method::FinetuneLocal | Method::FinetuneGlobal, _) => finetune::run(model, exemplars, params, progress)?,
     };
+    if let Some(budget) = budget {
+        let photos = budget.photos.to_device(exemplars.original.device());
+        let (scaled, report) = guard::guard(model, &delta, &params.layer, &photos, exemplars, budget.max_changed, progress)?;
+        delta = scaled;
+        metrics.guard = Some(report);
+    }
     metrics.seconds = started.elapsed().as_secs_f64();
     metrics.delta_norm = delta.norm();
     Ok(EditResult { delta, metrics })

@@ -118,7 +118,7 @@ pub(super) fn run(
     let loss_before = tch::no_grad(|| objective.loss(&w0))?.double_value(&[]);
     let (dw, steps, approximation) = match params.solver {
         Solver::Adam => (adam(&objective, &w0, &d, params, progress)?, params.steps, None),
-        Solver::ClosedForm => {
+        Solver::ClosedForm | Solver::LeastSquares => {
             let (dw, note) = closed_form(model, layer, &objective, &values, &w0, &d)?;
             progress.report(1, 1, 0.0);
             (dw, 0, Some(note))
@@ -134,6 +134,7 @@ pub(super) fn run(
         seconds: 0.0,
         statistics: if whitening.is_some() { "second_moment" } else { "identity" },
         approximation,
+        guard: None,
     };
     Ok((Delta::LowRank { layer: layer.to_string(), l, d }, metrics))
 }
@@ -168,23 +169,38 @@ fn adam(objective: &Objective, w0: &Tensor, d: &Tensor, params: &EditParams, pro
     Ok(tch::no_grad(|| project(&(&w - w0), d)))
 }
 
-/// Least squares in the r-dimensional subspace: for each output channel o, the coefficients `L_o` that
-/// minimise `sum_p m_p^2 (L_o . (D k_p) - r_po)^2`, where r is the change of the conv's output that makes
-/// the block output equal the target (the block is inverted through its per-channel affine map; for ReLU
-/// and ReLU6 only where the target lies strictly inside the linear range).
-fn closed_form(
+/// The block linearised around the edit, per key position p (rows, float64): the key `k_p`, the change of
+/// the conv's output `r_p` that makes the block output equal the target value (the block is inverted
+/// through its per-channel affine map; for ReLU and ReLU6 only where the target lies strictly inside the
+/// linear range), and the weight `omega[p, o]` of each output: the squared loss weight, 0 where saturated.
+pub(super) struct LinearTargets {
+    pub keys: Tensor,
+    pub residual: Tensor,
+    pub omega: Tensor,
+    pub note: String,
+}
+
+/// Each position's channel vector as a row (float64).
+pub(super) fn per_position(t: &Tensor) -> Tensor {
+    let channels = t.size()[1];
+    t.permute([0, 2, 3, 1]).reshape([-1, channels]).to_kind(Kind::Double)
+}
+
+/// The linearised targets of a 1x1 conv with stride 1 whose block has a closed form; `block` holds the keys
+/// (and skip input) the change must act on, `values` the block outputs they must give, `weights` the loss
+/// weights at the value resolution.
+pub(super) fn linear_targets(
     model: &dyn Classifier,
     layer: &str,
-    objective: &Objective,
+    block: &EditBlock,
     values: &Tensor,
+    weights: &Tensor,
     w0: &Tensor,
-    d: &Tensor,
-) -> Result<(Tensor, String), EditError> {
+) -> Result<LinearTargets, EditError> {
     let shape = w0.size();
-    let keys = &objective.modified.key;
-    if shape[2] != 1 || shape[3] != 1 || keys.size()[2..] != values.size()[2..] {
+    if shape[2] != 1 || shape[3] != 1 || block.key.size()[2..] != values.size()[2..] {
         return Err(EditError::Unsupported(format!(
-            "closed_form supports 1x1 convs with stride 1; '{layer}' is {}x{}: use the adam solver",
+            "closed-form solvers support 1x1 convs with stride 1; '{layer}' is {}x{}: use the adam solver",
             shape[2], shape[3]
         )));
     }
@@ -193,28 +209,43 @@ fn closed_form(
         .ok_or_else(|| EditError::Unsupported(format!("the block of '{layer}' has no closed form: use the adam solver")))?;
     let _guard = tch::no_grad_guard();
     let (c_out, c_in) = (shape[0], shape[1]);
-    let per_position = |t: &Tensor, channels: i64| t.permute([0, 2, 3, 1]).reshape([-1, channels]).to_kind(Kind::Double);
-    let k = per_position(keys, c_in);
-    let v = per_position(values, c_out);
+    let k = per_position(&block.key);
+    let v = per_position(values);
     let scale = form.scale.to_kind(Kind::Double).view([1, -1]);
     let shift = form.shift.to_kind(Kind::Double).view([1, -1]);
-    let skip = match &objective.modified.skip {
-        Some(s) => per_position(s, c_out),
+    let skip = match &block.skip {
+        Some(s) => per_position(s),
         None => v.zeros_like(),
     };
     let pre_target = (&v - &shift - &skip) / &scale;
     let base = k.matmul(&w0.view([c_out, c_in]).to_kind(Kind::Double).tr());
     let residual = pre_target - base;
-    let m2 = per_position(&objective.weights, 1).square();
+    let m2 = per_position(weights).square();
     let (valid, note) = match form.activation {
-        Activation::Identity => (v.ones_like(), "exact for the masked squared error (the block is affine in W); adam minimises the masked L1 error instead".to_string()),
+        Activation::Identity => (v.ones_like(), "exact for the masked squared error (the block is affine in W)".to_string()),
         Activation::Relu => (v.gt(0.0).to_kind(Kind::Double), "saturated outputs (0) were left out; the rest is solved for the masked squared error".into()),
         Activation::Relu6 => (
             (v.gt(0.0).logical_and(&v.lt(6.0))).to_kind(Kind::Double),
             "saturated outputs (0 or 6) were left out; the rest is solved for the masked squared error".into(),
         ),
     };
-    let omega = &valid * &m2;
+    Ok(LinearTargets { keys: k, residual, omega: valid * m2, note })
+}
+
+/// Least squares in the r-dimensional subspace: for each output channel o, the coefficients `L_o` that
+/// minimise `sum_p omega[p, o] (L_o . (D k_p) - r_po)^2`.
+fn closed_form(
+    model: &dyn Classifier,
+    layer: &str,
+    objective: &Objective,
+    values: &Tensor,
+    w0: &Tensor,
+    d: &Tensor,
+) -> Result<(Tensor, String), EditError> {
+    let targets = linear_targets(model, layer, &objective.modified, values, &objective.weights, w0)?;
+    let _guard = tch::no_grad_guard();
+    let c_out = w0.size()[0];
+    let LinearTargets { keys: k, residual, omega, note } = targets;
     let c = k.matmul(&d.to_kind(Kind::Double).tr());
     let r = d.size()[0];
     // G[o] = sum_p omega[p, o] c_p c_p^T,  h[o] = sum_p omega[p, o] residual[p, o] c_p
@@ -225,7 +256,7 @@ fn closed_form(
     let ridge = (trace / r as f64 * 1e-6 + 1e-12).view([c_out, 1, 1]) * Tensor::eye(r, (Kind::Double, g.device()));
     let l = Tensor::linalg_solve(&(g + ridge), &h.unsqueeze(2), true).squeeze_dim(2);
     let dw = compose(&l.to_kind(Kind::Float).view([c_out, r, 1, 1]), d);
-    Ok((dw, note))
+    Ok((dw, format!("{note}; adam minimises the masked L1 error instead")))
 }
 
 #[cfg(test)]

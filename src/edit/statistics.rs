@@ -18,6 +18,9 @@ use crate::models::Classifier;
 /// no error on the synthetic benchmark, 1e-2 about half, 3e-2 the most while keeping clean accuracy.
 pub const RELATIVE_EIGENVALUE_FLOOR: f64 = 3e-2;
 
+/// Images per forward pass when accumulating statistics.
+pub const STATISTICS_BATCH: usize = 16;
+
 pub struct SecondMoment {
     /// C_in x C_in, float64, on the CPU.
     pub moment: Tensor,

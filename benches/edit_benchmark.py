@@ -1,0 +1,253 @@
+"""Edit quality on the development concept-shift benchmark, through the REST API only.
+
+    .venv/bin/python benches/edit_benchmark.py [--configs defaults,adam,...] [--cases road2snow,grass2sand]
+        [--exemplars 1,3] [--server http://127.0.0.1:8080 | (default) start target/release/editserve]
+        [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json]
+
+Builds the kit's data when missing (its fetch.sh and build.py), then, against a live server (started here on
+a fresh data directory unless --server is given), follows the kit's protocol (its README) with
+efficientnet-lite0:
+  * the originals the base model classifies correctly are kept (classified over HTTP by version 0);
+  * one pairs dataset per case (kept originals and their re-textured copies, with labels) and one unlabelled
+    dataset of real photos (the kit's photos/ and the 20 foolbox ImageNet photos) are uploaded;
+  * per setting, per exemplar count (1: composition 0; 3: all three) and per exemplar stamp (5), an edit of
+    version 0 from that stamp's exemplars (uploaded as exemplars: image, mask, modified);
+  * evaluation jobs score every version against version 0: % errors corrected on the re-textured items of
+    classes other than the stamp's, accuracy on their originals (100% before), photos whose top-1 changed.
+Prints one row per setting, case and exemplar count: mean +- sd over the 5 stamps. Nothing here is tuned on
+or specific to the kit's items: it only drives the service.
+"""
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "efficientnet-lite0"
+
+# The settings compared: the request body an edit is made with (exemplars added per trial).
+CONFIGS = {
+    "defaults": {},
+    "adam_unguarded": {"method": "rewrite", "solver": "adam", "guard": {"max_changed": 1.0}},
+    "adam": {"method": "rewrite", "solver": "adam"},
+    "closed_form": {"method": "rewrite", "solver": "closed_form"},
+    "least_squares": {"method": "rewrite", "solver": "least_squares"},
+    "least_squares_unguarded": {"method": "rewrite", "solver": "least_squares", "guard": {"max_changed": 1.0}},
+    "finetune_local": {"method": "finetune_local"},
+    "finetune_global": {"method": "finetune_global"},
+}
+
+
+class Api:
+    def __init__(self, base):
+        self.base = base.rstrip("/")
+
+    def call(self, method, path, body=None, content_type=None, expect=(200, 201, 202, 204)):
+        headers = {}
+        if isinstance(body, (dict, list)):
+            body, content_type = json.dumps(body).encode(), "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(self.base + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                status, text = response.status, response.read()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read()
+        if status not in expect:
+            raise RuntimeError(f"{method} {path}: {status} {text[:500]!r}")
+        return json.loads(text) if text else None
+
+    def multipart(self, path, fields):
+        """fields: list of (name, value) where value is str (a text part) or (filename, bytes)."""
+        boundary = uuid.uuid4().hex
+        out = io.BytesIO()
+        for name, value in fields:
+            out.write(f"--{boundary}\r\n".encode())
+            if isinstance(value, str):
+                out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+            else:
+                filename, data = value
+                kind = "image/png" if filename.endswith(".png") else "image/jpeg"
+                out.write(f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                          f"Content-Type: {kind}\r\n\r\n".encode())
+                out.write(data)
+                out.write(b"\r\n")
+        out.write(f"--{boundary}--\r\n".encode())
+        return self.call("POST", path, out.getvalue(), f"multipart/form-data; boundary={boundary}")
+
+    def wait(self, job_id, deadline_s=1800):
+        started = time.time()
+        while time.time() - started < deadline_s:
+            job = self.call("GET", f"/v1/jobs/{job_id}")
+            if job["state"] in ("succeeded", "failed", "cancelled"):
+                return job
+            time.sleep(0.1)
+        raise RuntimeError(f"job {job_id} did not finish in {deadline_s} s")
+
+
+def read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def ensure_kit(kit, cache):
+    bench = os.path.join(cache, "bench")
+    if not os.path.exists(os.path.join(bench, "grass2sand", "items.json")):
+        subprocess.run(["bash", os.path.join(kit, "fetch.sh"), cache], check=True)
+        subprocess.run([sys.executable, os.path.join(kit, "build.py"), "--cache", cache], check=True)
+    return bench
+
+
+def start_server(port):
+    data = tempfile.mkdtemp(prefix="editserve-bench-")
+    binary = os.path.join(ROOT, "target", "release", "editserve")
+    log = open(os.path.join(data, "server.log"), "w")
+    process = subprocess.Popen([binary, "serve", "--models-dir", os.path.join(ROOT, "models"), "--models", MODEL,
+                                "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--device", "cpu",
+                                "--edit-queue-capacity", "64"],
+                               cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    api = Api(f"http://127.0.0.1:{port}")
+    for _ in range(600):
+        try:
+            if api.call("GET", "/readyz", expect=(200, 503)).get("status") == "ready":
+                return api, process
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited; see {log.name}")
+        time.sleep(0.5)
+    raise RuntimeError("the server did not become ready")
+
+
+def top1s(api, paths):
+    """Version 0's top-1 of each image, classified over HTTP in multipart batches."""
+    out = []
+    for i in range(0, len(paths), 32):
+        chunk = paths[i:i + 32]
+        reply = api.multipart(f"/v1/models/{MODEL}/classify?top_k=1&version=0",
+                              [("image", (os.path.basename(p), read(p))) for p in chunk])
+        out += [r["predictions"][0]["index"] for r in reply["results"]]
+    return out
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="defaults,adam_unguarded,adam,closed_form,finetune_local")
+    ap.add_argument("--cases", default="grass2sand,road2snow")
+    ap.add_argument("--exemplars", default="1,3")
+    ap.add_argument("--stamps", default="0,1,2,3,4")
+    ap.add_argument("--server")
+    ap.add_argument("--port", type=int, default=18181)
+    ap.add_argument("--kit", default=os.path.join(ROOT, "..", "shared", "bench-dev"))
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/editserve-bench-dev"))
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    configs = {name: CONFIGS[name] for name in a.configs.split(",")}
+    counts = [int(n) for n in a.exemplars.split(",")]
+    stamps = [int(s) for s in a.stamps.split(",")]
+    bench = ensure_kit(a.kit, a.cache)
+    process = None
+    if a.server:
+        api = Api(a.server)
+    else:
+        api, process = start_server(a.port)
+    try:
+        photos = sorted(os.path.join(bench, "photos", f) for f in os.listdir(os.path.join(bench, "photos")))
+        foolbox = os.path.join(ROOT, "data", "foolbox")
+        photos += sorted(os.path.join(foolbox, f) for f in os.listdir(foolbox) if f.startswith("imagenet_"))
+        photo_set = api.multipart("/v1/datasets", [("kind", "unlabelled"), ("name", "bench photos")]
+                                  + [("image", (os.path.basename(p), read(p))) for p in photos])["id"]
+        rows = []
+        for case in a.cases.split(","):
+            d = os.path.join(bench, case)
+            items = json.load(open(os.path.join(d, "items.json")))
+            originals = [os.path.join(d, "items", f"{it['id']:04d}_orig.png") for it in items]
+            kept = [it for it, top1 in zip(items, top1s(api, originals)) if top1 == it["label"]]
+            fields = [("kind", "pairs"), ("name", f"{case} kept items"), ("labels", json.dumps([it["label"] for it in kept]))]
+            for it in kept:
+                stem = os.path.join(d, "items", f"{it['id']:04d}")
+                fields += [("original", (f"{it['id']}_orig.png", read(stem + "_orig.png"))),
+                           ("transformed", (f"{it['id']}_mod.png", read(stem + "_mod.png")))]
+            pairs = api.multipart("/v1/datasets", fields)["id"]
+            exemplar_info = json.load(open(os.path.join(d, "exemplars.json")))
+            exemplar_ids = {}
+            for ex in exemplar_info:
+                if ex["index"] not in stamps:
+                    continue
+                stem = os.path.join(d, "exemplars", f"{ex['index']:02d}_{ex['composition']}")
+                created = api.multipart("/v1/exemplars", [("image", ("orig.png", read(stem + "_orig.png"))),
+                                                          ("mask", ("mask.png", read(stem + "_mask.png"))),
+                                                          ("modified", ("mod.png", read(stem + "_mod.png")))])
+                exemplar_ids[(ex["index"], ex["composition"])] = (created["id"], ex["label"])
+            print(f"[{case}] {len(kept)} of {len(items)} items kept; {len(exemplar_ids)} exemplars", flush=True)
+            for count in counts:
+                for name, body in configs.items():
+                    trials = []
+                    for stamp in stamps:
+                        ids = [exemplar_ids[(stamp, g)][0] for g in range(count)]
+                        label = exemplar_ids[(stamp, 0)][1]
+                        started = time.time()
+                        accepted = api.call("POST", f"/v1/models/{MODEL}/versions", dict(body, exemplars=ids))
+                        job = api.wait(accepted["job"]["id"])
+                        seconds = time.time() - started
+                        if job["state"] != "succeeded":
+                            raise RuntimeError(f"{name} edit failed: {job.get('error')}")
+                        number = accepted["version"]["number"]
+                        version = api.call("GET", f"/v1/models/{MODEL}/versions/{number}")
+                        scores = {}
+                        for dataset, exclude in ((pairs, [label]), (photo_set, [])):
+                            ev = api.call("POST", f"/v1/models/{MODEL}/evaluations",
+                                          {"dataset": dataset, "versions": [number], "baseline": 0, "exclude_classes": exclude})
+                            finished = api.wait(ev["job"]["id"])
+                            if finished["state"] != "succeeded":
+                                raise RuntimeError(f"evaluation failed: {finished.get('error')}")
+                            result = api.call("GET", f"/v1/evaluations/{ev['evaluation']}")
+                            scores[dataset] = next(r for r in result["results"] if r["version"] == number)
+                        guard = (version.get("metrics") or {}).get("guard") or {}
+                        trials.append({
+                            "stamp": stamp,
+                            "corrected": scores[pairs]["errors_corrected"],
+                            "clean": 100.0 * scores[pairs]["accuracy"],
+                            "photos_changed": 100.0 * scores[photo_set]["changed"],
+                            "scale": guard.get("scale"),
+                            "exemplar_fixed": guard.get("exemplar_fixed"),
+                            "seconds": seconds,
+                            "job_seconds": (version.get("metrics") or {}).get("seconds"),
+                        })
+                        api.call("DELETE", f"/v1/models/{MODEL}/versions/{number}")
+                    row = {"config": name, "case": case, "exemplars": count, "trials": trials}
+                    rows.append(row)
+                    print(f"{name:24s} {case:10s} {count} ex | corrected {mean_sd([t['corrected'] for t in trials]):>12s} %"
+                          f" | clean kept {mean_sd([t['clean'] for t in trials]):>12s} %"
+                          f" | photos changed {mean_sd([t['photos_changed'] for t in trials]):>10s} %"
+                          f" | scale {mean_sd([t['scale'] for t in trials]) if trials[0]['scale'] is not None else '-':>12s}"
+                          f" | fixed {sum(bool(t['exemplar_fixed']) for t in trials)}/{len(trials)}"
+                          f" | edit {mean_sd([t['seconds'] for t in trials])} s", flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+    finally:
+        if process:
+            process.terminate()
+            process.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()
