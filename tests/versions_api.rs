@@ -140,7 +140,12 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     assert_eq!(v1["job"], job1, "{v1}");
     assert!(v1["error"].is_null(), "{v1}");
     assert!(v1["statistics"].is_null(), "{v1}");
-    assert_eq!(v1["metrics"]["statistics"], "identity", "an edit without statistics: {v1}");
+    assert_eq!(v1["metrics"]["statistics"], "second_moment", "an edit without statistics: {v1}");
+    assert!(
+        v1["metrics"]["statistics_source"].as_str().is_some_and(|s| s.starts_with("default: ")),
+        "an edit without statistics uses the default ones: {v1}"
+    );
+    assert_eq!(v1["metrics"]["guard"]["scale"], 1.0, "a guard of max_changed 1 keeps the whole change: {v1}");
     assert!(v1["metrics"]["delta_norm"].as_f64().is_some_and(|n| n > 0.0), "{v1}");
     assert!(v1["stored_bytes"].as_u64().is_some_and(|n| n > 0), "{v1}");
     assert_timestamp(&v1["created_at"], "version created_at");
@@ -452,6 +457,23 @@ async fn invalid_requests_get_their_status_and_code() {
             404,
             Some("statistics_not_found"),
         ),
+        ("guard over 1", versions.clone(), with(json!({"guard": {"max_changed": 1.5}})), 422, None),
+        ("negative guard", versions.clone(), with(json!({"guard": {"max_changed": -0.1}})), 422, None),
+        ("unknown guard field", versions.clone(), with(json!({"guard": {"limit": 0.1}})), 422, Some("invalid_request")),
+        (
+            "unknown guard dataset",
+            versions.clone(),
+            with(json!({"guard": {"dataset": UNKNOWN_ID}})),
+            404,
+            Some("dataset_not_found"),
+        ),
+        (
+            "least squares with fine-tuning",
+            versions.clone(),
+            with(json!({"solver": "least_squares", "method": "finetune_global"})),
+            422,
+            None,
+        ),
     ];
     for (what, path, body, status, code) in cases {
         let reply = api.post_json(&path, &body).await;
@@ -664,6 +686,42 @@ async fn statistics_jobs_feed_second_moment_edits() {
     assert_eq!(striped_after, original_class, "the edit did not make the stripes read like class {original_class}");
 
     assert_eq!(entries(&api.audit().await, "statistics.create").len(), 2);
+}
+
+/// An edit made with nothing but its exemplar: default statistics, the default solver, and the breakage
+/// guard, whose report is checked against the server's own answers on the natural check photos.
+#[tokio::test]
+async fn a_default_edit_stays_within_its_breakage_budget() {
+    let server = TestServer::start(&[]).await;
+    let api = Api::new(&server);
+    let exemplar = api.create_exemplar(striped_form(0)).await;
+    let (_, number) = api.edit(&json!({ "exemplars": [exemplar] })).await;
+    let version = api.version(number).await.ok(200, "GET the default edit");
+    let metrics = &version["metrics"];
+    assert!(metrics["statistics_source"].as_str().is_some_and(|s| s.starts_with("default: ")), "{version}");
+    let guard = &metrics["guard"];
+    let scale = guard["scale"].as_f64().unwrap_or_else(|| panic!("no guard scale: {version}"));
+    assert!((0.0..=1.0).contains(&scale), "{version}");
+    assert_eq!(guard["max_changed"], 0.02, "{version}");
+    let count = |key: &str| guard[key].as_u64().unwrap_or_else(|| panic!("no {key}: {version}"));
+    let allowed = ((count("photos") + count("originals")) as f64 * 0.02).floor() as u64;
+    assert!(count("photos_changed") + count("originals_changed") <= allowed, "over the budget: {version}");
+
+    // The photos the guard counted as changed are those whose top-1 the version changed.
+    let mut photos: Vec<_> = std::fs::read_dir(root().join("data/natural/check"))
+        .expect("make setup writes data/natural/check")
+        .map(|e| e.expect("a directory entry").path())
+        .collect();
+    photos.sort();
+    assert_eq!(photos.len() as u64, count("photos"), "{version}");
+    let mut changed = 0;
+    for path in &photos {
+        let photo = Image::png_file(path);
+        let before = api.classify("/versions/0/classify", &photo).await.ok(200, "classify a check photo");
+        let after = api.classify(&format!("/versions/{number}/classify"), &photo).await.ok(200, "classify a check photo");
+        changed += u64::from(top1(&before) != top1(&after));
+    }
+    assert_eq!(changed, count("photos_changed"), "top-1 changes on the check photos: {version}");
 }
 
 #[tokio::test]

@@ -55,9 +55,10 @@ pub fn striped_form(index: usize) -> Form {
     exemplar_form(&original, &modified, &mask)
 }
 
-/// A request body for a closed-form rewrite from one exemplar (a fraction of a second).
+/// A request body for a closed-form rewrite from one exemplar (a fraction of a second), kept whole by the
+/// breakage guard (`max_changed` 1), so that the version surely differs from its parent.
 pub fn closed_form(exemplar: &str, description: &str) -> Value {
-    json!({"exemplars": [exemplar], "solver": "closed_form", "description": description})
+    json!({"exemplars": [exemplar], "solver": "closed_form", "guard": {"max_changed": 1.0}, "description": description})
 }
 
 /// A request body for a rewrite with Adam and `LONG_STEPS` steps (minutes on the CPU).
@@ -106,6 +107,10 @@ impl Image {
 
     pub fn jpeg(path: &Path) -> Self {
         Self { bytes: read(path), content_type: "image/jpeg" }
+    }
+
+    pub fn png_file(path: &Path) -> Self {
+        Self { bytes: read(path), content_type: "image/png" }
     }
 
     /// Foolbox photo `index`, as its JPEG file.
