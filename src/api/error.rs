@@ -37,6 +37,8 @@ impl ApiError {
                         Resource::Alias => "alias_not_found",
                         Resource::Job => "job_not_found",
                         Resource::Statistics => "statistics_not_found",
+                        Resource::Dataset => "dataset_not_found",
+                        Resource::Evaluation => "evaluation_not_found",
                     },
                 ),
                 CoreError::Conflict(conflict, _) => (

@@ -1,7 +1,8 @@
 //! The edit worker of one device: a thread apart from the inference worker, so that classification keeps
 //! serving while an edit optimises. It runs at the lowest scheduling priority, as the decoders do, so that
 //! on a CPU device it takes the cores inference leaves. It keeps its own copy of each model's base weights,
-//! materialises the parent version from its lineage, and runs one edit or statistics computation at a time.
+//! materialises the parent version from its lineage, and runs one edit, statistics computation or evaluation
+//! at a time.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -17,12 +18,14 @@ use tokio::sync::oneshot;
 use super::cpu_pool::lower_priority;
 use super::registry::LoadedPackage;
 use super::scheduler::Lineage;
+use super::evaluations::{evaluate, EvaluationWork};
 use super::CoreError;
 use crate::edit::delta::materialise;
 use crate::edit::statistics::SecondMoment;
 use crate::edit::{edit, EditError, EditParams, Exemplars, Progress};
-use crate::imaging::{binary_mask, decode, DecodeLimits};
+use crate::imaging::{binary_mask, decode, DecodeLimits, Preprocessing};
 use crate::models::{load_package, Classifier};
+use crate::store::EvaluationOutcome;
 
 /// Images per forward pass when accumulating statistics.
 const STATISTICS_BATCH: usize = 16;
@@ -39,11 +42,14 @@ pub enum Work {
     Edit { lineage: Lineage, exemplars: Vec<ExemplarPngs>, params: EditParams, moment: Option<Bytes> },
     /// The second moment of the keys at `layer` of the base weights over `images`.
     Statistics { layer: String, images: Vec<Bytes> },
+    /// Versions scored against a baseline on a dataset.
+    Evaluate(EvaluationWork),
 }
 
 pub enum Outcome {
     Edit { delta: Vec<u8>, metrics: serde_json::Value },
     Statistics { moment: Vec<u8>, images: u64, positions: u64 },
+    Evaluation(EvaluationOutcome),
 }
 
 /// Progress that the edit thread reports and the job's watchers read.
@@ -187,22 +193,16 @@ impl Thread {
                         failure = Some(EditError::Cancelled);
                         return None;
                     }
-                    let mut inputs = Vec::with_capacity(chunk.len());
-                    for (j, bytes) in chunk.iter().enumerate() {
-                        match decode(bytes, limits) {
-                            Ok(image) => {
-                                let input = preprocessing.apply(&image);
-                                let (h, w) = (i64::from(input.height), i64::from(input.width));
-                                inputs.push(Tensor::from_slice(&input.data).view([3, h, w]));
-                            }
-                            Err(e) => {
-                                failure = Some(EditError::Invalid(format!("image {}: {e}", i * STATISTICS_BATCH + j)));
-                                return None;
-                            }
+                    match input_batch(chunk, i * STATISTICS_BATCH, &preprocessing, limits) {
+                        Ok(batch) => {
+                            progress.report(i * STATISTICS_BATCH + chunk.len(), total, f64::NAN);
+                            Some(batch.to_device(device))
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            None
                         }
                     }
-                    progress.report(i * STATISTICS_BATCH + chunk.len(), total, f64::NAN);
-                    Some(Tensor::stack(&inputs, 0).to_device(device))
                 });
                 let moment = SecondMoment::accumulate(base, &layer, batches);
                 if let Some(failure) = failure {
@@ -212,6 +212,20 @@ impl Thread {
                 let positions = moment.count as u64;
                 Ok(Outcome::Statistics { moment: moment.to_safetensors()?, images: total as u64, positions })
             }
+            Work::Evaluate(work) => Ok(Outcome::Evaluation(evaluate(base, &preprocessing, device, limits, &work, progress)?)),
         }
     }
+}
+
+/// Decodes and preprocesses `images` into one batch (on the CPU); `first` is the first image's index, for
+/// the error that names an image that does not decode.
+pub(super) fn input_batch(images: &[Bytes], first: usize, preprocessing: &Preprocessing, limits: DecodeLimits) -> Result<Tensor, EditError> {
+    let mut inputs = Vec::with_capacity(images.len());
+    for (j, bytes) in images.iter().enumerate() {
+        let image = decode(bytes, limits).map_err(|e| EditError::Invalid(format!("image {}: {e}", first + j)))?;
+        let input = preprocessing.apply(&image);
+        let (h, w) = (i64::from(input.height), i64::from(input.width));
+        inputs.push(Tensor::from_slice(&input.data).view([3, h, w]));
+    }
+    Ok(Tensor::stack(&inputs, 0))
 }
