@@ -16,9 +16,9 @@ use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
 use super::cpu_pool::lower_priority;
+use super::evaluations::{evaluate, EvaluationWork};
 use super::registry::LoadedPackage;
 use super::scheduler::Lineage;
-use super::evaluations::{evaluate, EvaluationWork};
 use super::CoreError;
 use crate::edit::delta::materialise;
 use crate::edit::statistics::SecondMoment;
