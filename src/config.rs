@@ -96,6 +96,16 @@ pub struct ServeConfig {
     /// A directory whose subdirectories statistics jobs may read images from, by name.
     #[arg(long, env = "EDITSERVE_STATISTICS_DIR")]
     pub statistics_dir: Option<PathBuf>,
+    /// A directory whose subdirectories dataset uploads may name instead of sending the images.
+    #[arg(long, env = "EDITSERVE_DATASETS_DIR")]
+    pub datasets_dir: Option<PathBuf>,
+    /// Most images (pairs, for a pairs dataset) in one dataset.
+    #[arg(long, env = "EDITSERVE_MAX_DATASET_IMAGES", default_value_t = 5000)]
+    pub max_dataset_images: usize,
+    /// Largest dataset upload (and most bytes a directory dataset reads), in bytes: a dataset is many
+    /// images in one request, so `POST /v1/datasets` has this limit instead of --max-body-bytes.
+    #[arg(long, env = "EDITSERVE_MAX_DATASET_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_dataset_bytes: usize,
 }
 
 impl ServeConfig {

@@ -11,7 +11,9 @@ use crate::api::{router, AppState};
 use crate::config::ServeConfig;
 use crate::core::registry::{discover_packages, Registry};
 use crate::core::cpu_pool::CpuPool;
+use crate::core::datasets::Datasets;
 use crate::core::edit_worker::{EditWorker, NaturalPhotos};
+use crate::core::evaluations::Evaluations;
 use crate::core::exemplars::Exemplars;
 use crate::core::jobs::Jobs;
 use crate::core::scheduler::DeviceWorker;
@@ -37,12 +39,21 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if swept > 0 {
         tracing::info!(blobs = swept, bytes = swept_bytes, "removed blobs nothing refers to");
     }
-    let exemplars = Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), cpu_pool, config.decode_limits());
+    let exemplars = Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), Arc::clone(&cpu_pool), config.decode_limits());
+    let datasets = Arc::new(Datasets::new(
+        Arc::clone(&metadata),
+        Arc::clone(&blobs),
+        cpu_pool,
+        config.decode_limits(),
+        config.datasets_dir.clone(),
+        config.max_dataset_images,
+        config.max_dataset_bytes,
+    ));
     let versions = Arc::new(Versions::new(Arc::clone(&registry), Arc::clone(&metadata), Arc::clone(&blobs)));
     let jobs = Jobs::start(
         Arc::clone(&registry),
         Arc::clone(&versions),
-        metadata,
+        Arc::clone(&metadata),
         blobs,
         EditWorker::spawn(
             device,
@@ -54,6 +65,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.statistics_dir.clone(),
     )
     .await?;
+    let evaluations = Evaluations::new(Arc::clone(&registry), Arc::clone(&versions), Arc::clone(&jobs), metadata);
     let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
@@ -64,6 +76,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         exemplars,
         versions: Arc::clone(&versions),
         jobs: Arc::clone(&jobs),
+        datasets,
+        evaluations,
         config,
         metrics,
     });

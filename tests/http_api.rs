@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{foolbox_photos, model_dir, read, reference, TestServer};
+use common::{foolbox_photos, model_dir, raw_post, read, reference, TestServer};
 use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 
@@ -74,25 +74,7 @@ fn png_declaring(width: u32, height: u32) -> Vec<u8> {
     bytes
 }
 
-/// A POST over a raw socket that writes what the server accepts and then reads its answer: the server
-/// may answer and close before the whole body is sent, which an ordinary client reports as a broken pipe.
-async fn raw_post(port: u16, headers: &str, chunks: &[&[u8]]) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let head = format!("POST /v1/models/efficientnet-lite0/classify HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n");
-    stream.write_all(head.as_bytes()).await.unwrap();
-    for chunk in chunks {
-        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
-        if stream.write_all(&framed).await.is_err() {
-            break;
-        }
-    }
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
-}
+const CLASSIFY: &str = "/v1/models/efficientnet-lite0/classify";
 
 #[tokio::test]
 async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
@@ -128,12 +110,12 @@ async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
     // Over-limit bodies: refused from Content-Length before reading, and mid-stream when chunked.
     let port = server.base.rsplit(':').next().unwrap().parse().unwrap();
     let declared = "Content-Type: image/jpeg\r\nContent-Length: 17825792\r\n";
-    let (status, body) = raw_post(port, declared, &[]).await;
+    let (status, body) = raw_post(port, CLASSIFY, declared, &[]).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("payload_too_large"), "{body}");
     let chunk = vec![0u8; 1024 * 1024];
     let chunks: Vec<&[u8]> = std::iter::repeat(chunk.as_slice()).take(17).collect();
-    let (status, body) = raw_post(port, "Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n", &chunks).await;
+    let (status, body) = raw_post(port, CLASSIFY, "Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n", &chunks).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("payload_too_large"), "{body}");
 

@@ -40,6 +40,14 @@ impl Parts {
         }
     }
 
+    /// The text part named `name`, trimmed, if there is exactly one.
+    pub fn take_text(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        self.take_one(name)?
+            .map(|bytes| String::from_utf8(bytes.to_vec()).map(|s| s.trim().to_string()))
+            .transpose()
+            .map_err(|_| ApiError::InvalidRequest(format!("part '{name}' must be UTF-8 text")))
+    }
+
     pub fn expect_no_more(&self, accepted: &str) -> Result<(), ApiError> {
         match self.0.first() {
             Some((name, _)) => Err(ApiError::InvalidRequest(format!("unexpected multipart part '{name}': {accepted}"))),

@@ -38,6 +38,7 @@ impl ApiError {
                         Resource::Job => "job_not_found",
                         Resource::Statistics => "statistics_not_found",
                         Resource::Dataset => "dataset_not_found",
+                        Resource::Evaluation => "evaluation_not_found",
                     },
                 ),
                 CoreError::Conflict(conflict, _) => (

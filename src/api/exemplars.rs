@@ -19,7 +19,7 @@ use crate::store::{normalize_rfc3339, ExemplarRecord};
 
 const AUDIT_PAGE: u32 = 1000;
 
-fn json_part<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, ApiError> {
+pub(super) fn json_part<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidRequest(format!("part '{name}' is not valid: {e}")))
 }
 

@@ -1,7 +1,9 @@
 //! HTTP transport: routes, request/response types, and the error mapping. Everything else is in `core`.
 
 mod body;
+mod datasets;
 mod error;
+mod evaluations;
 mod exemplars;
 mod models;
 mod versions;
@@ -22,6 +24,8 @@ use tower_http::trace::TraceLayer;
 pub use error::ApiError;
 
 use crate::config::ServeConfig;
+use crate::core::datasets::Datasets;
+use crate::core::evaluations::Evaluations;
 use crate::core::exemplars::Exemplars;
 use crate::core::jobs::Jobs;
 use crate::core::registry::Registry;
@@ -32,6 +36,8 @@ pub struct AppState {
     pub exemplars: Exemplars,
     pub versions: Arc<Versions>,
     pub jobs: Arc<Jobs>,
+    pub datasets: Arc<Datasets>,
+    pub evaluations: Evaluations,
     /// Turns true when the server starts draining.
     pub stopping: tokio::sync::watch::Receiver<bool>,
     pub config: ServeConfig,
@@ -67,10 +73,18 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/exemplars/{id}"),
     ("get", "/v1/exemplars/{id}/{which}"),
     ("get", "/v1/audit"),
+    ("get", "/v1/datasets"),
+    ("post", "/v1/datasets"),
+    ("get", "/v1/datasets/{id}"),
+    ("delete", "/v1/datasets/{id}"),
+    ("get", "/v1/models/{name}/evaluations"),
+    ("post", "/v1/models/{name}/evaluations"),
+    ("get", "/v1/evaluations/{id}"),
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.config.max_body_bytes;
+    let dataset_limit = state.config.max_dataset_bytes;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -92,6 +106,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/exemplars/{id}", get(exemplars::get_exemplar).delete(exemplars::delete_exemplar))
         .route("/v1/exemplars/{id}/{which}", get(exemplars::exemplar_image))
         .route("/v1/audit", get(exemplars::audit))
+        // Datasets are uploaded whole: their own limit, set here, replaces the one for every other route.
+        .route(
+            "/v1/datasets",
+            get(datasets::list_datasets).post(datasets::create_dataset).layer(DefaultBodyLimit::max(dataset_limit)),
+        )
+        .route("/v1/datasets/{id}", get(datasets::get_dataset).delete(datasets::delete_dataset))
+        .route("/v1/models/{name}/evaluations", get(evaluations::list_evaluations).post(evaluations::create_evaluation))
+        .route("/v1/evaluations/{id}", get(evaluations::get_evaluation))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .layer(DefaultBodyLimit::max(body_limit))

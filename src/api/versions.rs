@@ -35,11 +35,11 @@ fn version_ref(text: &str) -> Result<VersionRef, ApiError> {
     Ok(VersionRef::parse(text)?)
 }
 
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(value)| value).map_err(|e| ApiError::InvalidRequest(e.body_text()))
 }
 
-fn accepted(location: String, body: impl Serialize) -> Response {
+pub(super) fn accepted(location: String, body: impl Serialize) -> Response {
     (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
@@ -56,11 +56,16 @@ pub async fn list_versions(
     RawQuery(query): RawQuery,
 ) -> Result<Json<VersionPage>, ApiError> {
     let query = parse_query(query.as_deref(), &["limit", "before"])?;
-    let limit = parse_number(&query, "limit")?.unwrap_or(DEFAULT_PAGE);
+    Ok(Json(state.versions.list(&model, parse_number(&query, "before")?, page_limit(&query)?).await?))
+}
+
+/// A list's `limit`: `DEFAULT_PAGE` unless given, at most `LARGEST_PAGE`.
+pub(super) fn page_limit(query: &std::collections::HashMap<String, String>) -> Result<u32, ApiError> {
+    let limit = parse_number(query, "limit")?.unwrap_or(DEFAULT_PAGE);
     if !(1..=LARGEST_PAGE).contains(&limit) {
         return Err(ApiError::InvalidRequest(format!("limit must be between 1 and {LARGEST_PAGE}, got {limit}")));
     }
-    Ok(Json(state.versions.list(&model, parse_number(&query, "before")?, limit).await?))
+    Ok(limit)
 }
 
 pub async fn get_version(
@@ -212,14 +217,8 @@ pub async fn create_statistics(
     let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
     state.registry.ensure_loaded(&model)?;
     let images = parts.take_all("image");
-    let text = |bytes: Option<bytes::Bytes>, name: &str| {
-        bytes
-            .map(|b| String::from_utf8(b.to_vec()).map(|s| s.trim().to_string()))
-            .transpose()
-            .map_err(|_| ApiError::InvalidRequest(format!("part '{name}' must be UTF-8 text")))
-    };
-    let directory = text(parts.take_one("directory")?, "directory")?;
-    let layer = text(parts.take_one("layer")?, "layer")?;
+    let directory = parts.take_text("directory")?;
+    let layer = parts.take_text("layer")?;
     parts.expect_no_more("the parts are 'image' (repeated) or 'directory', and 'layer'")?;
     let images = match (images.is_empty(), directory) {
         (false, None) => StatisticsImages::Uploaded(images),

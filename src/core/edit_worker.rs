@@ -1,7 +1,8 @@
 //! The edit worker of one device: a thread apart from the inference worker, so that classification keeps
 //! serving while an edit optimises. It runs at the lowest scheduling priority, as the decoders do, so that
 //! on a CPU device it takes the cores inference leaves. It keeps its own copy of each model's base weights,
-//! materialises the parent version from its lineage, and runs one edit or statistics computation at a time.
+//! materialises the parent version from its lineage, and runs one edit, statistics computation or evaluation
+//! at a time.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -17,14 +18,16 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::cpu_pool::lower_priority;
+use super::evaluations::{evaluate, EvaluationWork};
 use super::registry::LoadedPackage;
 use super::scheduler::Lineage;
 use super::CoreError;
 use crate::edit::delta::{materialise, Delta};
 use crate::edit::statistics::{cache_path, files_sha256, SecondMoment, STATISTICS_BATCH};
-use crate::edit::{edit, input_tensor, Budget, EditError, EditParams, Exemplars, Progress};
+use crate::edit::{edit, Budget, EditError, EditParams, Exemplars, Progress};
 use crate::imaging::{binary_mask, decode, DecodeLimits, Preprocessing};
 use crate::models::{load_package, Classifier};
+use crate::store::EvaluationOutcome;
 
 /// One exemplar as stored: the image, its concept mask and the modified copy, each a PNG.
 pub struct ExemplarPngs {
@@ -39,6 +42,8 @@ pub enum Work {
     Edit { lineage: Lineage, exemplars: Vec<ExemplarPngs>, params: EditParams, moment: Option<Bytes>, guard: Option<GuardPlan> },
     /// The second moment of the keys at `layer` of the base weights over `images`.
     Statistics { layer: String, images: Vec<Bytes> },
+    /// Versions scored against a baseline on a dataset.
+    Evaluate(EvaluationWork),
 }
 
 /// The breakage budget of an edit job.
@@ -79,6 +84,7 @@ impl NaturalPhotos {
 pub enum Outcome {
     Edit { delta: Vec<u8>, metrics: serde_json::Value },
     Statistics { moment: Vec<u8>, images: u64, positions: u64 },
+    Evaluation(EvaluationOutcome),
 }
 
 /// Progress that the edit thread reports and the job's watchers read.
@@ -223,7 +229,7 @@ impl Thread {
                     }
                 };
                 let photos = match &guard {
-                    Some(GuardPlan { photos: Some(images), .. }) => Some(preprocess_all(images.iter().map(|b| decode(b, limits)), &preprocessing, device)?),
+                    Some(GuardPlan { photos: Some(images), .. }) => Some(input_batch(images, 0, &preprocessing, limits)?.to_device(device)),
                     Some(GuardPlan { photos: None, .. }) => Some(self.check_photos(package)?),
                     None => None,
                 };
@@ -242,18 +248,16 @@ impl Thread {
                         failure = Some(EditError::Cancelled);
                         return None;
                     }
-                    let mut inputs = Vec::with_capacity(chunk.len());
-                    for (j, bytes) in chunk.iter().enumerate() {
-                        match decode(bytes, limits) {
-                            Ok(image) => inputs.push(input_tensor(&preprocessing.apply(&image), 3)),
-                            Err(e) => {
-                                failure = Some(EditError::Invalid(format!("image {}: {e}", i * STATISTICS_BATCH + j)));
-                                return None;
-                            }
+                    match input_batch(chunk, i * STATISTICS_BATCH, &preprocessing, limits) {
+                        Ok(batch) => {
+                            progress.report(i * STATISTICS_BATCH + chunk.len(), total, f64::NAN);
+                            Some(batch.to_device(device))
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            None
                         }
                     }
-                    progress.report(i * STATISTICS_BATCH + chunk.len(), total, f64::NAN);
-                    Some(Tensor::stack(&inputs, 0).to_device(device))
                 });
                 let moment = SecondMoment::accumulate(self.base(package)?, &layer, batches);
                 if let Some(failure) = failure {
@@ -263,6 +267,7 @@ impl Thread {
                 let positions = moment.count as u64;
                 Ok(Outcome::Statistics { moment: moment.to_safetensors()?, images: total as u64, positions })
             }
+            Work::Evaluate(work) => Ok(Outcome::Evaluation(evaluate(self.base(package)?, &preprocessing, device, limits, &work, progress)?)),
         }
     }
 }
@@ -305,7 +310,7 @@ impl Thread {
         let preprocessing = &package.package.config.preprocessing;
         let batches = files
             .chunks(STATISTICS_BATCH)
-            .map(|chunk| preprocess_all(chunk.iter().map(|f| read_file(f, limits)), preprocessing, device))
+            .map(|chunk| file_batch(chunk, preprocessing, limits, device))
             .collect::<Result<Vec<_>, _>>()?;
         let moment = SecondMoment::accumulate(parent, layer, batches)?;
         std::fs::create_dir_all(&self.natural.cache_dir).map_err(|e| EditError::Io(format!("{}: {e}", self.natural.cache_dir.display())))?;
@@ -323,30 +328,30 @@ impl Thread {
         }
         let files = self.natural.files("check")?;
         let limits = self.limits;
-        let photos = preprocess_all(files.iter().map(|f| read_file(f, limits)), &package.package.config.preprocessing, self.device)?;
+        let photos = file_batch(&files, &package.package.config.preprocessing, limits, self.device)?;
         self.check_photos.insert(name.clone(), (package.generation, photos.shallow_clone()));
         Ok(photos)
     }
 }
 
-fn read_file(path: &std::path::Path, limits: DecodeLimits) -> Result<image::DynamicImage, crate::imaging::ImageError> {
-    let bytes = std::fs::read(path).map_err(|e| crate::imaging::ImageError::Corrupt(format!("{}: {e}", path.display())))?;
-    decode(&bytes, limits)
+/// The images of `files`, preprocessed into one batch on `device`.
+fn file_batch(files: &[PathBuf], preprocessing: &Preprocessing, limits: DecodeLimits, device: Device) -> Result<Tensor, EditError> {
+    let images = files
+        .iter()
+        .map(|f| std::fs::read(f).map(Bytes::from).map_err(|e| EditError::Io(format!("{}: {e}", f.display()))))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(input_batch(&images, 0, preprocessing, limits)?.to_device(device))
 }
 
-/// Decoded images, preprocessed and stacked on `device` (N x 3 x H x W).
-fn preprocess_all(
-    images: impl Iterator<Item = Result<image::DynamicImage, crate::imaging::ImageError>>,
-    preprocessing: &Preprocessing,
-    device: Device,
-) -> Result<Tensor, EditError> {
-    let mut inputs = Vec::new();
-    for (i, image) in images.enumerate() {
-        let image = image.map_err(|e| EditError::Invalid(format!("check image {i}: {e}")))?;
-        inputs.push(input_tensor(&preprocessing.apply(&image), 3));
+/// Decodes and preprocesses `images` into one batch (on the CPU); `first` is the first image's index, for
+/// the error that names an image that does not decode.
+pub(super) fn input_batch(images: &[Bytes], first: usize, preprocessing: &Preprocessing, limits: DecodeLimits) -> Result<Tensor, EditError> {
+    let mut inputs = Vec::with_capacity(images.len());
+    for (j, bytes) in images.iter().enumerate() {
+        let image = decode(bytes, limits).map_err(|e| EditError::Invalid(format!("image {}: {e}", first + j)))?;
+        let input = preprocessing.apply(&image);
+        let (h, w) = (i64::from(input.height), i64::from(input.width));
+        inputs.push(Tensor::from_slice(&input.data).view([3, h, w]));
     }
-    if inputs.is_empty() {
-        return Err(EditError::Invalid("no check images".into()));
-    }
-    Ok(Tensor::stack(&inputs, 0).to_device(device))
+    Ok(Tensor::stack(&inputs, 0))
 }

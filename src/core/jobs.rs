@@ -14,7 +14,10 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
+use super::directories::{blocking, files, subdirectory};
 use super::edit_worker::{EditWorker, ExemplarPngs, GuardPlan, Outcome, Work};
+use super::datasets::load_images;
+use super::evaluations::evaluation_work;
 use super::exemplars::ANONYMOUS;
 use super::registry::Registry;
 use super::versions::{VersionRef, Versions};
@@ -22,8 +25,8 @@ use super::{Conflict, CoreError, Resource};
 use crate::edit::guard::DEFAULT_MAX_CHANGED;
 use crate::edit::{EditParams, Method, Progress, Solver};
 use crate::store::{
-    now_rfc3339, serde_name, BlobStore, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord, VersionOutcome, VersionRecord,
-    VersionState,
+    now_rfc3339, serde_name, BlobStore, EvaluationRecord, JobKind, JobRecord, JobState, MetadataStore, StatisticsRecord,
+    VersionOutcome, VersionRecord, VersionState,
 };
 
 const MAX_EXEMPLARS: usize = 16;
@@ -44,7 +47,7 @@ pub enum VersionName {
 }
 
 impl VersionName {
-    fn reference(&self) -> Result<VersionRef, CoreError> {
+    pub(crate) fn reference(&self) -> Result<VersionRef, CoreError> {
         match self {
             VersionName::Number(n) => Ok(VersionRef::Number(*n)),
             VersionName::Alias(text) => VersionRef::parse(text),
@@ -253,7 +256,7 @@ fn queued_job(
 }
 
 /// The plan a job was queued with.
-fn plan_of<T: serde::de::DeserializeOwned>(job: &JobRecord) -> Result<T, CoreError> {
+pub(super) fn plan_of<T: serde::de::DeserializeOwned>(job: &JobRecord) -> Result<T, CoreError> {
     serde_json::from_value(job.request.clone()).map_err(|e| CoreError::Internal(format!("job {}: unreadable plan: {e}", job.id)))
 }
 
@@ -483,7 +486,10 @@ impl Jobs {
         }
         let dataset = match request.and_then(|g| g.dataset.as_deref()) {
             None | Some("default") => None,
-            Some(id) => return Err(CoreError::not_found(Resource::Dataset, id)),
+            Some(id) => {
+                self.metadata.dataset(id).await?.ok_or_else(|| CoreError::not_found(Resource::Dataset, id))?;
+                Some(id.to_string())
+            }
         };
         Ok(GuardSettings { dataset, max_changed })
     }
@@ -505,7 +511,7 @@ impl Jobs {
                 let root = self.statistics_dir.clone();
                 let (directory, total) = blocking(move || {
                     let directory = statistics_directory(root.as_deref(), &name)?;
-                    let total = image_files(&directory)?.len();
+                    let total = files(&directory, MAX_STATISTICS_IMAGES)?.len();
                     Ok((directory, total))
                 })
                 .await?;
@@ -521,6 +527,24 @@ impl Jobs {
         self.metadata.record_audit("statistics.create", &job.id, ANONYMOUS, Some(json!({"model": model, "layer": plan.layer}))).await?;
         let view = JobView::from(&job);
         self.enqueue(job, uploaded, permit);
+        Ok(view)
+    }
+
+    /// Queues the evaluation job that runs `plan` (validated by `Evaluations`), recorded with its pending
+    /// evaluation in one transaction; `total` is the dataset's images.
+    pub(crate) async fn create_evaluation(
+        &self,
+        model: &str,
+        plan: serde_json::Value,
+        total: usize,
+        evaluation: EvaluationRecord,
+    ) -> Result<JobView, CoreError> {
+        let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.queue.max_capacity()))?;
+        let sha = request_sha256(model, &plan);
+        let job = queued_job(JobKind::Evaluation, model, plan, sha, None, total, &evaluation.created_at);
+        self.metadata.create_evaluation(&job, &EvaluationRecord { job: job.id.clone(), ..evaluation }).await?;
+        let view = JobView::from(&job);
+        self.enqueue(job, None, permit);
         Ok(view)
     }
 
@@ -615,7 +639,16 @@ impl Jobs {
                     None => None,
                 };
                 let lineage = self.versions.lineage(&job.model, plan.parent).await?;
-                let guard = plan.guard.map(|g| GuardPlan { max_changed: g.max_changed, photos: None });
+                let guard = match plan.guard {
+                    Some(GuardSettings { dataset: Some(id), max_changed }) => {
+                        // A pairs dataset's originals are the check images: its transformed images are what an
+                        // edit is meant to change.
+                        let images = load_images(self.metadata.as_ref(), self.blobs.as_ref(), &id).await?;
+                        Some(GuardPlan { max_changed, photos: Some(images.items.into_iter().map(|item| item.image).collect()) })
+                    }
+                    Some(GuardSettings { dataset: None, max_changed }) => Some(GuardPlan { max_changed, photos: None }),
+                    None => None,
+                };
                 Work::Edit { lineage, exemplars, params: plan.params, moment, guard }
             }
             JobKind::Statistics => {
@@ -626,7 +659,7 @@ impl Jobs {
                     (None, Some(directory)) => {
                         let mut images = Vec::new();
                         let listed = directory.clone();
-                        for path in blocking(move || image_files(&listed)).await? {
+                        for path in blocking(move || files(&listed, MAX_STATISTICS_IMAGES)).await? {
                             let bytes = tokio::fs::read(&path).await.map_err(|e| CoreError::Internal(format!("{}: {e}", path.display())))?;
                             images.push(Bytes::from(bytes));
                         }
@@ -636,6 +669,7 @@ impl Jobs {
                 };
                 Work::Statistics { layer: plan.layer, images }
             }
+            JobKind::Evaluation => Work::Evaluate(evaluation_work(job, &self.versions, self.metadata.as_ref(), self.blobs.as_ref()).await?),
         };
         self.worker.run(package, work, live).await
     }
@@ -649,6 +683,7 @@ impl Jobs {
         job.finished_at = Some(now.clone());
         let mut ready = None;
         let mut statistics = None;
+        let mut evaluation = None;
         let stored = match outcome {
             Ok(Outcome::Edit { delta, metrics }) => {
                 let stored_bytes = delta.len() as u64;
@@ -668,6 +703,10 @@ impl Jobs {
                 });
                 job.statistics = Some(job.id.clone());
             }),
+            Ok(Outcome::Evaluation(outcome)) => {
+                evaluation = Some(outcome);
+                Ok(())
+            }
             Err(CoreError::Cancelled) if self.stopping.load(Ordering::SeqCst) => {
                 (job.state, job.error) = (JobState::Failed, Some(RESTART_FAILURE.into()));
                 Ok(())
@@ -686,7 +725,7 @@ impl Jobs {
             job.state = JobState::Succeeded;
         }
         let version = job.version.map(|_| ready.unwrap_or_else(|| VersionOutcome::Failed { error: job.error.clone().unwrap_or_default() }));
-        if let Err(e) = self.metadata.finish_job(&job, version.as_ref(), statistics.as_ref()).await {
+        if let Err(e) = self.metadata.finish_job(&job, version.as_ref(), statistics.as_ref(), evaluation.as_ref()).await {
             // The row stays unfinished and the next start marks it failed; the version never turns ready.
             tracing::error!(job = %job.id, error = %e, "cannot record the job's end");
             job.state = JobState::Failed;
@@ -706,31 +745,5 @@ fn already_ended(id: &str, state: JobState) -> CoreError {
 
 /// A subdirectory of the configured statistics directory; never a path outside it.
 fn statistics_directory(root: Option<&std::path::Path>, name: &str) -> Result<PathBuf, CoreError> {
-    let root = root
-        .ok_or_else(|| invalid("no statistics directory is configured (--statistics-dir); upload 'image' parts instead"))?;
-    let root = root.canonicalize().map_err(|e| CoreError::Internal(format!("statistics directory {}: {e}", root.display())))?;
-    let dir = root.join(name).canonicalize().map_err(|_| invalid(format!("no directory '{name}' in the statistics directory")))?;
-    if !dir.starts_with(&root) || !dir.is_dir() {
-        return Err(invalid(format!("'{name}' is not a directory inside the statistics directory")));
-    }
-    Ok(dir)
-}
-
-/// Filesystem work, off the async runtime's threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, CoreError> + Send + 'static) -> Result<T, CoreError> {
-    tokio::task::spawn_blocking(work).await.map_err(|e| CoreError::Internal(format!("a blocking task failed: {e}")))?
-}
-
-/// The files of a statistics directory, sorted, at most `MAX_STATISTICS_IMAGES`.
-fn image_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, CoreError> {
-    let entries = std::fs::read_dir(dir).map_err(|e| CoreError::Internal(format!("{}: {e}", dir.display())))?;
-    let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(invalid(format!("{} holds no images", dir.display())));
-    }
-    if files.len() > MAX_STATISTICS_IMAGES {
-        return Err(invalid(format!("{} holds {} files; at most {MAX_STATISTICS_IMAGES} are read", dir.display(), files.len())));
-    }
-    Ok(files)
+    subdirectory(root, name, "statistics directory", "--statistics-dir")
 }

@@ -1,8 +1,12 @@
 //! The service's core, free of HTTP: the model registry, the per-device inference scheduler, versions and
-//! aliases, and the jobs that edit models on the per-device edit worker.
+//! aliases, the jobs that edit models on the per-device edit worker, and the datasets and evaluations that
+//! score versions.
 
 pub mod cpu_pool;
+pub mod datasets;
+pub mod directories;
 pub mod edit_worker;
+pub mod evaluations;
 pub mod exemplars;
 pub mod jobs;
 pub mod registry;
@@ -58,6 +62,7 @@ pub enum Resource {
     Job,
     Statistics,
     Dataset,
+    Evaluation,
 }
 
 impl std::fmt::Display for Resource {
@@ -70,6 +75,7 @@ impl std::fmt::Display for Resource {
             Resource::Job => "job",
             Resource::Statistics => "statistics",
             Resource::Dataset => "dataset",
+            Resource::Evaluation => "evaluation",
         })
     }
 }

@@ -123,6 +123,7 @@ pub enum VersionOutcome {
 pub enum JobKind {
     Edit,
     Statistics,
+    Evaluation,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -174,6 +175,72 @@ pub struct StatisticsRecord {
     pub created_at: String,
 }
 
+/// A dataset: images (or pairs) with optional labels, stored as `dataset_items`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetRecord {
+    pub id: String,
+    pub name: Option<String>,
+    /// `labelled`, `pairs` or `unlabelled`.
+    pub kind: String,
+    /// Images, or pairs for a pairs dataset.
+    pub images: u64,
+    /// Distinct labels.
+    pub classes: u64,
+    pub created_at: String,
+}
+
+/// One image of a dataset (a pair's original, with its transformed copy), in upload order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetItemRecord {
+    pub image_blob: String,
+    pub transformed_blob: Option<String>,
+    pub label: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvaluationState {
+    Pending,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl From<JobState> for EvaluationState {
+    fn from(state: JobState) -> Self {
+        match state {
+            JobState::Queued | JobState::Running => EvaluationState::Pending,
+            JobState::Succeeded => EvaluationState::Succeeded,
+            JobState::Failed => EvaluationState::Failed,
+            JobState::Cancelled => EvaluationState::Cancelled,
+        }
+    }
+}
+
+/// An evaluation of versions of a model on a dataset, run by its job; `results` once it succeeded.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvaluationRecord {
+    pub id: String,
+    pub model: String,
+    pub dataset: String,
+    pub baseline: u32,
+    pub versions: Vec<u32>,
+    pub state: EvaluationState,
+    pub job: String,
+    pub excluded_classes: Vec<u32>,
+    pub results: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// What a succeeded evaluation job made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluationOutcome {
+    pub excluded_classes: Vec<u32>,
+    pub results: serde_json::Value,
+}
+
 #[async_trait]
 pub trait MetadataStore: Send + Sync {
     async fn insert_texture(&self, texture: &TextureRecord) -> Result<(), StoreError>;
@@ -192,15 +259,17 @@ pub trait MetadataStore: Send + Sync {
     async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError>;
     async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError>;
     async fn start_job(&self, id: &str, at: &str) -> Result<(), StoreError>;
-    /// Writes a job's final state with, atomically, its version's outcome (the version is the job's) and the
-    /// statistics it made.
+    /// Writes a job's final state with, atomically, its version's outcome (the version is the job's), the
+    /// statistics it made, and its evaluation's end (with the results when it succeeded).
     async fn finish_job(
         &self,
         job: &JobRecord,
         version: Option<&VersionOutcome>,
         statistics: Option<&StatisticsRecord>,
+        evaluation: Option<&EvaluationOutcome>,
     ) -> Result<(), StoreError>;
-    /// At start-up: jobs a stopped server left running fail, and so do their versions; returns how many.
+    /// At start-up: jobs a stopped server left running fail, and so do their versions and evaluations;
+    /// returns how many.
     async fn fail_running_jobs(&self, message: &str) -> Result<u64, StoreError>;
     /// Jobs still queued, oldest first.
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
@@ -223,6 +292,22 @@ pub trait MetadataStore: Send + Sync {
     async fn delete_alias(&self, model: &str, alias: &str) -> Result<bool, StoreError>;
 
     async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError>;
+
+    /// Records a dataset and its items (in order), atomically.
+    async fn create_dataset(&self, dataset: &DatasetRecord, items: &[DatasetItemRecord]) -> Result<(), StoreError>;
+    async fn dataset(&self, id: &str) -> Result<Option<DatasetRecord>, StoreError>;
+    /// Every dataset, newest first.
+    async fn datasets(&self) -> Result<Vec<DatasetRecord>, StoreError>;
+    /// A dataset's items in order (none for an unknown dataset).
+    async fn dataset_items(&self, id: &str) -> Result<Vec<DatasetItemRecord>, StoreError>;
+    /// Whether a dataset was deleted (with its items; evaluations keep their results).
+    async fn delete_dataset(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Records a queued evaluation job and its pending evaluation, atomically.
+    async fn create_evaluation(&self, job: &JobRecord, evaluation: &EvaluationRecord) -> Result<(), StoreError>;
+    async fn evaluation(&self, id: &str) -> Result<Option<EvaluationRecord>, StoreError>;
+    /// The model's evaluations, newest first, made before the evaluation `before` (when given), at most `limit`.
+    async fn evaluations(&self, model: &str, before: Option<&str>, limit: u32) -> Result<Vec<EvaluationRecord>, StoreError>;
 
     /// The sha256 of the weights the model name's versions are made on, once recorded.
     /// Every blob a row refers to (deleted versions' changes excepted).

@@ -8,8 +8,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::Row;
 
 use super::{
-    now_rfc3339, serde_name, AuditEntry, ExemplarRecord, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord,
-    VersionOutcome, VersionRecord,
+    now_rfc3339, serde_name, AuditEntry, DatasetItemRecord, DatasetRecord, EvaluationOutcome, EvaluationRecord, EvaluationState,
+    ExemplarRecord, JobKind, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord, VersionOutcome, VersionRecord,
 };
 
 pub struct SqliteStore {
@@ -100,6 +100,44 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord, StoreError> {
         started_at: row.try_get("started_at")?,
         finished_at: row.try_get("finished_at")?,
     })
+}
+
+fn dataset_from_row(row: &SqliteRow) -> Result<DatasetRecord, StoreError> {
+    Ok(DatasetRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        kind: row.try_get("kind")?,
+        images: row.try_get::<i64, _>("images")? as u64,
+        classes: row.try_get::<i64, _>("classes")? as u64,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+/// A JSON column that holds a list of numbers.
+fn numbers_column(row: &SqliteRow, column: &str) -> Result<Vec<u32>, StoreError> {
+    let value = json_column(row, column)?.unwrap_or_default();
+    serde_json::from_value(value).map_err(|e| StoreError::Database(format!("column {column}: {e}")))
+}
+
+fn evaluation_from_row(row: &SqliteRow) -> Result<EvaluationRecord, StoreError> {
+    Ok(EvaluationRecord {
+        id: row.try_get("id")?,
+        model: row.try_get("model")?,
+        dataset: row.try_get("dataset")?,
+        baseline: row.try_get::<i64, _>("baseline")? as u32,
+        versions: numbers_column(row, "versions")?,
+        state: enum_from(row.try_get("state")?)?,
+        job: row.try_get("job")?,
+        excluded_classes: numbers_column(row, "excluded_classes")?,
+        results: json_column(row, "result")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_default()
 }
 
 impl SqliteStore {
@@ -288,6 +326,7 @@ impl MetadataStore for SqliteStore {
         job: &JobRecord,
         version: Option<&VersionOutcome>,
         statistics: Option<&StatisticsRecord>,
+        evaluation: Option<&EvaluationOutcome>,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
@@ -345,6 +384,22 @@ impl MetadataStore for SqliteStore {
             .execute(&mut *tx)
             .await?;
         }
+        if job.kind == JobKind::Evaluation {
+            // Results only with success; the excluded classes grow by the exemplars' once known.
+            let succeeded = evaluation.filter(|_| EvaluationState::from(job.state) == EvaluationState::Succeeded);
+            sqlx::query(
+                "UPDATE evaluations SET state = ?, excluded_classes = COALESCE(?, excluded_classes), result = ?, error = ?, \
+                 finished_at = ? WHERE job = ?",
+            )
+            .bind(serde_name(EvaluationState::from(job.state)))
+            .bind(succeeded.map(|e| json_text(&e.excluded_classes)))
+            .bind(succeeded.map(|e| e.results.to_string()))
+            .bind(&job.error)
+            .bind(&job.finished_at)
+            .bind(&job.id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -356,6 +411,14 @@ impl MetadataStore for SqliteStore {
              WHERE state = 'pending' AND job IN (SELECT id FROM jobs WHERE state = 'running')",
         )
         .bind(message)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE evaluations SET state = 'failed', error = ?, finished_at = ? \
+             WHERE state = 'pending' AND job IN (SELECT id FROM jobs WHERE state = 'running')",
+        )
+        .bind(message)
+        .bind(now_rfc3339())
         .execute(&mut *tx)
         .await?;
         let failed = sqlx::query("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state = 'running'")
@@ -483,11 +546,117 @@ impl MetadataStore for SqliteStore {
             "SELECT image_blob AS blob FROM exemplars UNION SELECT mask_blob FROM exemplars \
              UNION SELECT modified_blob FROM exemplars UNION SELECT image_blob FROM textures \
              UNION SELECT delta_blob FROM versions WHERE state != 'deleted' AND delta_blob IS NOT NULL \
-             UNION SELECT blob FROM statistics",
+             UNION SELECT blob FROM statistics \
+             UNION SELECT image_blob FROM dataset_items \
+             UNION SELECT transformed_blob FROM dataset_items WHERE transformed_blob IS NOT NULL",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| Ok(r.try_get("blob")?)).collect()
+    }
+
+    async fn create_dataset(&self, dataset: &DatasetRecord, items: &[DatasetItemRecord]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO datasets (id, name, kind, images, classes, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&dataset.id)
+            .bind(&dataset.name)
+            .bind(&dataset.kind)
+            .bind(dataset.images as i64)
+            .bind(dataset.classes as i64)
+            .bind(&dataset.created_at)
+            .execute(&mut *tx)
+            .await?;
+        for (position, item) in items.iter().enumerate() {
+            sqlx::query(
+                "INSERT INTO dataset_items (dataset, position, image_blob, transformed_blob, label) VALUES (?, ?, ?, ?, ?)",
+            )
+            .bind(&dataset.id)
+            .bind(position as i64)
+            .bind(&item.image_blob)
+            .bind(&item.transformed_blob)
+            .bind(item.label.map(i64::from))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn dataset(&self, id: &str) -> Result<Option<DatasetRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM datasets WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(dataset_from_row).transpose()
+    }
+
+    async fn datasets(&self) -> Result<Vec<DatasetRecord>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM datasets ORDER BY created_at DESC, rowid DESC").fetch_all(&self.pool).await?;
+        rows.iter().map(dataset_from_row).collect()
+    }
+
+    async fn dataset_items(&self, id: &str) -> Result<Vec<DatasetItemRecord>, StoreError> {
+        let rows = sqlx::query("SELECT image_blob, transformed_blob, label FROM dataset_items WHERE dataset = ? ORDER BY position")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DatasetItemRecord {
+                    image_blob: row.try_get("image_blob")?,
+                    transformed_blob: row.try_get("transformed_blob")?,
+                    label: row.try_get::<Option<i64>, _>("label")?.map(|l| l as u32),
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_dataset(&self, id: &str) -> Result<bool, StoreError> {
+        // The items go with it (ON DELETE CASCADE); their blobs with the next start-up's sweep.
+        let result = sqlx::query("DELETE FROM datasets WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn create_evaluation(&self, job: &JobRecord, e: &EvaluationRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        bind_job(sqlx::query(INSERT_JOB), job).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO evaluations (id, model, job, dataset, baseline, versions, excluded_classes, state, result, error, \
+             created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&e.id)
+        .bind(&e.model)
+        .bind(&e.job)
+        .bind(&e.dataset)
+        .bind(i64::from(e.baseline))
+        .bind(json_text(&e.versions))
+        .bind(json_text(&e.excluded_classes))
+        .bind(serde_name(e.state))
+        .bind(e.results.as_ref().map(|r| r.to_string()))
+        .bind(&e.error)
+        .bind(&e.created_at)
+        .bind(&e.finished_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn evaluation(&self, id: &str) -> Result<Option<EvaluationRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM evaluations WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(evaluation_from_row).transpose()
+    }
+
+    async fn evaluations(&self, model: &str, before: Option<&str>, limit: u32) -> Result<Vec<EvaluationRecord>, StoreError> {
+        // rowid orders by creation; `before` is a page's last id.
+        let rows = sqlx::query(
+            "SELECT * FROM evaluations WHERE model = ? \
+             AND rowid < COALESCE((SELECT rowid FROM evaluations WHERE id = ?), 9223372036854775807) \
+             ORDER BY rowid DESC LIMIT ?",
+        )
+        .bind(model)
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(evaluation_from_row).collect()
     }
 
     async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError> {

@@ -1,9 +1,10 @@
 //! Shared by the integration tests: paths of the set-up's artefacts, a real server process on a free
 //! loopback port, the Python reference, and packages of randomly initialised torchvision models; `api`, the
-//! HTTP API helpers of the versions tests.
+//! HTTP API helpers of the versions tests; `datasets`, the datasets of the datasets and evaluations tests.
 #![allow(dead_code)]
 
 pub mod api;
+pub mod datasets;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -107,6 +108,26 @@ pub fn write_lite0_without(dir: &Path, key: &str) {
     tensors.retain(|(name, _)| name != key);
     let refs: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     Tensor::write_safetensors(&refs, dir.join("model.safetensors")).unwrap();
+}
+
+/// A POST to `path` over a raw socket that writes what the server accepts and then reads its answer: the server
+/// may answer and close before the whole body is sent, which an ordinary client reports as a broken pipe.
+pub async fn raw_post(port: u16, path: &str, headers: &str, chunks: &[&[u8]]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\n{headers}\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for chunk in chunks {
+        let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), chunk, b"\r\n"].concat();
+        if stream.write_all(&framed).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
 }
 
 pub fn free_port() -> u16 {

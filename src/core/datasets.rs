@@ -1,0 +1,503 @@
+//! Datasets: the images evaluations score versions on. A dataset is `labelled` (images with class labels),
+//! `unlabelled` (images), or `pairs` (an original and its transformed copy, of the same size, labelled with
+//! the original's class). It is uploaded, or read from a subdirectory of the operator's `--datasets-dir`.
+//! Every image is decoded once to validate it (with the service's decode limits) and stored as it came in
+//! the content-addressed blob store; the rows follow in one transaction, so a crash in between leaves only
+//! unreferenced blobs, which the start-up sweep removes. Datasets belong to no model: labels are checked
+//! against a model's classes when an evaluation uses them.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::cpu_pool::CpuPool;
+use super::directories::{blocking, file_inside, files, subdirectory};
+use super::exemplars::ANONYMOUS;
+use super::{CoreError, Resource};
+use crate::imaging::{decode, DecodeLimits};
+use crate::store::{now_rfc3339, serde_name, BlobStore, DatasetItemRecord, DatasetRecord, MetadataStore};
+
+/// Labels are class indices below this at upload; an evaluation checks them against its model's classes.
+pub const LABEL_BOUND: u32 = 100_000;
+const LONGEST_NAME: usize = 200;
+/// The file that describes a dataset directory; without it every image file is an unlabelled image.
+pub const MANIFEST: &str = "dataset.json";
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
+/// Validation decodes an upload in at most this many tasks on the CPU pool, leaving room in its queue for
+/// classification.
+const VALIDATION_TASKS: usize = 4;
+/// Blobs written at once: each write fsyncs, so a few in flight hide the disk's latency.
+const BLOB_WRITES: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatasetKind {
+    Labelled,
+    Pairs,
+    Unlabelled,
+}
+
+impl DatasetKind {
+    fn parse(text: Option<&str>) -> Result<Self, CoreError> {
+        match text {
+            Some("labelled") => Ok(DatasetKind::Labelled),
+            Some("pairs") => Ok(DatasetKind::Pairs),
+            Some("unlabelled") => Ok(DatasetKind::Unlabelled),
+            Some(other) => Err(invalid(format!("kind must be labelled, pairs or unlabelled, got '{other}'"))),
+            None => Err(invalid("a dataset needs a 'kind': labelled, pairs or unlabelled")),
+        }
+    }
+}
+
+impl std::fmt::Display for DatasetKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_name(self))
+    }
+}
+
+/// A dataset as a request gives it, not yet checked: `images` (labelled, unlabelled) or `originals` and
+/// `transformed` matched by order (pairs), and `labels`, which should be a JSON array of class indices in
+/// the same order.
+#[derive(Debug, Default)]
+pub struct DatasetParts {
+    pub kind: Option<String>,
+    pub images: Vec<Bytes>,
+    pub originals: Vec<Bytes>,
+    pub transformed: Vec<Bytes>,
+    pub labels: Option<Value>,
+}
+
+pub enum DatasetSource {
+    Uploaded(DatasetParts),
+    /// A subdirectory of the datasets directory, by name.
+    Directory(String),
+}
+
+/// One image of a dataset: a pair's original with its transformed copy, or an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetItem {
+    pub image: Bytes,
+    pub transformed: Option<Bytes>,
+    pub label: Option<u32>,
+}
+
+/// A stored dataset's images, in order.
+#[derive(Debug, Clone)]
+pub struct DatasetImages {
+    pub kind: DatasetKind,
+    pub items: Vec<DatasetItem>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DatasetView {
+    pub id: String,
+    pub name: Option<String>,
+    pub kind: DatasetKind,
+    /// Images, or pairs.
+    pub images: u64,
+    pub labelled: bool,
+    /// Distinct labels.
+    pub classes: u64,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DatasetList {
+    pub datasets: Vec<DatasetView>,
+}
+
+/// `dataset.json`: `{"kind": "pairs", "items": [{"original": "a.png", "transformed": "a_snow.png", "label": 3}]}`,
+/// or items `{"image": "x.jpg", "label": 1}` (labelled) and `{"image": "x.jpg"}` (unlabelled).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    kind: String,
+    items: Vec<ManifestItem>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestItem {
+    image: Option<String>,
+    original: Option<String>,
+    transformed: Option<String>,
+    label: Option<Value>,
+}
+
+pub struct Datasets {
+    metadata: Arc<dyn MetadataStore>,
+    blobs: Arc<dyn BlobStore>,
+    cpu: Arc<CpuPool>,
+    limits: DecodeLimits,
+    root: Option<PathBuf>,
+    max_images: usize,
+    max_bytes: usize,
+}
+
+fn invalid(message: impl Into<String>) -> CoreError {
+    CoreError::InvalidArgument(message.into())
+}
+
+fn kind_of(record: &DatasetRecord) -> Result<DatasetKind, CoreError> {
+    serde_json::from_value(Value::String(record.kind.clone()))
+        .map_err(|_| CoreError::Internal(format!("dataset {} has the unknown kind '{}'", record.id, record.kind)))
+}
+
+fn view(record: DatasetRecord) -> Result<DatasetView, CoreError> {
+    let kind = kind_of(&record)?;
+    Ok(DatasetView {
+        id: record.id,
+        name: record.name,
+        kind,
+        images: record.images,
+        labelled: kind != DatasetKind::Unlabelled,
+        classes: record.classes,
+        created_at: record.created_at,
+    })
+}
+
+/// The images of dataset `id`, read from the stores.
+pub(super) async fn load_images(metadata: &dyn MetadataStore, blobs: &dyn BlobStore, id: &str) -> Result<DatasetImages, CoreError> {
+    let record = metadata.dataset(id).await?.ok_or_else(|| CoreError::not_found(Resource::Dataset, id))?;
+    let kind = kind_of(&record)?;
+    let rows = metadata.dataset_items(id).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in rows {
+        let transformed = match &row.transformed_blob {
+            Some(blob) => Some(Bytes::from(blobs.get(blob).await?)),
+            None => None,
+        };
+        items.push(DatasetItem { image: Bytes::from(blobs.get(&row.image_blob).await?), transformed, label: row.label });
+    }
+    Ok(DatasetImages { kind, items })
+}
+
+impl Datasets {
+    /// `root`: the datasets directory; `max_images`: items (images or pairs) per dataset; `max_bytes`: what
+    /// a directory dataset may read (an upload's body has the same limit at the HTTP layer).
+    pub fn new(
+        metadata: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        cpu: Arc<CpuPool>,
+        limits: DecodeLimits,
+        root: Option<PathBuf>,
+        max_images: usize,
+        max_bytes: usize,
+    ) -> Self {
+        Self { metadata, blobs, cpu, limits, root, max_images, max_bytes }
+    }
+
+    /// Checks, validates (every image decoded), stores and records a dataset.
+    pub async fn create(&self, name: Option<String>, source: DatasetSource) -> Result<DatasetView, CoreError> {
+        if name.as_ref().is_some_and(|n| n.chars().count() > LONGEST_NAME) {
+            return Err(invalid(format!("name is longer than {LONGEST_NAME} characters")));
+        }
+        let parts = match source {
+            DatasetSource::Uploaded(parts) => parts,
+            DatasetSource::Directory(directory) => {
+                let (root, max_images, max_bytes) = (self.root.clone(), self.max_images, self.max_bytes);
+                blocking(move || read_directory(root.as_deref(), &directory, max_images, max_bytes)).await?
+            }
+        };
+        let (kind, items) = check(parts, self.max_images)?;
+        self.validate_pixels(&items).await?;
+        let image_blobs = self.put_all(items.iter().map(|item| item.image.clone()).collect()).await?;
+        let transformed_blobs = self.put_all(items.iter().filter_map(|item| item.transformed.clone()).collect()).await?;
+        let mut transformed_blobs = transformed_blobs.into_iter();
+        let rows: Vec<DatasetItemRecord> = items
+            .iter()
+            .zip(image_blobs)
+            .map(|(item, image_blob)| DatasetItemRecord {
+                image_blob,
+                transformed_blob: item.transformed.as_ref().and_then(|_| transformed_blobs.next()),
+                label: item.label,
+            })
+            .collect();
+        let classes = items.iter().filter_map(|item| item.label).collect::<BTreeSet<u32>>().len();
+        let record = DatasetRecord {
+            id: uuid::Uuid::new_v4().to_string(),
+            name,
+            kind: serde_name(kind),
+            images: items.len() as u64,
+            classes: classes as u64,
+            created_at: now_rfc3339(),
+        };
+        // Blobs first, then the rows: a crash in between leaves unreferenced blobs, never a row without its image.
+        self.metadata.create_dataset(&record, &rows).await?;
+        let detail = json!({"kind": kind, "images": record.images, "name": record.name});
+        self.metadata.record_audit("dataset.create", &record.id, ANONYMOUS, Some(detail)).await?;
+        view(record)
+    }
+
+    /// Decodes every image (pixels included) on the CPU pool; the first failure in dataset order names its
+    /// image, and a pair of two sizes is refused.
+    async fn validate_pixels(&self, items: &[DatasetItem]) -> Result<(), CoreError> {
+        let size = items.len().div_ceil(VALIDATION_TASKS).max(1);
+        let limits = self.limits;
+        let tasks = items.chunks(size).enumerate().map(|(i, chunk)| {
+            let chunk = chunk.to_vec();
+            self.cpu.run(move || validate_chunk(&chunk, i * size, limits))
+        });
+        for result in futures_util::future::join_all(tasks).await {
+            result??;
+        }
+        Ok(())
+    }
+
+    /// Stores `images`, a few at once; their sha256s in order.
+    async fn put_all(&self, images: Vec<Bytes>) -> Result<Vec<String>, CoreError> {
+        let writes = images.into_iter().map(|bytes| {
+            let blobs = Arc::clone(&self.blobs);
+            async move { blobs.put(bytes.to_vec()).await }
+        });
+        Ok(futures_util::stream::iter(writes).buffered(BLOB_WRITES).try_collect().await?)
+    }
+
+    /// The images of dataset `id`, in order, with their labels.
+    pub async fn load(&self, id: &str) -> Result<DatasetImages, CoreError> {
+        load_images(self.metadata.as_ref(), self.blobs.as_ref(), id).await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<DatasetView, CoreError> {
+        view(self.metadata.dataset(id).await?.ok_or_else(|| CoreError::not_found(Resource::Dataset, id))?)
+    }
+
+    /// Newest first.
+    pub async fn list(&self) -> Result<DatasetList, CoreError> {
+        let datasets = self.metadata.datasets().await?.into_iter().map(view).collect::<Result<_, _>>()?;
+        Ok(DatasetList { datasets })
+    }
+
+    /// Deletes a dataset; evaluations that used it keep their results.
+    pub async fn delete(&self, id: &str) -> Result<(), CoreError> {
+        if !self.metadata.delete_dataset(id).await? {
+            return Err(CoreError::not_found(Resource::Dataset, id));
+        }
+        self.metadata.record_audit("dataset.delete", id, ANONYMOUS, None).await?;
+        Ok(())
+    }
+}
+
+/// The dataset's kind and items, once its parts agree with its kind and its labels are class indices,
+/// one per image. No image is decoded here.
+fn check(parts: DatasetParts, max_images: usize) -> Result<(DatasetKind, Vec<DatasetItem>), CoreError> {
+    let kind = DatasetKind::parse(parts.kind.as_deref())?;
+    let (images, transformed): (Vec<Bytes>, Vec<Option<Bytes>>) = if kind == DatasetKind::Pairs {
+        if !parts.images.is_empty() {
+            return Err(invalid("a pairs dataset takes 'original' and 'transformed' images, not 'image' ones"));
+        }
+        if parts.originals.len() != parts.transformed.len() {
+            return Err(invalid(format!(
+                "a pairs dataset needs one 'transformed' image per 'original' one, got {} originals and {} transformed",
+                parts.originals.len(),
+                parts.transformed.len()
+            )));
+        }
+        (parts.originals, parts.transformed.into_iter().map(Some).collect())
+    } else {
+        if !parts.originals.is_empty() || !parts.transformed.is_empty() {
+            return Err(invalid(format!("a {kind} dataset takes 'image' images; 'original' and 'transformed' are for pairs")));
+        }
+        let count = parts.images.len();
+        (parts.images, vec![None; count])
+    };
+    let what = if kind == DatasetKind::Pairs { "pairs" } else { "images" };
+    if images.is_empty() {
+        return Err(invalid(format!("the dataset is empty: give at least one of its {what}")));
+    }
+    if images.len() > max_images {
+        return Err(invalid(format!(
+            "the dataset has {} {what}, over the limit of {max_images} (--max-dataset-images)",
+            images.len()
+        )));
+    }
+    let labels = labels(kind, parts.labels, images.len())?;
+    let items = images
+        .into_iter()
+        .zip(transformed)
+        .zip(labels)
+        .map(|((image, transformed), label)| DatasetItem { image, transformed, label })
+        .collect();
+    Ok((kind, items))
+}
+
+/// One label per image for a labelled or pairs dataset, none for an unlabelled one.
+fn labels(kind: DatasetKind, labels: Option<Value>, count: usize) -> Result<Vec<Option<u32>>, CoreError> {
+    let values = match (kind, labels) {
+        (DatasetKind::Unlabelled, None) => return Ok(vec![None; count]),
+        (DatasetKind::Unlabelled, Some(_)) => {
+            return Err(invalid("an unlabelled dataset takes no labels; make it labelled to give them"))
+        }
+        (_, None) => {
+            return Err(invalid(format!("a {kind} dataset needs 'labels': a JSON array of class indices, one per image")))
+        }
+        (_, Some(Value::Array(values))) => values,
+        (_, Some(other)) => return Err(invalid(format!("labels must be a JSON array of class indices, got {other}"))),
+    };
+    if values.len() != count {
+        let what = if kind == DatasetKind::Pairs { "pairs" } else { "images" };
+        return Err(invalid(format!("there are {} labels for {count} {what}: give one label per item, in order", values.len())));
+    }
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, value)| {
+            value.as_u64().filter(|&label| label < u64::from(LABEL_BOUND)).map(|label| Some(label as u32)).ok_or_else(|| {
+                invalid(format!("labels[{i}] must be a class index, an integer from 0 to {}, got {value}", LABEL_BOUND - 1))
+            })
+        })
+        .collect()
+}
+
+/// Decodes the items numbered from `first`.
+fn validate_chunk(items: &[DatasetItem], first: usize, limits: DecodeLimits) -> Result<(), CoreError> {
+    for (j, item) in items.iter().enumerate() {
+        let index = first + j;
+        let Some(transformed) = &item.transformed else {
+            decode(&item.image, limits).map_err(|e| invalid(format!("image {index}: {e}")))?;
+            continue;
+        };
+        let original = decode(&item.image, limits).map_err(|e| invalid(format!("pair {index}: the original: {e}")))?;
+        let transformed = decode(transformed, limits).map_err(|e| invalid(format!("pair {index}: the transformed image: {e}")))?;
+        if (original.width(), original.height()) != (transformed.width(), transformed.height()) {
+            return Err(invalid(format!(
+                "pair {index}: the transformed image is {}x{} but the original is {}x{}: a pair must be the same size",
+                transformed.width(),
+                transformed.height(),
+                original.width(),
+                original.height()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn has_image_extension(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// Reads files while their total stays within `max_bytes`.
+struct Reader {
+    dir: PathBuf,
+    name: String,
+    left: usize,
+    max_bytes: usize,
+}
+
+impl Reader {
+    fn read(&mut self, path: &Path) -> Result<Bytes, CoreError> {
+        let bytes = std::fs::read(path).map_err(|e| CoreError::Internal(format!("{}: {e}", path.display())))?;
+        self.left = self.left.checked_sub(bytes.len()).ok_or_else(|| {
+            invalid(format!("the images of '{}' are over the limit of {} bytes (--max-dataset-bytes)", self.name, self.max_bytes))
+        })?;
+        Ok(Bytes::from(bytes))
+    }
+
+    fn read_named(&mut self, file: &str) -> Result<Bytes, CoreError> {
+        let path = file_inside(&self.dir, file)?;
+        self.read(&path)
+    }
+}
+
+/// The parts of the dataset in subdirectory `name` of the datasets directory: as its `dataset.json` says,
+/// or, without one, its image files (by extension, sorted by name) as an unlabelled dataset.
+fn read_directory(root: Option<&Path>, name: &str, max_images: usize, max_bytes: usize) -> Result<DatasetParts, CoreError> {
+    let dir = subdirectory(root, name, "datasets directory", "--datasets-dir")?;
+    let mut reader = Reader { dir: dir.clone(), name: name.to_string(), left: max_bytes, max_bytes };
+    let manifest_path = dir.join(MANIFEST);
+    if !manifest_path.is_file() {
+        let paths: Vec<PathBuf> = files(&dir, max_images)?.into_iter().filter(|p| has_image_extension(p)).collect();
+        let images = paths.iter().map(|path| reader.read(path)).collect::<Result<_, _>>()?;
+        return Ok(DatasetParts { kind: Some("unlabelled".into()), images, ..DatasetParts::default() });
+    }
+    let text = std::fs::read(&manifest_path).map_err(|e| CoreError::Internal(format!("{}: {e}", manifest_path.display())))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&text).map_err(|e| invalid(format!("{MANIFEST} of '{name}' is not valid: {e}")))?;
+    if manifest.items.len() > max_images {
+        return Err(invalid(format!(
+            "{MANIFEST} of '{name}' lists {} items, over the limit of {max_images} (--max-dataset-images)",
+            manifest.items.len()
+        )));
+    }
+    let mut parts = DatasetParts { kind: Some(manifest.kind), ..DatasetParts::default() };
+    for (i, item) in manifest.items.iter().enumerate() {
+        match (&item.image, &item.original, &item.transformed) {
+            (Some(image), None, None) => parts.images.push(reader.read_named(image)?),
+            (None, Some(original), Some(transformed)) => {
+                parts.originals.push(reader.read_named(original)?);
+                parts.transformed.push(reader.read_named(transformed)?);
+            }
+            _ => return Err(invalid(format!("{MANIFEST} items[{i}] must name an 'image', or an 'original' and a 'transformed'"))),
+        }
+    }
+    // Labels as the upload gives them, so one check serves both; an item without one fails that check.
+    if manifest.items.iter().any(|item| item.label.is_some()) {
+        parts.labels = Some(Value::Array(manifest.items.into_iter().map(|item| item.label.unwrap_or(Value::Null)).collect()));
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(kind: &str, images: usize, labels: Option<Value>) -> DatasetParts {
+        let images = (0..images).map(|i| Bytes::from(vec![i as u8])).collect();
+        DatasetParts { kind: Some(kind.into()), images, labels, ..DatasetParts::default() }
+    }
+
+    fn message(result: Result<(DatasetKind, Vec<DatasetItem>), CoreError>) -> String {
+        match result {
+            Err(CoreError::InvalidArgument(message)) => message,
+            Err(other) => panic!("not a 422: {other:?}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn labels_are_one_class_index_per_image() {
+        let (kind, items) = check(parts("labelled", 2, Some(json!([3, 99_999]))), 10).unwrap();
+        assert_eq!(kind, DatasetKind::Labelled);
+        assert_eq!(items.iter().map(|i| i.label).collect::<Vec<_>>(), [Some(3), Some(99_999)]);
+        assert!(message(check(parts("labelled", 2, Some(json!([3]))), 10)).contains("1 labels for 2 images"));
+        assert!(message(check(parts("labelled", 1, Some(json!([100_000]))), 10)).contains("labels[0]"));
+        assert!(message(check(parts("labelled", 1, Some(json!([-1]))), 10)).contains("labels[0]"));
+        assert!(message(check(parts("labelled", 1, Some(json!([1.5]))), 10)).contains("labels[0]"));
+        assert!(message(check(parts("labelled", 1, Some(json!({"a": 1}))), 10)).contains("JSON array"));
+        assert!(message(check(parts("labelled", 1, None), 10)).contains("needs 'labels'"));
+        assert!(message(check(parts("unlabelled", 1, Some(json!([1]))), 10)).contains("takes no labels"));
+    }
+
+    #[test]
+    fn kinds_counts_and_pairs_are_checked() {
+        assert!(message(check(parts("photos", 1, None), 10)).contains("got 'photos'"));
+        assert!(message(check(DatasetParts::default(), 10)).contains("needs a 'kind'"));
+        assert!(message(check(parts("unlabelled", 0, None), 10)).contains("empty"));
+        assert!(message(check(parts("unlabelled", 11, None), 10)).contains("over the limit of 10"));
+        let image = Bytes::from_static(b"x");
+        let pairs = DatasetParts {
+            kind: Some("pairs".into()),
+            originals: vec![image.clone(), image.clone()],
+            transformed: vec![image.clone()],
+            labels: Some(json!([1, 2])),
+            ..DatasetParts::default()
+        };
+        assert!(message(check(pairs, 10)).contains("2 originals and 1 transformed"));
+        let pairs = DatasetParts {
+            kind: Some("pairs".into()),
+            originals: vec![image.clone()],
+            transformed: vec![image.clone()],
+            labels: Some(json!([7])),
+            ..DatasetParts::default()
+        };
+        let (_, items) = check(pairs, 10).unwrap();
+        assert_eq!(items, [DatasetItem { image: image.clone(), transformed: Some(image.clone()), label: Some(7) }]);
+        let mixed = DatasetParts { originals: vec![image], ..parts("labelled", 1, Some(json!([1]))) };
+        assert!(message(check(mixed, 10)).contains("for pairs"));
+    }
+}
