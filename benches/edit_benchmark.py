@@ -41,6 +41,14 @@ CONFIGS = {
     "closed_form": {"method": "rewrite", "solver": "closed_form"},
     "least_squares": {"method": "rewrite", "solver": "least_squares"},
     "least_squares_unguarded": {"method": "rewrite", "solver": "least_squares", "guard": {"max_changed": 1.0}},
+    "least_squares_b10": {"solver": "least_squares", "layer": "_blocks.10._project_conv"},
+    "least_squares_b10_unguarded": {"solver": "least_squares", "layer": "_blocks.10._project_conv",
+                                    "guard": {"max_changed": 1.0}},
+    "least_squares_b12": {"solver": "least_squares", "layer": "_blocks.12._project_conv"},
+    "least_squares_b15": {"solver": "least_squares", "layer": "_blocks.15._project_conv"},
+    "least_squares_head": {"solver": "least_squares", "layer": "_conv_head"},
+    "adam_b15": {"solver": "adam", "layer": "_blocks.15._project_conv"},
+    "adam_b15_unguarded": {"solver": "adam", "layer": "_blocks.15._project_conv", "guard": {"max_changed": 1.0}},
     "finetune_local": {"method": "finetune_local"},
     "finetune_global": {"method": "finetune_global"},
 }
@@ -113,7 +121,7 @@ def start_server(port):
     log = open(os.path.join(data, "server.log"), "w")
     process = subprocess.Popen([binary, "serve", "--models-dir", os.path.join(ROOT, "models"), "--models", MODEL,
                                 "--listen", f"127.0.0.1:{port}", "--data-dir", data, "--device", "cpu",
-                                "--edit-queue-capacity", "64"],
+                                "--edit-queue-capacity", "64", "--edit-threads", "2"],
                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     api = Api(f"http://127.0.0.1:{port}")
     for _ in range(600):
@@ -149,7 +157,7 @@ def mean_sd(values):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--configs", default="defaults,adam_unguarded,adam,closed_form,finetune_local")
+    ap.add_argument("--configs", default="defaults,least_squares_unguarded,adam_b15,adam_b15_unguarded,finetune_local")
     ap.add_argument("--cases", default="grass2sand,road2snow")
     ap.add_argument("--exemplars", default="1,3")
     ap.add_argument("--stamps", default="0,1,2,3,4")
@@ -198,48 +206,57 @@ def main():
                 exemplar_ids[(ex["index"], ex["composition"])] = (created["id"], ex["label"])
             print(f"[{case}] {len(kept)} of {len(items)} items kept; {len(exemplar_ids)} exemplars", flush=True)
             for count in counts:
-                for name, body in configs.items():
-                    trials = []
-                    for stamp in stamps:
-                        ids = [exemplar_ids[(stamp, g)][0] for g in range(count)]
-                        label = exemplar_ids[(stamp, 0)][1]
+                trials = {name: [] for name in configs}
+                for stamp in stamps:
+                    ids = [exemplar_ids[(stamp, g)][0] for g in range(count)]
+                    label = exemplar_ids[(stamp, 0)][1]
+                    made = {}
+                    for name, body in configs.items():
                         started = time.time()
                         accepted = api.call("POST", f"/v1/models/{MODEL}/versions", dict(body, exemplars=ids))
                         job = api.wait(accepted["job"]["id"])
-                        seconds = time.time() - started
                         if job["state"] != "succeeded":
                             raise RuntimeError(f"{name} edit failed: {job.get('error')}")
                         number = accepted["version"]["number"]
-                        version = api.call("GET", f"/v1/models/{MODEL}/versions/{number}")
-                        scores = {}
-                        for dataset, exclude in ((pairs, [label]), (photo_set, [])):
+                        made[name] = (number, time.time() - started)
+                    # One evaluation per dataset scores all of this stamp's versions against version 0.
+                    numbers = [number for number, _ in made.values()]
+                    scores = {}
+                    for dataset, exclude in ((pairs, [label]), (photo_set, [])):
+                        for i in range(0, len(numbers), 8):
                             ev = api.call("POST", f"/v1/models/{MODEL}/evaluations",
-                                          {"dataset": dataset, "versions": [number], "baseline": 0, "exclude_classes": exclude})
+                                          {"dataset": dataset, "versions": numbers[i:i + 8], "baseline": 0,
+                                           "exclude_classes": exclude})
                             finished = api.wait(ev["job"]["id"])
                             if finished["state"] != "succeeded":
                                 raise RuntimeError(f"evaluation failed: {finished.get('error')}")
-                            result = api.call("GET", f"/v1/evaluations/{ev['evaluation']}")
-                            scores[dataset] = next(r for r in result["results"] if r["version"] == number)
-                        guard = (version.get("metrics") or {}).get("guard") or {}
-                        trials.append({
+                            for r in api.call("GET", f"/v1/evaluations/{ev['evaluation']}")["results"]:
+                                scores[(dataset, r["version"])] = r
+                    for name, (number, seconds) in made.items():
+                        version = api.call("GET", f"/v1/models/{MODEL}/versions/{number}")
+                        metrics = version.get("metrics") or {}
+                        guard = metrics.get("guard") or {}
+                        trials[name].append({
                             "stamp": stamp,
-                            "corrected": scores[pairs]["errors_corrected"],
-                            "clean": 100.0 * scores[pairs]["accuracy"],
-                            "photos_changed": 100.0 * scores[photo_set]["changed"],
+                            "corrected": scores[(pairs, number)]["errors_corrected"],
+                            "clean": 100.0 * scores[(pairs, number)]["accuracy"],
+                            "photos_changed": 100.0 * scores[(photo_set, number)]["changed"],
                             "scale": guard.get("scale"),
                             "exemplar_fixed": guard.get("exemplar_fixed"),
+                            "guard": guard,
                             "seconds": seconds,
-                            "job_seconds": (version.get("metrics") or {}).get("seconds"),
+                            "job_seconds": metrics.get("seconds"),
                         })
                         api.call("DELETE", f"/v1/models/{MODEL}/versions/{number}")
-                    row = {"config": name, "case": case, "exemplars": count, "trials": trials}
-                    rows.append(row)
-                    print(f"{name:24s} {case:10s} {count} ex | corrected {mean_sd([t['corrected'] for t in trials]):>12s} %"
-                          f" | clean kept {mean_sd([t['clean'] for t in trials]):>12s} %"
-                          f" | photos changed {mean_sd([t['photos_changed'] for t in trials]):>10s} %"
-                          f" | scale {mean_sd([t['scale'] for t in trials]) if trials[0]['scale'] is not None else '-':>12s}"
-                          f" | fixed {sum(bool(t['exemplar_fixed']) for t in trials)}/{len(trials)}"
-                          f" | edit {mean_sd([t['seconds'] for t in trials])} s", flush=True)
+                for name, rows_of in trials.items():
+                    rows.append({"config": name, "case": case, "exemplars": count, "trials": rows_of})
+                    scales = [t["scale"] for t in rows_of if t["scale"] is not None]
+                    print(f"{name:24s} {case:10s} {count} ex | corrected {mean_sd([t['corrected'] for t in rows_of]):>12s} %"
+                          f" | clean kept {mean_sd([t['clean'] for t in rows_of]):>12s} %"
+                          f" | photos changed {mean_sd([t['photos_changed'] for t in rows_of]):>10s} %"
+                          f" | scale {mean_sd(scales) if scales else '-':>12s}"
+                          f" | fixed {sum(bool(t['exemplar_fixed']) for t in rows_of)}/{len(rows_of)}"
+                          f" | edit {mean_sd([t['seconds'] for t in rows_of])} s", flush=True)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)

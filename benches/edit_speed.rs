@@ -25,7 +25,7 @@ fn main() {
     let model = load_package(&package, Device::Cpu).unwrap();
     let cache = root().join("data/statistics-cache");
     let statistics_images = root().join("data/foolbox/statistics");
-    let whitening_at = |layer: &str| {
+    let moment_at = |layer: &str| {
         statistics_for(&package, model.as_ref(), layer, &statistics_images, &cache).unwrap()
     };
     let steps: Vec<usize> = std::env::var("BENCH_ADAM_STEPS")
@@ -35,7 +35,7 @@ fn main() {
         .collect();
 
     let layer = model.default_edit_layer().to_string();
-    let whitening = whitening_at(&layer);
+    let moment = moment_at(&layer);
     for exemplars_count in [1, 3] {
         let triples: Vec<_> = (0..exemplars_count).map(striped_exemplar).collect();
         let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu).unwrap();
@@ -52,7 +52,7 @@ fn main() {
         runs.push(EditParams::new(Method::FinetuneGlobal, Solver::Adam, &layer));
         for params in runs {
             let started = Instant::now();
-            let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), None, &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, Some(&moment), None, &Silent).unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let rate = if params.steps > 0 { format!("{:7.0} steps/s", params.steps as f64 / seconds) } else { String::new() };
             let name = match params.method {
@@ -76,11 +76,11 @@ fn main() {
     let clean_before = top1(model.as_ref(), &clean);
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
     for layer in model.editable_layers() {
-        let whitening = whitening_at(&layer.name);
+        let moment = moment_at(&layer.name);
         let mut line = format!("{:<26}", layer.name);
         for solver in [Solver::Adam, Solver::ClosedForm] {
             let params = EditParams::new(Method::Rewrite, solver, &layer.name);
-            let result = edit(model.as_ref(), &exemplars, &params, Some(&whitening), None, &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, Some(&moment), None, &Silent).unwrap();
             let mut edited = model.duplicate();
             result.delta.apply(edited.as_mut()).unwrap();
             let after = top1(edited.as_ref(), &exemplar_batch);

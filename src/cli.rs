@@ -33,11 +33,13 @@ pub struct EditArgs {
     /// rewrite, finetune_local or finetune_global.
     #[arg(long, default_value = "rewrite", value_parser = parse_serde::<Method>)]
     pub method: Method,
-    /// adam or closed_form (rewrite only).
-    #[arg(long, default_value = "adam", value_parser = parse_serde::<Solver>)]
-    pub solver: Solver,
-    #[arg(long, default_value_t = 1)]
-    pub rank: usize,
+    /// adam, closed_form or least_squares (the last two: rewrite only) [default: least_squares for a rewrite,
+    /// adam for fine-tuning].
+    #[arg(long, value_parser = parse_serde::<Solver>)]
+    pub solver: Option<Solver>,
+    /// [default: 1; least_squares: the whole change]
+    #[arg(long)]
+    pub rank: Option<usize>,
     #[arg(long)]
     pub steps: Option<usize>,
     #[arg(long)]
@@ -167,8 +169,8 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
     }
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu)?;
     let layer = args.layer.clone().unwrap_or_else(|| model.default_edit_layer().to_string());
-    let mut params = EditParams::new(args.method, args.solver, &layer);
-    params.rank = args.rank;
+    let mut params = EditParams::new(args.method, args.solver.unwrap_or(Solver::default_for(args.method)), &layer);
+    params.rank = args.rank.unwrap_or(params.rank);
     params.seed = args.seed;
     params.steps = args.steps.unwrap_or(params.steps);
     params.lr = args.lr.unwrap_or(params.lr);

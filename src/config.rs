@@ -93,6 +93,10 @@ pub struct ServeConfig {
     /// names none, and the default check set of the breakage guard. `make setup` fetches them.
     #[arg(long, env = "EDITSERVE_NATURAL_PHOTOS_DIR", default_value = "data/natural")]
     pub natural_photos_dir: PathBuf,
+    /// Where default statistics are cached (keyed by the weights, layer, parent's changes before the layer,
+    /// preprocessing and photos, so servers and data directories can share it).
+    #[arg(long, env = "EDITSERVE_STATISTICS_CACHE_DIR", default_value = "data/statistics-cache")]
+    pub statistics_cache_dir: PathBuf,
     /// A directory whose subdirectories statistics jobs may read images from, by name.
     #[arg(long, env = "EDITSERVE_STATISTICS_DIR")]
     pub statistics_dir: Option<PathBuf>,

@@ -59,7 +59,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             device,
             config.decode_limits(),
             config.edit_threads,
-            NaturalPhotos { dir: config.natural_photos_dir.clone(), cache_dir: config.data_dir.join("statistics-cache") },
+            NaturalPhotos { dir: config.natural_photos_dir.clone(), cache_dir: config.statistics_cache_dir.clone() },
         )?,
         config.edit_queue_capacity,
         config.statistics_dir.clone(),

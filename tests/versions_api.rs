@@ -20,8 +20,11 @@ use image::DynamicImage;
 use reqwest::multipart::Form;
 use serde_json::{json, Value};
 
-/// EfficientNet-Lite0's default edit layer: the last MBConv's 1x1 project conv (1152 -> 320 channels).
-const DEFAULT_LAYER: &str = "_blocks.15._project_conv";
+/// EfficientNet-Lite0's default edit layer: the 1x1 project conv of the last block at stride 16 (672 -> 112
+/// channels).
+const DEFAULT_LAYER: &str = "_blocks.10._project_conv";
+/// The last MBConv's project conv, where the closed form fixes the striped exemplar (tests/edit_real.rs).
+const LAST_PROJECT_CONV: &str = "_blocks.15._project_conv";
 /// Its 16 project convs and the head conv.
 const EDITABLE_LAYERS: usize = 17;
 /// Adam steps of an edit that runs for a few seconds: long enough to watch its progress events.
@@ -69,8 +72,8 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     let layers = model["editable_layers"].as_array().unwrap_or_else(|| panic!("no editable_layers: {model}"));
     assert_eq!(layers.len(), EDITABLE_LAYERS, "{model}");
     let default = layers.iter().find(|l| l["name"] == DEFAULT_LAYER).expect("the default layer is editable");
-    assert_eq!(default["weight_shape"], json!([320, 1152, 1, 1]), "{default}");
-    assert_eq!(default["has_skip"], false, "{default}");
+    assert_eq!(default["weight_shape"], json!([112, 672, 1, 1]), "{default}");
+    assert_eq!(default["has_skip"], true, "{default}");
 
     // Version 0 is the loaded base weights.
     let base = api.version(0).await.ok(200, "GET version 0");
@@ -642,7 +645,8 @@ async fn statistics_jobs_feed_second_moment_edits() {
     assert!(from_photos["version"].is_null(), "{from_photos}");
     let photo_statistics =
         from_photos["statistics"].as_str().unwrap_or_else(|| panic!("no id: {from_photos}")).to_string();
-    let job = api.start_statistics(Form::new().text("directory", "statistics")).await;
+    // At the last MBConv's project conv, where the closed form was measured to fix the striped exemplar.
+    let job = api.start_statistics(Form::new().text("directory", "statistics").text("layer", LAST_PROJECT_CONV)).await;
     let from_directory = api.wait_succeeded(&job).await;
     let directory_statistics =
         from_directory["statistics"].as_str().unwrap_or_else(|| panic!("{from_directory}")).to_string();
@@ -673,7 +677,10 @@ async fn statistics_jobs_feed_second_moment_edits() {
 
     // With the directory's statistics, the edit reads the stripes like what they cover (as tests/edit_real.rs).
     let (_, fixed) = api
-        .edit(&merged(&closed_form(&exemplar, "directory statistics"), json!({ "statistics": directory_statistics })))
+        .edit(&merged(
+            &closed_form(&exemplar, "directory statistics"),
+            json!({ "statistics": directory_statistics, "layer": LAST_PROJECT_CONV }),
+        ))
         .await;
     let classify_top1 = |version: u64, image: &DynamicImage| {
         let (api, image) = (api.clone(), Image::png(image));

@@ -431,7 +431,7 @@ impl Jobs {
             }
         }
         let method = request.method.unwrap_or(Method::Rewrite);
-        let solver = request.solver.unwrap_or(Solver::Adam);
+        let solver = request.solver.unwrap_or(Solver::default_for(method));
         let layer_name = request.layer.clone().unwrap_or_else(|| surface.default_edit_layer.clone());
         let layer = surface.layer(&layer_name).ok_or_else(|| {
             invalid(format!("'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"))
@@ -446,9 +446,11 @@ impl Jobs {
             }
         }
         let mut params = EditParams::new(method, solver, &layer_name);
-        params.rank = request.rank.unwrap_or(params.rank);
-        if !(1..=MAX_RANK).contains(&params.rank) {
-            return Err(invalid(format!("rank must be between 1 and {MAX_RANK}, got {}", params.rank)));
+        if let Some(rank) = request.rank {
+            if !(1..=MAX_RANK).contains(&rank) {
+                return Err(invalid(format!("rank must be between 1 and {MAX_RANK}, got {rank}")));
+            }
+            params.rank = rank;
         }
         if let Some(steps) = request.steps {
             if !(1..=MAX_STEPS).contains(&steps) {

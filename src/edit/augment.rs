@@ -1,6 +1,7 @@
-//! Copies of the exemplars in other arrangements, made from the exemplars alone: a random crop (half to
-//! all of each side), resized back to the input size, and a horizontal flip, the same transform applied to
-//! the original, the modified copy and the mask so that they stay aligned. The guard checks that the
+//! Copies of the exemplars in other arrangements, made from the exemplars alone: a random crop (half to all
+//! of the area, aspect ratio 3/4 to 4/3), resized back to the input size, and a horizontal flip, the same
+//! transform applied to the original, the modified copy and the mask so that they stay aligned. The guard
+//! checks that the
 //! originals' copies keep their predictions (the old concept in other arrangements must not move), and the
 //! least-squares solver takes keys from them (one exemplar gives few positions in one arrangement only).
 
@@ -8,8 +9,9 @@ use tch::{Kind, Tensor};
 
 use super::Exemplars;
 
-/// Shortest crop side, as a fraction of the image's side.
-const MIN_CROP: f64 = 0.5;
+/// Smallest crop, as a fraction of the image's area, and the widest aspect ratio (and its inverse).
+const MIN_AREA: f64 = 0.5;
+const MAX_ASPECT: f64 = 4.0 / 3.0;
 
 /// `copies` transformed copies of each exemplar (N * copies of them, exemplar by exemplar), drawn from
 /// libtorch's generator: the caller seeds it for a reproducible edit. Labels are carried over.
@@ -25,8 +27,10 @@ pub fn augmented(exemplars: &Exemplars, copies: usize) -> Exemplars {
     let mut labels = Vec::new();
     for (index, draw) in draws.chunks(5).enumerate() {
         let i = index as i64 / copies as i64;
-        let side = |fraction: f64, full: i64| ((MIN_CROP + (1.0 - MIN_CROP) * fraction) * full as f64).round().max(1.0) as i64;
-        let (h, w) = (side(draw[0], height), side(draw[1], width));
+        let area = MIN_AREA + (1.0 - MIN_AREA) * draw[0];
+        let aspect = MAX_ASPECT.powf(2.0 * draw[1] - 1.0);
+        let side = |fraction: f64, full: i64| ((fraction.sqrt() * full as f64).round() as i64).clamp(1, full);
+        let (h, w) = (side(area / aspect, height), side(area * aspect, width));
         let (y, x) = (((height - h) as f64 * draw[2]) as i64, ((width - w) as f64 * draw[3]) as i64);
         let flip = draw[4] < 0.5;
         let transform = |batch: &Tensor| {

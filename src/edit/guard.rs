@@ -22,11 +22,43 @@ const MAX_ORIGINAL_COPIES: usize = 96;
 /// Images per forward pass.
 const CHUNK: i64 = 32;
 
+/// A change the guard may keep: the solved one, a weaker solution, or one of those scaled down.
+pub struct Candidate {
+    pub delta: Delta,
+    pub scale: f64,
+    /// The statistics weight of a least-squares solution.
+    pub lambda: Option<f64>,
+}
+
+impl Candidate {
+    pub fn solved(delta: Delta, lambda: Option<f64>) -> Self {
+        Self { delta, scale: 1.0, lambda }
+    }
+}
+
+/// What the guard tries, strongest first: the solved change, the weaker solutions, then the weakest one
+/// scaled by each of `SCALES` below 1.
+pub fn candidates(solved: Candidate, weaker: Vec<Candidate>) -> Vec<Candidate> {
+    let mut all = vec![solved];
+    all.extend(weaker);
+    let weakest = all.last().map(|c| (c.delta.scaled(1.0), c.lambda));
+    if let Some((delta, lambda)) = weakest {
+        all.extend(SCALES[1..].iter().map(|&scale| Candidate { delta: delta.scaled(scale), scale, lambda }));
+    }
+    all
+}
+
 /// What the guard found, recorded in the version's metrics.
 #[derive(Debug, Clone, Serialize)]
 pub struct GuardReport {
-    /// The fraction of the solved change the version keeps (0 when none fits the budget).
+    /// The fraction of the (weakest solved) change the version keeps (0 when none fits the budget).
     pub scale: f64,
+    /// The statistics weight of the least-squares solution kept (heavier than the solver's when the guard
+    /// fell back on a weaker solution).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
+    /// Candidates the guard ran on the check images.
+    pub trials: usize,
     pub max_changed: f64,
     /// Check photos, and how many changed their top-1 at the chosen scale.
     pub photos: usize,
@@ -80,12 +112,13 @@ fn differences(a: &Tensor, b: &Tensor) -> usize {
     a.ne_tensor(b).sum(Kind::Int64).int64_value(&[]) as usize
 }
 
-/// Scales `delta` (whose parameters lie at or after `layer`) down to the strongest of `SCALES` whose top-1
-/// changes on `photos` (preprocessed, N x 3 x H x W) and on transformed copies of the exemplars' originals
-/// stay within `max_changed` of the check images, together; scale 0 (no change) when none does.
+/// Keeps the strongest of `candidates` (strongest first; their parameters lie at or after `layer`) whose
+/// top-1 changes on `photos` (preprocessed, N x 3 x H x W) and on transformed copies of the exemplars'
+/// originals stay within `max_changed` of the check images, together; none of the change (scale 0) when
+/// none does.
 pub fn guard(
     parent: &dyn Classifier,
-    delta: &Delta,
+    mut candidates: Vec<Candidate>,
     layer: &str,
     photos: &Tensor,
     exemplars: &Exemplars,
@@ -111,62 +144,59 @@ pub fn guard(
     let fixed = |model: &dyn Classifier| -> Result<usize, EditError> {
         Ok(n - differences(&modified_prefix.top1(model, layer)?, &wanted))
     };
-    let with_scale = |scale: f64| -> Result<(Delta, Box<dyn Classifier>), EditError> {
-        let scaled = delta.scaled(scale);
+    let applied = |delta: &Delta| -> Result<Box<dyn Classifier>, EditError> {
         let mut model = parent.share();
-        scaled.apply(model.as_mut())?;
-        Ok((scaled, model))
+        delta.apply(model.as_mut())?;
+        Ok(model)
     };
-    let exemplar_fixed_unscaled = fixed(with_scale(1.0)?.1.as_ref())? == n;
-    // Top-1 changes grow with the scale: a binary search for the strongest scale within the budget takes
-    // 4 trials of the 10 scales. `SCALES.len()` stands for scale 0, the parent itself.
-    let mut tried: Vec<Option<(Delta, GuardReport)>> = (0..=SCALES.len()).map(|_| None).collect();
-    let (mut low, mut high) = (0, SCALES.len());
+    let strongest = candidates.first().map(|c| applied(&c.delta)).transpose()?;
+    let exemplar_fixed_unscaled = match strongest {
+        Some(model) => fixed(model.as_ref())? == n,
+        None => false,
+    };
+    let report = |scale, lambda, photos_changed, originals_changed, exemplars_fixed, trials| GuardReport {
+        scale,
+        lambda,
+        trials,
+        max_changed,
+        photos: photo_count,
+        photos_changed,
+        originals: original_count,
+        originals_changed,
+        exemplar_fixed: exemplars_fixed == n,
+        exemplars_fixed,
+        exemplar_fixed_unscaled,
+    };
+    // Top-1 changes grow with the candidates' strength: a binary search for the strongest within the budget
+    // takes 4 trials of 13. `candidates.len()` stands for the parent itself.
+    let mut measured: Vec<Option<GuardReport>> = (0..=candidates.len()).map(|_| None).collect();
+    // A budget that allows every change keeps the strongest candidate, measured once.
+    let everything = allowed >= photo_count + original_count;
+    let (mut low, mut high) = (0, if everything { 1 } else { candidates.len() });
     let mut trials = 0;
     while low < high {
         if progress.cancelled() {
             return Err(EditError::Cancelled);
         }
         let middle = (low + high) / 2;
-        let (scaled, model) = with_scale(SCALES[middle])?;
+        let candidate = &candidates[middle];
+        let model = applied(&candidate.delta)?;
         let photos_changed = differences(&photo_prefix.top1(model.as_ref(), layer)?, &before.0);
         let originals_changed = differences(&original_prefix.top1(model.as_ref(), layer)?, &before.1);
-        let exemplars_fixed = fixed(model.as_ref())?;
         trials += 1;
-        progress.report(trials, 4, (photos_changed + originals_changed) as f64);
-        let within = photos_changed + originals_changed <= allowed;
-        let report = GuardReport {
-            scale: SCALES[middle],
-            max_changed,
-            photos: photo_count,
-            photos_changed,
-            originals: original_count,
-            originals_changed,
-            exemplar_fixed: exemplars_fixed == n,
-            exemplars_fixed,
-            exemplar_fixed_unscaled,
-        };
-        tried[middle] = Some((scaled, report));
-        if within {
+        let found = report(candidate.scale, candidate.lambda, photos_changed, originals_changed, fixed(model.as_ref())?, 0);
+        measured[middle] = Some(found);
+        if photos_changed + originals_changed <= allowed {
             high = middle;
         } else {
             low = middle + 1;
         }
     }
-    if let Some(Some(found)) = tried.get_mut(low).map(Option::take) {
-        return Ok(found);
+    if let Some(Some(found)) = measured.get_mut(low).map(Option::take) {
+        let kept = candidates.swap_remove(low);
+        return Ok((kept.delta, GuardReport { trials, ..found }));
     }
-    let exemplars_fixed = fixed(parent)?;
-    let report = GuardReport {
-        scale: 0.0,
-        max_changed,
-        photos: photo_count,
-        photos_changed: 0,
-        originals: original_count,
-        originals_changed: 0,
-        exemplar_fixed: exemplars_fixed == n,
-        exemplars_fixed,
-        exemplar_fixed_unscaled,
-    };
-    Ok((delta.scaled(0.0), report))
+    let parent_report = report(0.0, None, 0, 0, fixed(parent)?, trials);
+    let nothing = candidates.pop().map(|c| c.delta.scaled(0.0)).ok_or_else(|| EditError::Invalid("nothing to guard".into()))?;
+    Ok((nothing, parent_report))
 }

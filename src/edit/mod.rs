@@ -22,6 +22,7 @@ use thiserror::Error;
 
 pub use delta::Delta;
 pub use guard::GuardReport;
+use guard::Candidate;
 pub use rewrite::{compose, directions, project};
 
 use crate::imaging::{InputTensor, Preprocessing};
@@ -61,13 +62,25 @@ pub enum Solver {
     LeastSquares,
 }
 
+impl Solver {
+    /// What solves `method` unless the request says otherwise: least squares for a rewrite (measured best
+    /// on the concept-shift benchmark, README "Edit quality"), Adam for fine-tuning (its only solver).
+    pub fn default_for(method: Method) -> Self {
+        match method {
+            Method::Rewrite => Solver::LeastSquares,
+            Method::FinetuneLocal | Method::FinetuneGlobal => Solver::Adam,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EditParams {
     pub method: Method,
     pub solver: Solver,
     /// The edited conv (its state-dict prefix).
     pub layer: String,
-    /// Dimension of the subspace the change lives in (rewrite only).
+    /// Dimension of the subspace the change lives in (rewrite only; `least_squares::FULL_RANK`: the whole
+    /// change, least_squares' default).
     pub rank: usize,
     pub steps: usize,
     pub lr: f64,
@@ -82,7 +95,8 @@ impl EditParams {
             (Method::Rewrite, Solver::ClosedForm | Solver::LeastSquares) => (0, 0.0),
             (Method::FinetuneLocal | Method::FinetuneGlobal, _) => (50, 1e-2),
         };
-        Self { method, solver, layer: layer.to_string(), rank: 1, steps, lr, seed: 0 }
+        let rank = if solver == Solver::LeastSquares { least_squares::FULL_RANK } else { 1 };
+        Self { method, solver, layer: layer.to_string(), rank, steps, lr, seed: 0 }
     }
 }
 
@@ -210,20 +224,34 @@ pub fn edit(
     }
     tch::manual_seed(params.seed);
     let started = Instant::now();
-    let (mut delta, mut metrics) = match (params.method, params.solver) {
-        (Method::Rewrite, Solver::LeastSquares) => least_squares::run(model, exemplars, params, statistics, progress)?,
+    // The change, and weaker ones the guard may fall back on before it scales the weakest down.
+    let (delta, mut metrics, weaker) = match (params.method, params.solver) {
+        (Method::Rewrite, Solver::LeastSquares) => {
+            let solved = least_squares::run(model, exemplars, params, statistics, progress)?;
+            let weaker = solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
+            (solved.delta, solved.metrics, weaker)
+        }
         (Method::Rewrite, _) => {
             let whitening = statistics.map(SecondMoment::whitening);
-            rewrite::run(model, exemplars, params, whitening.as_ref(), progress)?
+            let (delta, metrics) = rewrite::run(model, exemplars, params, whitening.as_ref(), progress)?;
+            (delta, metrics, Vec::new())
         }
-        (Method::FinetuneLocal | Method::FinetuneGlobal, _) => finetune::run(model, exemplars, params, progress)?,
+        (Method::FinetuneLocal | Method::FinetuneGlobal, _) => {
+            let (delta, metrics) = finetune::run(model, exemplars, params, progress)?;
+            (delta, metrics, Vec::new())
+        }
     };
-    if let Some(budget) = budget {
-        let photos = budget.photos.to_device(exemplars.original.device());
-        let (scaled, report) = guard::guard(model, &delta, &params.layer, &photos, exemplars, budget.max_changed, progress)?;
-        delta = scaled;
-        metrics.guard = Some(report);
-    }
+    let delta = match budget {
+        Some(budget) => {
+            let lambda = (params.solver == Solver::LeastSquares && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
+            let candidates = guard::candidates(Candidate::solved(delta, lambda), weaker);
+            let photos = budget.photos.to_device(exemplars.original.device());
+            let (kept, report) = guard::guard(model, candidates, &params.layer, &photos, exemplars, budget.max_changed, progress)?;
+            metrics.guard = Some(report);
+            kept
+        }
+        None => delta,
+    };
     metrics.seconds = started.elapsed().as_secs_f64();
     metrics.delta_norm = delta.norm();
     Ok(EditResult { delta, metrics })

@@ -80,7 +80,8 @@ impl SecondMoment {
 
     pub fn save(&self, path: &Path) -> Result<(), EditError> {
         let count = Tensor::from_slice(&[self.count]);
-        let tmp = path.with_extension("tmp");
+        // Servers sharing a cache directory may write the same statistics at once: each its own file.
+        let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), uuid::Uuid::new_v4()));
         Tensor::write_safetensors(&[("moment", &self.moment), ("count", &count)], &tmp)?;
         std::fs::rename(&tmp, path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))
     }

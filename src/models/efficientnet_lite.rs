@@ -100,10 +100,9 @@ pub struct EfficientNetLite {
     bn1: BatchNorm,
     fc_weight: Tensor,
     fc_bias: Tensor,
-    /// The last MBConv's project conv (see README, "Choosing the edit layer"): `_blocks.15._project_conv`
-    /// in Lite0, `_blocks.20._project_conv` in Lite1 and Lite2, where `_blocks.15` fixed the striped
-    /// exemplar of tests/edit_real.rs with neither solver and `_blocks.20` with both (clean top-1 kept on
-    /// 18-20 of 20; measured for issue 5).
+    /// The project conv of the last block at stride 16 (the block before the last stride-2 block):
+    /// `_blocks.10._project_conv` in Lite0. On the concept-shift benchmark (README, "Edit quality") the
+    /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first.
     default_layer: String,
 }
 
@@ -112,6 +111,7 @@ impl EfficientNetLite {
         let stem = Conv::load(weights, "_conv_stem", [STEM_CHANNELS, 3, 3, 3], 2, 1, false)?;
         let bn0 = BatchNorm::load(weights, "_bn0", STEM_CHANNELS, BN_EPS)?;
         let mut blocks = Vec::new();
+        let mut last_downsampling = 0;
         let last_stage = BASE_STAGES.len() - 1;
         for (stage, &(repeats, kernel, stride, expand, cin, cout)) in BASE_STAGES.iter().enumerate() {
             // The Lite family keeps the first stage's input and the first and last stages' depth fixed.
@@ -120,6 +120,9 @@ impl EfficientNetLite {
             let repeats = if stage == 0 || stage == last_stage { repeats } else { round_repeats(repeats, depth) };
             for r in 0..repeats {
                 let (inp, s) = if r == 0 { (cin, stride) } else { (cout, 1) };
+                if s == 2 {
+                    last_downsampling = blocks.len();
+                }
                 let prefix = format!("_blocks.{}", blocks.len());
                 let mid = inp * expand;
                 let expand_layer = if expand != 1 {
@@ -147,7 +150,7 @@ impl EfficientNetLite {
         let num_classes = fc_weight.size().first().copied().unwrap_or(0);
         let fc_weight = weights.check_shape("_fc.weight", fc_weight, &[num_classes, HEAD_CHANNELS])?;
         let fc_bias = weights.take("_fc.bias", Some(&[num_classes]))?;
-        let default_layer = format!("_blocks.{}._project_conv", blocks.len().saturating_sub(1));
+        let default_layer = format!("_blocks.{}._project_conv", last_downsampling.saturating_sub(1));
         Ok(Self { stem, bn0, blocks, head, bn1, fc_weight, fc_bias, default_layer })
     }
 
