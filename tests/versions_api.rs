@@ -15,6 +15,7 @@ use common::api::{
     closed_form, exemplar_form, id_of, is_final, jpeg_part, long_adam, merged, model_path, numbers, png_part,
     striped_form, Api, Image, LONG_STEPS, MODEL,
 };
+use common::datasets::unlabelled_form;
 use common::{foolbox_photos, root, striped_exemplar, TestServer};
 use image::DynamicImage;
 use reqwest::multipart::Form;
@@ -729,6 +730,18 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
         changed += u64::from(top1(&before) != top1(&after));
     }
     assert_eq!(changed, count("photos_changed"), "top-1 changes on the check photos: {version}");
+
+    // A dataset as the check images, at a budget of 1 change in 6 photos plus the copies.
+    let dataset = id_of(&api.create_dataset(unlabelled_form(&[1, 2, 3, 4, 5, 6])).await);
+    let body = json!({ "exemplars": [exemplar], "guard": {"dataset": dataset, "max_changed": 0.2} });
+    let (_, number) = api.edit(&body).await;
+    let version = api.version(number).await.ok(200, "GET the edit guarded by a dataset");
+    let guard = &version["metrics"]["guard"];
+    assert_eq!(guard["photos"], 6, "the dataset's images are the check photos: {version}");
+    assert_eq!(guard["max_changed"], 0.2, "{version}");
+    let checked = guard["photos"].as_f64().unwrap_or(0.0) + guard["originals"].as_f64().unwrap_or(0.0);
+    let changes = guard["photos_changed"].as_f64().unwrap_or(f64::MAX) + guard["originals_changed"].as_f64().unwrap_or(f64::MAX);
+    assert!(changes <= (0.2 * checked).floor(), "over the budget: {version}");
 }
 
 #[tokio::test]

@@ -126,7 +126,11 @@ pub(super) fn run(
         Some(s) => s.moment.to_kind(Kind::Double).to_device(old.device()),
         None => Tensor::eye(c_in, (Kind::Double, old.device())),
     };
-    let loss_of = |dw: &Tensor| ((targets.keys.matmul(&dw.tr()) - &residual).square() * &weight).sum(Kind::Double).double_value(&[]);
+    // The weighted mean squared error per position, in the conv's output units.
+    let total_weight = weight.sum(Kind::Double).double_value(&[]).max(f64::MIN_POSITIVE);
+    let loss_of = |dw: &Tensor| {
+        ((targets.keys.matmul(&dw.tr()) - &residual).square() * &weight).sum(Kind::Double).double_value(&[]) / total_weight
+    };
     let loss_before = loss_of(&Tensor::zeros([c_out, c_in], (Kind::Double, old.device())));
     let system = System::new(&targets.keys, &residual, &old, &weight, &moment, MU);
     let rank = if params.rank == FULL_RANK { usize::MAX } else { params.rank };
