@@ -115,15 +115,7 @@ impl Progress for PrintProgress {
 }
 
 fn image_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("no images in {}", dir.display());
-    }
-    Ok(files)
+    Ok(crate::core::directories::files(dir, usize::MAX)?)
 }
 
 /// The images of a directory, preprocessed as the package expects (N x 3 x H x W).

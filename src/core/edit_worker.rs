@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::cpu_pool::lower_priority;
+use super::directories::files;
 use super::evaluations::{evaluate, EvaluationWork};
 use super::registry::LoadedPackage;
 use super::scheduler::Lineage;
@@ -65,19 +66,12 @@ pub struct NaturalPhotos {
 impl NaturalPhotos {
     fn files(&self, set: &str) -> Result<Vec<PathBuf>, EditError> {
         let dir = self.dir.join(set);
-        let missing = |why: String| {
+        files(&dir, usize::MAX).map_err(|why| {
             EditError::Invalid(format!(
                 "the natural photos {} are missing ({why}): run `make setup`, or name 'statistics' and a guard 'dataset'",
                 dir.display()
             ))
-        };
-        let entries = std::fs::read_dir(&dir).map_err(|e| missing(e.to_string()))?;
-        let mut files: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()).collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(missing("no files".into()));
-        }
-        Ok(files)
+        })
     }
 }
 
@@ -116,7 +110,15 @@ impl EditWorker {
         let thread = std::thread::Builder::new()
             .name(format!("editserve-edit-{device:?}").to_lowercase())
             .spawn(move || {
-                Thread { device, limits, intra_op_threads, natural, bases: HashMap::new(), check_photos: HashMap::new() }
+                Thread {
+                    device,
+                    limits,
+                    intra_op_threads,
+                    natural,
+                    bases: HashMap::new(),
+                    check_photos: HashMap::new(),
+                    moments: HashMap::new(),
+                }
                     .run(receiver)
             })
             .map_err(|e| CoreError::Internal(format!("cannot start the edit worker: {e}")))?;
@@ -172,6 +174,9 @@ struct Thread {
     bases: HashMap<String, (u64, Box<dyn Classifier>)>,
     /// The natural check photos preprocessed for each model, with the load generation they are for.
     check_photos: HashMap<String, (u64, Tensor)>,
+    /// Default statistics by model, load generation and key of layer and lineage: finding them on disk
+    /// hashes the weights and the photos, which an edit need not do again.
+    moments: HashMap<(String, u64, String), SecondMoment>,
 }
 
 impl Thread {
@@ -184,6 +189,7 @@ impl Thread {
                 Message::Forget(model) => {
                     self.bases.remove(&model);
                     self.check_photos.remove(&model);
+                    self.moments.retain(|(name, _, _), _| *name != model);
                     continue;
                 }
             };
@@ -299,11 +305,16 @@ impl Thread {
                 lineage_key.update(change);
             }
         }
+        let layer_key = format!("{layer}\0{:x}", lineage_key.finalize());
+        let memory_key = (package.package.name.clone(), package.generation, layer_key.clone());
+        if let Some(moment) = self.moments.get(&memory_key) {
+            return Ok(DefaultStatistics { moment: moment.shallow_clone(), images: files.len() });
+        }
         let weights = files_sha256(&[package.package.weights_path()])?;
         let preprocessing = serde_json::to_string(&package.package.config.preprocessing).map_err(|e| EditError::Io(e.to_string()))?;
-        let layer_key = format!("{layer}\0{:x}", lineage_key.finalize());
         let path = cache_path(&self.natural.cache_dir, &weights, &layer_key, &preprocessing, &files_sha256(&files)?);
         if let Ok(moment) = SecondMoment::load(&path) {
+            self.moments.insert(memory_key, moment.shallow_clone());
             return Ok(DefaultStatistics { moment, images: files.len() });
         }
         let (device, limits) = (self.device, self.limits);
@@ -315,6 +326,7 @@ impl Thread {
         let moment = SecondMoment::accumulate(parent, layer, batches)?;
         std::fs::create_dir_all(&self.natural.cache_dir).map_err(|e| EditError::Io(format!("{}: {e}", self.natural.cache_dir.display())))?;
         moment.save(&path)?;
+        self.moments.insert(memory_key, moment.shallow_clone());
         Ok(DefaultStatistics { moment, images: files.len() })
     }
 

@@ -53,6 +53,11 @@ impl SecondMoment {
         Ok(Self { moment: sum / count as f64, count })
     }
 
+    /// The same statistics, sharing the tensor.
+    pub fn shallow_clone(&self) -> Self {
+        Self { moment: self.moment.shallow_clone(), count: self.count }
+    }
+
     /// `C^{-1/2}` (float64) by symmetric eigendecomposition, eigenvalues floored at
     /// `RELATIVE_EIGENVALUE_FLOOR` times the largest.
     pub fn whitening(&self) -> Tensor {
