@@ -60,10 +60,17 @@ pub struct ServeConfig {
     /// auto, cpu, cuda or cuda:N. auto takes the first GPU when there is one.
     #[arg(long, env = "EDITSERVE_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
-    /// Most images per forward pass [default: 8 on CPU, where larger batches fall out of cache and run
-    /// slower per image (see README's benchmark), 64 on CUDA].
+    /// Most images per forward pass [default: 2 on CPU, where a pass on one thread gains nothing from
+    /// larger batches and small ones spread over the executors (README, "Throughput"); 64 on CUDA].
     #[arg(long, env = "EDITSERVE_MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
+    /// Forward passes that run at once, each on its own executor thread [default: on CPU one per core,
+    /// each with one libtorch thread (README, "Throughput"); 1 on CUDA].
+    #[arg(long, env = "EDITSERVE_INFERENCE_STREAMS")]
+    pub inference_streams: Option<std::num::NonZeroUsize>,
+    /// libtorch threads of each forward pass [default: 1 on CPU; libtorch's own choice on CUDA].
+    #[arg(long, env = "EDITSERVE_INFERENCE_THREADS")]
+    pub inference_threads: Option<std::num::NonZeroUsize>,
     /// Longest a batch is held open for requests that are still being decoded, in milliseconds. A batch
     /// never waits when no other request is on its way.
     #[arg(long, env = "EDITSERVE_MAX_BATCH_WAIT_MS", default_value_t = 20)]
@@ -114,11 +121,18 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     pub fn batching(&self, device: tch::Device) -> BatchingConfig {
-        let default_batch = if device.is_cuda() { 64 } else { 8 };
+        let one = std::num::NonZeroUsize::MIN;
+        let (default_batch, default_streams, default_threads) = if device.is_cuda() {
+            (64, one, None)
+        } else {
+            (2, std::thread::available_parallelism().unwrap_or(one), Some(one))
+        };
         BatchingConfig {
             max_batch_size: self.max_batch_size.unwrap_or(default_batch).max(1),
             max_batch_wait: Duration::from_millis(self.max_batch_wait_ms),
             queue_capacity: self.queue_capacity.max(1),
+            streams: self.inference_streams.unwrap_or(default_streams),
+            threads_per_stream: self.inference_threads.or(default_threads),
         }
     }
 

@@ -159,7 +159,18 @@ async fn multipart_answers_each_part_in_order() {
 
 #[tokio::test]
 async fn concurrent_requests_equal_sequential_ones() {
-    let server = TestServer::start(&[]).await;
+    concurrent_answers_equal_sequential_ones(&[]).await;
+}
+
+/// More executors than cores, each pass several requests of several images' worth: every answer still
+/// goes to the request it belongs to.
+#[tokio::test]
+async fn concurrent_requests_equal_sequential_ones_on_three_executors() {
+    concurrent_answers_equal_sequential_ones(&["--inference-streams", "3", "--max-batch-size", "5"]).await;
+}
+
+async fn concurrent_answers_equal_sequential_ones(args: &[&str]) {
+    let server = TestServer::start(args).await;
     let client = reqwest::Client::new();
     let photos = foolbox_photos();
     let mut sequential = Vec::new();

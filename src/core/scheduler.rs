@@ -1,8 +1,11 @@
-//! The worker thread of one device. It owns every model (and so every tensor) on that device, takes jobs
-//! from a bounded channel, and batches classification requests dynamically: it waits at most
-//! `max_batch_wait` after the first request for others, up to `max_batch_size` images per model version.
-//! Versions other than the base are materialised on first use from their lineage of changes, sharing
-//! every unedited tensor with the base, and kept while they are among the most recently used.
+//! The worker of one device. Its batching thread owns every model (and so every tensor) on that device,
+//! takes jobs from a bounded channel, and batches classification requests dynamically: once an executor
+//! is free it waits at most `max_batch_wait` for requests still being decoded, up to `max_batch_size`
+//! images per model version. Each batch runs on one of `streams` executor threads (each with its own
+//! libtorch thread team) on a storage-sharing handle of the model, so that on a CPU several passes run
+//! side by side while the next batch forms. Versions other than the base are materialised on first use
+//! from their lineage of changes, sharing every unedited tensor with the base, and kept while they are
+//! among the most recently used.
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
@@ -28,6 +31,10 @@ pub struct BatchingConfig {
     pub max_batch_size: usize,
     pub max_batch_wait: Duration,
     pub queue_capacity: usize,
+    /// Forward passes that may run at once (executor threads).
+    pub streams: NonZeroUsize,
+    /// libtorch intra-op threads of each executor; None keeps libtorch's default.
+    pub threads_per_stream: Option<NonZeroUsize>,
 }
 
 /// How often a worker holding a partial batch checks for requests that are still being decoded.
@@ -98,6 +105,7 @@ impl DeviceWorker {
         let (sender, receiver) = crossbeam_channel::bounded(config.queue_capacity);
         let incoming = Arc::new(AtomicUsize::new(0));
         let residency = Residency::default();
+        let executors = Executors::spawn(device, &config)?;
         let worker = Worker {
             device,
             config,
@@ -105,6 +113,7 @@ impl DeviceWorker {
             versions: LruCache::new(resident_versions),
             residency: Arc::clone(&residency),
             incoming: Arc::clone(&incoming),
+            executors,
         };
         let thread = std::thread::Builder::new()
             .name(format!("editserve-{device:?}").to_lowercase())
@@ -194,6 +203,7 @@ struct Worker {
     versions: LruCache<(String, u32), Box<dyn Classifier>>,
     residency: Residency,
     incoming: Arc<AtomicUsize>,
+    executors: Executors,
 }
 
 struct PendingClassify {
@@ -209,7 +219,7 @@ impl Worker {
             let mut batch: Vec<(Target, PendingClassify)> = Vec::new();
             let mut images = 0;
             let mut next = Some(first);
-            let deadline = Instant::now() + self.config.max_batch_wait;
+            let mut deadline = None;
             loop {
                 match next.take() {
                     Some(Job::Load { package, reply }) => {
@@ -237,11 +247,23 @@ impl Worker {
                 if batch.is_empty() || images >= self.config.max_batch_size {
                     break;
                 }
+                // While every executor is busy the queue fills, and the batch grows instead of waiting.
+                if !self.executors.wait_until_free() {
+                    break;
+                }
                 // Take what is queued; beyond that, wait only for requests already being decoded (a lone
-                // request never waits), and never past the deadline.
+                // request never waits), never past the deadline, and not while another executor is free:
+                // those requests can run there instead of leaving it idle.
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + self.config.max_batch_wait);
                 let received = match jobs.try_recv() {
                     Ok(job) => Ok(job),
-                    Err(_) if self.incoming.load(Ordering::SeqCst) == 0 || Instant::now() >= deadline => break,
+                    Err(_)
+                        if self.incoming.load(Ordering::SeqCst) == 0
+                            || Instant::now() >= deadline
+                            || self.executors.free > 1 =>
+                    {
+                        break
+                    }
                     Err(_) => jobs.recv_timeout(INCOMING_POLL.min(deadline.saturating_duration_since(Instant::now()))),
                 };
                 match received {
@@ -316,7 +338,7 @@ impl Worker {
         }
     }
 
-    /// Runs the collected requests, one forward pass per model version (split at `max_batch_size` images).
+    /// Sends the collected requests to the executors, one forward pass per model version.
     fn run_batch(&mut self, batch: Vec<(Target, PendingClassify)>) {
         let mut by_version: Vec<(Target, Vec<PendingClassify>)> = Vec::new();
         for (target, pending) in batch {
@@ -327,56 +349,127 @@ impl Worker {
         }
         for (target, group) in by_version {
             let ready = self.ensure_resident(&target).and_then(|()| {
-                self.resident(&target).ok_or_else(|| CoreError::ModelUnloaded(target.model.clone()))
+                self.resident(&target).map(|model| model.share()).ok_or_else(|| CoreError::ModelUnloaded(target.model.clone()))
             });
-            let model = match ready {
-                Ok(model) => model,
+            match ready {
+                Ok(model) => self.executors.run(Pass { model, group }),
                 Err(e) => {
                     for pending in group {
                         let _ = pending.reply.send(Err(e.clone()));
                     }
-                    continue;
                 }
-            };
-            let inputs: Vec<&InputTensor> = group.iter().flat_map(|p| p.inputs.iter()).collect();
-            let mut probabilities = match guarded(|| self.forward(model, &inputs)).and_then(|r| r) {
-                Ok(p) => p.into_iter(),
-                Err(e) => {
-                    for pending in group {
-                        let _ = pending.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// One forward pass: a storage-sharing handle of the version and the requests it answers.
+struct Pass {
+    model: Box<dyn Classifier>,
+    group: Vec<PendingClassify>,
+}
+
+/// The executor threads and the count of those free, as the batching thread sees it.
+struct Executors {
+    passes: Sender<Pass>,
+    /// One message each time an executor finishes a pass (and once when it starts).
+    freed: Receiver<()>,
+    free: usize,
+}
+
+impl Executors {
+    fn spawn(device: Device, config: &BatchingConfig) -> Result<Self, CoreError> {
+        let streams = config.streams.get();
+        let (passes, queued) = crossbeam_channel::bounded::<Pass>(streams);
+        let (freed_sender, freed) = crossbeam_channel::bounded(streams);
+        for i in 0..streams {
+            let (queued, freed_sender) = (queued.clone(), freed_sender.clone());
+            let (threads, max_batch_size) = (config.threads_per_stream, config.max_batch_size);
+            std::thread::Builder::new()
+                .name(format!("editserve-{device:?}-pass-{i}").to_lowercase())
+                .spawn(move || {
+                    if let Some(threads) = threads {
+                        tch::set_num_threads(i32::try_from(threads.get()).unwrap_or(i32::MAX));
                     }
-                    continue;
-                }
-            };
+                    let _no_grad = tch::no_grad_guard();
+                    while freed_sender.send(()).is_ok() {
+                        let Ok(pass) = queued.recv() else { break };
+                        answer(pass, device, max_batch_size);
+                    }
+                })
+                .map_err(|e| CoreError::Internal(format!("cannot start an executor thread: {e}")))?;
+        }
+        Ok(Self { passes, freed, free: 0 })
+    }
+
+    /// Blocks until an executor is free; false once they have all stopped.
+    fn wait_until_free(&mut self) -> bool {
+        while self.freed.try_recv().is_ok() {
+            self.free += 1;
+        }
+        if self.free == 0 {
+            match self.freed.recv() {
+                Ok(()) => self.free += 1,
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+
+    fn run(&mut self, pass: Pass) {
+        if !self.wait_until_free() {
+            return fail(pass.group, &CoreError::ShuttingDown);
+        }
+        self.free -= 1;
+        if let Err(unsent) = self.passes.send(pass) {
+            fail(unsent.into_inner().group, &CoreError::ShuttingDown);
+        }
+    }
+}
+
+fn fail(group: Vec<PendingClassify>, error: &CoreError) {
+    for pending in group {
+        let _ = pending.reply.send(Err(error.clone()));
+    }
+}
+
+/// Runs a pass on the executor's thread and answers each request with its own images' probabilities.
+fn answer(pass: Pass, device: Device, max_batch_size: usize) {
+    let Pass { model, group } = pass;
+    let inputs: Vec<&InputTensor> = group.iter().flat_map(|p| p.inputs.iter()).collect();
+    match guarded(|| forward(model.as_ref(), &inputs, device, max_batch_size)).and_then(|r| r) {
+        Ok(probabilities) => {
+            let mut probabilities = probabilities.into_iter();
             for pending in group {
                 let mine: Probabilities = probabilities.by_ref().take(pending.inputs.len()).collect();
                 let _ = pending.reply.send(Ok(mine));
             }
         }
+        Err(e) => fail(group, &e),
     }
+}
 
-    fn forward(&self, model: &dyn Classifier, inputs: &[&InputTensor]) -> Result<Probabilities, CoreError> {
-        let mut out = Vec::with_capacity(inputs.len());
-        for chunk in inputs.chunks(self.config.max_batch_size.max(1)) {
-            let started = Instant::now();
-            let (h, w) = (i64::from(chunk[0].height), i64::from(chunk[0].width));
-            let mut flat = Vec::with_capacity(chunk.len() * chunk[0].data.len());
-            for input in chunk {
-                flat.extend_from_slice(&input.data);
-            }
-            let batch = Tensor::from_slice(&flat).view([chunk.len() as i64, 3, h, w]).to_device(self.device);
-            let probs = model.forward(&batch).softmax(-1, Kind::Float).to_device(Device::Cpu);
-            let classes = probs.size()[1] as usize;
-            let values: Vec<f32> = probs
-                .flatten(0, -1)
-                .try_into()
-                .map_err(|e: tch::TchError| CoreError::Internal(format!("cannot read the probabilities: {e}")))?;
-            out.extend(values.chunks(classes).map(<[f32]>::to_vec));
-            metrics::histogram!("editserve_inference_batch_size").record(chunk.len() as f64);
-            metrics::histogram!("editserve_inference_seconds").record(started.elapsed().as_secs_f64());
+fn forward(model: &dyn Classifier, inputs: &[&InputTensor], device: Device, max_batch_size: usize) -> Result<Probabilities, CoreError> {
+    let mut out = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(max_batch_size.max(1)) {
+        let started = Instant::now();
+        let (h, w) = (i64::from(chunk[0].height), i64::from(chunk[0].width));
+        let mut flat = Vec::with_capacity(chunk.len() * chunk[0].data.len());
+        for input in chunk {
+            flat.extend_from_slice(&input.data);
         }
-        Ok(out)
+        let batch = Tensor::from_slice(&flat).view([chunk.len() as i64, 3, h, w]).to_device(device);
+        let probs = model.forward(&batch).softmax(-1, Kind::Float).to_device(Device::Cpu);
+        let classes = probs.size()[1] as usize;
+        let values: Vec<f32> = probs
+            .flatten(0, -1)
+            .try_into()
+            .map_err(|e: tch::TchError| CoreError::Internal(format!("cannot read the probabilities: {e}")))?;
+        out.extend(values.chunks(classes).map(<[f32]>::to_vec));
+        metrics::histogram!("editserve_inference_batch_size").record(chunk.len() as f64);
+        metrics::histogram!("editserve_inference_seconds").record(started.elapsed().as_secs_f64());
     }
+    Ok(out)
 }
 
 /// libtorch reports errors by panicking through tch; one failed pass must not take the worker down.
