@@ -67,12 +67,16 @@ fn taps(in_size: usize, out_size: usize, interpolation: Interpolation) -> Taps {
     Taps { start, weights }
 }
 
-fn clip8(acc: i64) -> u8 {
+fn clip8(acc: i32) -> u8 {
     (acc >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
 /// Resizes an interleaved RGB image to `out_w` x `out_h` and returns only the window
 /// `[left, left + crop_w) x [top, top + crop_h)` of the result (which must lie inside it).
+///
+/// Sums are 32-bit as in Pillow (255 times weights summing to at most about 1.25 * 2^22 cannot overflow),
+/// and the vertical pass runs along whole rows so that the compiler vectorises it: this is a per-request
+/// cost of every classification.
 pub fn resize_crop_rgb(
     rgb: &[u8],
     (in_w, in_h): (usize, usize),
@@ -82,39 +86,40 @@ pub fn resize_crop_rgb(
 ) -> Vec<u8> {
     let horizontal = taps(in_w, out_w, interpolation);
     let vertical = taps(in_h, out_h, interpolation);
-    let half = 1i64 << (PRECISION_BITS - 1);
+    let half = 1i32 << (PRECISION_BITS - 1);
     // Rows of the input that the cropped output rows read.
     let row_first = vertical.start[top];
     let row_last = (top..top + crop_h).map(|y| vertical.start[y] + vertical.weights[y].len()).max().unwrap_or(row_first);
     let rows = row_last - row_first;
-    let mut pass1 = vec![0u8; rows * crop_w * 3];
-    for r in 0..rows {
+    let stride = crop_w * 3;
+    let mut pass1 = vec![0u8; rows * stride];
+    for (r, out_row) in pass1.chunks_exact_mut(stride).enumerate() {
         let src_row = &rgb[(row_first + r) * in_w * 3..(row_first + r + 1) * in_w * 3];
-        for x in 0..crop_w {
+        for (x, out) in out_row.chunks_exact_mut(3).enumerate() {
             let (start, weights) = (horizontal.start[left + x], &horizontal.weights[left + x]);
+            let window = &src_row[start * 3..(start + weights.len()) * 3];
             let mut acc = [half; 3];
-            for (i, &w) in weights.iter().enumerate() {
-                let p = &src_row[(start + i) * 3..(start + i) * 3 + 3];
-                for c in 0..3 {
-                    acc[c] += i64::from(p[c]) * i64::from(w);
-                }
+            for (p, &w) in window.chunks_exact(3).zip(weights) {
+                acc[0] += i32::from(p[0]) * w;
+                acc[1] += i32::from(p[1]) * w;
+                acc[2] += i32::from(p[2]) * w;
             }
-            let out = &mut pass1[(r * crop_w + x) * 3..(r * crop_w + x) * 3 + 3];
-            for c in 0..3 {
-                out[c] = clip8(acc[c]);
-            }
+            out.copy_from_slice(&acc.map(clip8));
         }
     }
-    let mut out = vec![0u8; crop_h * crop_w * 3];
-    let stride = crop_w * 3;
-    for y in 0..crop_h {
+    let mut out = vec![0u8; crop_h * stride];
+    let mut acc = vec![0i32; stride];
+    for (y, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (start, weights) = (vertical.start[top + y] - row_first, &vertical.weights[top + y]);
-        for i in 0..stride {
-            let mut acc = half;
-            for (k, &w) in weights.iter().enumerate() {
-                acc += i64::from(pass1[(start + k) * stride + i]) * i64::from(w);
+        acc.fill(half);
+        for (k, &w) in weights.iter().enumerate() {
+            let row = &pass1[(start + k) * stride..(start + k + 1) * stride];
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += i32::from(p) * w;
             }
-            out[y * stride + i] = clip8(acc);
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     out
