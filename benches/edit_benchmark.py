@@ -41,6 +41,8 @@ CONFIGS = {
     "closed_form": {"method": "rewrite", "solver": "closed_form"},
     "least_squares": {"method": "rewrite", "solver": "least_squares"},
     "least_squares_unguarded": {"method": "rewrite", "solver": "least_squares", "guard": {"max_changed": 1.0}},
+    "least_squares_guard5": {"solver": "least_squares", "guard": {"max_changed": 0.05}},
+    "least_squares_guard10": {"solver": "least_squares", "guard": {"max_changed": 0.1}},
     "least_squares_b10": {"solver": "least_squares", "layer": "_blocks.10._project_conv"},
     "least_squares_b10_unguarded": {"solver": "least_squares", "layer": "_blocks.10._project_conv",
                                     "guard": {"max_changed": 1.0}},
