@@ -102,7 +102,8 @@ class Editserve:
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
+        if self.proc.wait(timeout=60) != 0:
+            print(f"editserve exited with status {self.proc.returncode}", flush=True)
         shutil.rmtree(self.data, ignore_errors=True)
 
 

@@ -371,10 +371,12 @@ struct Pass {
 
 /// The executor threads and the count of those free, as the batching thread sees it.
 struct Executors {
-    passes: Sender<Pass>,
+    /// None once dropping: the executors then finish their passes and stop.
+    passes: Option<Sender<Pass>>,
     /// One message each time an executor finishes a pass (and once when it starts).
     freed: Receiver<()>,
     free: usize,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Executors {
@@ -382,14 +384,15 @@ impl Executors {
         let streams = config.streams.get();
         let (passes, queued) = crossbeam_channel::bounded::<Pass>(streams);
         let (freed_sender, freed) = crossbeam_channel::bounded(streams);
+        let mut threads = Vec::with_capacity(streams);
         for i in 0..streams {
             let (queued, freed_sender) = (queued.clone(), freed_sender.clone());
-            let (threads, max_batch_size) = (config.threads_per_stream, config.max_batch_size);
-            std::thread::Builder::new()
+            let (intra_op, max_batch_size) = (config.threads_per_stream, config.max_batch_size);
+            let thread = std::thread::Builder::new()
                 .name(format!("editserve-{device:?}-pass-{i}").to_lowercase())
                 .spawn(move || {
-                    if let Some(threads) = threads {
-                        tch::set_num_threads(i32::try_from(threads.get()).unwrap_or(i32::MAX));
+                    if let Some(intra_op) = intra_op {
+                        tch::set_num_threads(i32::try_from(intra_op.get()).unwrap_or(i32::MAX));
                     }
                     let _no_grad = tch::no_grad_guard();
                     while freed_sender.send(()).is_ok() {
@@ -398,8 +401,9 @@ impl Executors {
                     }
                 })
                 .map_err(|e| CoreError::Internal(format!("cannot start an executor thread: {e}")))?;
+            threads.push(thread);
         }
-        Ok(Self { passes, freed, free: 0 })
+        Ok(Self { passes: Some(passes), freed, free: 0, threads })
     }
 
     /// Blocks until an executor is free; false once they have all stopped.
@@ -421,8 +425,22 @@ impl Executors {
             return fail(pass.group, &CoreError::ShuttingDown);
         }
         self.free -= 1;
-        if let Err(unsent) = self.passes.send(pass) {
+        let Some(passes) = &self.passes else {
+            return fail(pass.group, &CoreError::ShuttingDown);
+        };
+        if let Err(unsent) = passes.send(pass) {
             fail(unsent.into_inner().group, &CoreError::ShuttingDown);
+        }
+    }
+}
+
+/// Waits for the executors to finish: a thread still running libtorch while the process exits races the
+/// library's static destructors (glibc aborted with "corrupted double-linked list" at shutdown).
+impl Drop for Executors {
+    fn drop(&mut self) {
+        self.passes.take();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
 }
