@@ -175,7 +175,8 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
         _ => Some(read_inputs(&package, &args.check)?),
     };
     let budget = photos.as_ref().map(|photos| Budget { photos, max_changed: args.max_changed });
-    let result = edit(model.as_ref(), &exemplars, &params, statistics.as_ref(), budget.as_ref(), &PrintProgress)?;
+    let statistics: Vec<&SecondMoment> = statistics.iter().collect();
+    let result = edit(model.as_ref(), &exemplars, &params, &statistics, budget.as_ref(), &PrintProgress)?;
     result.delta.save(&args.out)?;
     println!("{}", serde_json::to_string_pretty(&serde_json::json!({
         "layer": layer,

@@ -72,7 +72,7 @@ fn closed_form_and_long_adam_reach_the_same_optimum() {
     adam.steps = 6000;
     adam.lr = 1e-3;
     let weights = |params: &EditParams| {
-        let result = edit(&model, &exemplars, params, None, None, &Silent).unwrap();
+        let result = edit(&model, &exemplars, params, &[], None, &Silent).unwrap();
         let dense = result.delta.dense();
         (&w0 + dense[0].1.view([C, C]), result.metrics.loss_after)
     };
@@ -112,9 +112,9 @@ fn an_edit_reports_progress_and_stops_when_cancelled() {
     params.steps = 10_000;
     let progress = CancelAfter(std::cell::Cell::new(3));
     let started = std::time::Instant::now();
-    let outcome = edit(&model, &exemplars, &params, None, None, &progress);
+    let outcome = edit(&model, &exemplars, &params, &[], None, &progress);
     assert!(matches!(outcome, Err(editserve::edit::EditError::Cancelled)));
     // Three reports at one per 100 steps: stopped after about 300 of the 10,000 steps.
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
-    assert!(edit(&model, &exemplars, &EditParams::new(Method::Rewrite, Solver::Adam, "nope"), None, None, &Silent).is_err());
+    assert!(edit(&model, &exemplars, &EditParams::new(Method::Rewrite, Solver::Adam, "nope"), &[], None, &Silent).is_err());
 }

@@ -549,7 +549,7 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
     let statistics = SecondMoment::accumulate(&model, &layer, images(&training_set).split(256, 0)).unwrap();
 
     let judge = |params: &EditParams, statistics: Option<&SecondMoment>| -> Figures {
-        let result = edit(&model, &exemplars, params, statistics, None, &Silent).unwrap();
+        let result = edit(&model, &exemplars, params, statistics.as_slice(), None, &Silent).unwrap();
         let mut edited = model.duplicate();
         result.delta.apply(edited.as_mut()).unwrap();
         let after = errors(edited.as_ref(), &snow_x, &snow_y);

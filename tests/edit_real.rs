@@ -46,7 +46,7 @@ fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
 
     for solver in [Solver::Adam, Solver::ClosedForm] {
         let params = EditParams::new(Method::Rewrite, solver, &layer);
-        let result = edit(model.as_ref(), &exemplars, &params, Some(&moment), None, &Silent).unwrap();
+        let result = edit(model.as_ref(), &exemplars, &params, &[&moment], None, &Silent).unwrap();
         let mut edited = model.duplicate();
         result.delta.apply(edited.as_mut()).unwrap();
         let after = top1(edited.as_ref(), &exemplar_batch);

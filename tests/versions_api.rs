@@ -442,6 +442,12 @@ async fn invalid_requests_get_their_status_and_code() {
             Some("exemplar_not_found"),
         ),
         ("unknown layer", versions.clone(), with(json!({"layer": "_blocks.99._project_conv"})), 422, None),
+        ("layer and layers", versions.clone(), with(json!({"solver": "least_squares", "layer": B10, "layers": [B10, B11]})), 422, None),
+        ("no layers", versions.clone(), with(json!({"solver": "least_squares", "layers": []})), 422, None),
+        ("layers backwards", versions.clone(), with(json!({"solver": "least_squares", "layers": [B11, B10]})), 422, None),
+        ("a layer twice", versions.clone(), with(json!({"solver": "least_squares", "layers": [B10, B10]})), 422, None),
+        ("four layers", versions.clone(), with(json!({"solver": "least_squares", "layers": [B9, B10, B11, B12]})), 422, None),
+        ("several layers with adam", versions.clone(), with(json!({"solver": "adam", "layers": [B10, B11]})), 422, None),
         ("closed form with fine-tuning", versions.clone(), with(json!({"method": "finetune_local"})), 422, None),
         ("unknown method", versions.clone(), with(json!({"method": "magic"})), 422, None),
         ("unknown field", versions.clone(), with(json!({"colour": "red"})), 422, Some("invalid_request")),
@@ -744,6 +750,36 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
         let budget = (0.2 * guard[checked].as_f64().unwrap_or(0.0)).floor();
         assert!(guard[changed].as_f64().unwrap_or(f64::MAX) <= budget, "{changed} over the budget: {version}");
     }
+}
+
+const B9: &str = "_blocks.9._project_conv";
+const B10: &str = "_blocks.10._project_conv";
+const B11: &str = "_blocks.11._project_conv";
+const B12: &str = "_blocks.12._project_conv";
+
+#[tokio::test]
+async fn a_least_squares_edit_spread_over_two_layers_changes_both() {
+    let server = TestServer::start(&[]).await;
+    let api = Api::new(&server);
+    let exemplar = api.create_exemplar(striped_form(0)).await;
+    let body = json!({ "exemplars": [exemplar], "solver": "least_squares", "layers": [B10, B11], "guard": {"max_changed": 1.0} });
+    let (_, number) = api.edit(&body).await;
+    let version = api.version(number).await.ok(200, "GET the two-layer edit");
+    assert_eq!(version["metrics"]["layers"], json!([B10, B11]), "{version}");
+    assert_eq!(version["metrics"]["guard"]["scale"], 1.0, "{version}");
+    assert!(version["metrics"]["approximation"].as_str().is_some_and(|a| a.contains(B10) && a.contains(B11)), "{version}");
+    // Both layers' whole weights are stored (a dense change of each, float32).
+    let model = api.get(&model_path("")).await.ok(200, "GET the model");
+    let weights = |name: &str| -> u64 {
+        let layer = model["editable_layers"].as_array().and_then(|l| l.iter().find(|l| l["name"] == name)).cloned().unwrap_or_default();
+        layer["weight_shape"].as_array().map_or(0, |shape| shape.iter().filter_map(Value::as_u64).product())
+    };
+    assert_eq!(version["stored_bytes"].as_u64(), Some(4 * (weights(B10) + weights(B11))), "{version}");
+    // The modified exemplar reads differently through the edit than through the base.
+    let modified = Image::png(&striped_exemplar(0).1);
+    let before = api.classify("/versions/0/classify?top_k=1000", &modified).await.ok(200, "classify with the base");
+    let after = api.classify(&format!("/versions/{number}/classify?top_k=1000"), &modified).await.ok(200, "classify with the edit");
+    assert_ne!(before["predictions"], after["predictions"]);
 }
 
 #[tokio::test]

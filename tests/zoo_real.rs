@@ -80,7 +80,7 @@ fn edit_striped_exemplar(package: &ModelPackage, model: &dyn Classifier, params:
     let statistics = root().join("data/foolbox/statistics");
     let moment = statistics_for(package, model, layer, &statistics, cache.path()).unwrap();
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
-    let result = edit(model, &exemplars, params, Some(&moment), None, &Silent).unwrap();
+    let result = edit(model, &exemplars, params, &[&moment], None, &Silent).unwrap();
     let mut edited = model.duplicate();
     result.delta.apply(edited.as_mut()).unwrap();
     let after = top1(edited.as_ref(), &exemplar_batch);

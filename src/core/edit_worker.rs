@@ -226,21 +226,32 @@ impl Thread {
                 }
                 let exemplars = Exemplars::from_images(&preprocessing, &triples, device)?;
                 let (parent, _) = materialise(self.base(package)?, &lineage)?;
-                let (moment, source) = match moment {
-                    Some(bytes) => (SecondMoment::from_safetensors(&bytes)?, "stored".to_string()),
-                    None => {
-                        let moment = self.default_statistics(package, parent.as_ref(), &lineage, &params.layer)?;
-                        let source = format!("default: {} natural photos", moment.images);
-                        (moment.moment, source)
+                // Stored statistics are of the first layer; every other layer gets the default ones.
+                let mut moments = Vec::new();
+                let mut sources = Vec::new();
+                for (i, layer) in params.layers().enumerate() {
+                    match (i, &moment) {
+                        (0, Some(bytes)) => {
+                            moments.push(SecondMoment::from_safetensors(bytes)?);
+                            sources.push("stored".to_string());
+                        }
+                        _ => {
+                            let default = self.default_statistics(package, parent.as_ref(), &lineage, layer)?;
+                            sources.push(format!("default: {} natural photos", default.images));
+                            moments.push(default.moment);
+                        }
                     }
-                };
+                }
+                sources.dedup();
+                let source = sources.join(", then ");
                 let photos = match &guard {
                     Some(GuardPlan { photos: Some(images), .. }) => Some(input_batch(images, 0, &preprocessing, limits)?.to_device(device)),
                     Some(GuardPlan { photos: None, .. }) => Some(self.check_photos(package)?),
                     None => None,
                 };
                 let budget = guard.as_ref().zip(photos.as_ref()).map(|(plan, photos)| Budget { photos, max_changed: plan.max_changed });
-                let result = edit(parent.as_ref(), &exemplars, &params, Some(&moment), budget.as_ref(), progress)?;
+                let moments: Vec<&SecondMoment> = moments.iter().collect();
+                let result = edit(parent.as_ref(), &exemplars, &params, &moments, budget.as_ref(), progress)?;
                 let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
                 metrics["statistics_source"] = source.into();
                 Ok(Outcome::Edit { delta: result.delta.to_safetensors()?, metrics })

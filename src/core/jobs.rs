@@ -31,6 +31,8 @@ use crate::store::{
 
 const MAX_EXEMPLARS: usize = 16;
 const MAX_RANK: usize = 16;
+/// Layers one edit may spread over.
+const MAX_LAYERS: usize = 3;
 const MAX_STEPS: usize = 100_000;
 const MAX_DESCRIPTION: usize = 1000;
 const MAX_STATISTICS_IMAGES: usize = 100_000;
@@ -64,6 +66,8 @@ pub struct EditRequest {
     pub method: Option<Method>,
     pub solver: Option<Solver>,
     pub layer: Option<String>,
+    /// Several layers in forward order, for a least-squares rewrite spread over them (instead of `layer`).
+    pub layers: Option<Vec<String>>,
     pub rank: Option<usize>,
     pub steps: Option<usize>,
     pub lr: Option<f64>,
@@ -432,20 +436,41 @@ impl Jobs {
         }
         let method = request.method.unwrap_or(Method::Rewrite);
         let solver = request.solver.unwrap_or(Solver::default_for(method));
-        let layer_name = request.layer.clone().unwrap_or_else(|| surface.default_edit_layer.clone());
-        let layer = surface.layer(&layer_name).ok_or_else(|| {
-            invalid(format!("'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"))
-        })?;
-        if solver != Solver::Adam {
-            let name = serde_name(solver);
-            if method != Method::Rewrite {
-                return Err(invalid(format!("the {name} solver solves a rewrite only; fine-tuning uses adam")));
+        let layer_names = match (&request.layer, &request.layers) {
+            (Some(_), Some(_)) => return Err(invalid("name 'layer' or 'layers', not both".to_string())),
+            (None, Some(layers)) if layers.is_empty() || layers.len() > MAX_LAYERS => {
+                return Err(invalid(format!("'layers' takes 1 to {MAX_LAYERS} layers, got {}", layers.len())))
             }
-            if layer.weight_shape.get(2..) != Some(&[1, 1][..]) {
-                return Err(invalid(format!("the {name} solver needs a 1x1 conv; '{layer_name}' is {:?}", layer.weight_shape)));
+            (None, Some(layers)) if layers.len() > 1 && (method, solver) != (Method::Rewrite, Solver::LeastSquares) => {
+                return Err(invalid("only the least_squares rewrite edits several layers".to_string()))
+            }
+            (None, Some(layers)) => layers.clone(),
+            (Some(layer), None) => vec![layer.clone()],
+            (None, None) => vec![surface.default_edit_layer.clone()],
+        };
+        let mut previous = None;
+        for layer_name in &layer_names {
+            let position = surface.editable_layers.iter().position(|l| l.name == *layer_name).ok_or_else(|| {
+                invalid(format!("'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"))
+            })?;
+            if previous.is_some_and(|p| p >= position) {
+                return Err(invalid("the 'layers' of an edit must be distinct and in forward order".to_string()));
+            }
+            previous = Some(position);
+            let layer = &surface.editable_layers[position];
+            if solver != Solver::Adam {
+                let name = serde_name(solver);
+                if method != Method::Rewrite {
+                    return Err(invalid(format!("the {name} solver solves a rewrite only; fine-tuning uses adam")));
+                }
+                if layer.weight_shape.get(2..) != Some(&[1, 1][..]) {
+                    return Err(invalid(format!("the {name} solver needs a 1x1 conv; '{layer_name}' is {:?}", layer.weight_shape)));
+                }
             }
         }
+        let layer_name = layer_names[0].clone();
         let mut params = EditParams::new(method, solver, &layer_name);
+        params.following_layers = layer_names[1..].to_vec();
         if let Some(rank) = request.rank {
             if !(1..=MAX_RANK).contains(&rank) {
                 return Err(invalid(format!("rank must be between 1 and {MAX_RANK}, got {rank}")));

@@ -58,6 +58,7 @@ pub(super) fn run(
         seconds: 0.0,
         statistics: "identity",
         approximation: None,
+        layers: Vec::new(),
         guard: None,
     };
     Ok((Delta::Dense { changes }, metrics))

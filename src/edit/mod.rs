@@ -77,8 +77,12 @@ impl Solver {
 pub struct EditParams {
     pub method: Method,
     pub solver: Solver,
-    /// The edited conv (its state-dict prefix).
+    /// The edited conv (its state-dict prefix); the first of several for a multi-layer least-squares edit.
     pub layer: String,
+    /// Further convs after `layer`, in forward order, each solved on the model the earlier solves changed
+    /// (least_squares only): what one layer leaves of the target, the next one takes up.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub following_layers: Vec<String>,
     /// Dimension of the subspace the change lives in (rewrite only; `least_squares::FULL_RANK`: the whole
     /// change, least_squares' default).
     pub rank: usize,
@@ -96,7 +100,12 @@ impl EditParams {
             (Method::FinetuneLocal | Method::FinetuneGlobal, _) => (50, 1e-2),
         };
         let rank = if solver == Solver::LeastSquares { least_squares::FULL_RANK } else { 1 };
-        Self { method, solver, layer: layer.to_string(), rank, steps, lr, seed: 0 }
+        Self { method, solver, layer: layer.to_string(), following_layers: Vec::new(), rank, steps, lr, seed: 0 }
+    }
+
+    /// Every edited layer, in forward order.
+    pub fn layers(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.layer.as_str()).chain(self.following_layers.iter().map(String::as_str))
     }
 }
 
@@ -191,6 +200,8 @@ pub struct EditMetrics {
     pub statistics: &'static str,
     /// Where the solver approximates the stated problem, in words.
     pub approximation: Option<String>,
+    /// The layers the change rewrites.
+    pub layers: Vec<String>,
     /// The breakage guard's choice of scale and what it measured, when the edit had a budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardReport>,
@@ -209,30 +220,49 @@ pub struct EditResult {
 }
 
 /// Runs one edit on `model` (which is not changed), then scales it to the budget when there is one.
-/// `statistics` is the keys' second moment at the layer; `None` means C = identity.
+/// `statistics` holds the keys' second moment at each of `params.layers()`; empty means C = identity.
 pub fn edit(
     model: &dyn Classifier,
     exemplars: &Exemplars,
     params: &EditParams,
-    statistics: Option<&SecondMoment>,
+    statistics: &[&SecondMoment],
     budget: Option<&Budget>,
     progress: &dyn Progress,
 ) -> Result<EditResult, EditError> {
     exemplars.validate()?;
-    if !model.editable_layers().iter().any(|l| l.name == params.layer) {
-        return Err(EditError::Invalid(format!("'{}' is not an editable layer of this model", params.layer)));
+    let editable = model.editable_layers();
+    let positions = params
+        .layers()
+        .map(|layer| {
+            editable.iter().position(|l| l.name == layer).ok_or_else(|| EditError::Invalid(format!("'{layer}' is not an editable layer of this model")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let layer_count = positions.len();
+    if positions.windows(2).any(|pair| pair[0] >= pair[1]) {
+        return Err(EditError::Invalid("the layers of an edit must be distinct and in forward order".into()));
     }
+    if layer_count > 1 && (params.method, params.solver) != (Method::Rewrite, Solver::LeastSquares) {
+        return Err(EditError::Invalid("only the least_squares rewrite edits several layers".into()));
+    }
+    if !statistics.is_empty() && statistics.len() != layer_count {
+        return Err(EditError::Invalid(format!("{} statistics for {layer_count} layers", statistics.len())));
+    }
+    let first_statistics = statistics.first().copied();
     tch::manual_seed(params.seed);
     let started = Instant::now();
     // The change, and weaker ones the guard may fall back on before it scales the weakest down.
     let (delta, mut metrics, weaker) = match (params.method, params.solver) {
+        (Method::Rewrite, Solver::LeastSquares) if layer_count > 1 => {
+            let (delta, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
+            (delta, metrics, Vec::new())
+        }
         (Method::Rewrite, Solver::LeastSquares) => {
-            let solved = least_squares::run(model, exemplars, params, statistics, progress)?;
+            let solved = least_squares::run(model, exemplars, params, first_statistics, progress)?;
             let weaker = solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
             (solved.delta, solved.metrics, weaker)
         }
         (Method::Rewrite, _) => {
-            let whitening = statistics.map(SecondMoment::whitening);
+            let whitening = first_statistics.map(SecondMoment::whitening);
             let (delta, metrics) = rewrite::run(model, exemplars, params, whitening.as_ref(), progress)?;
             (delta, metrics, Vec::new())
         }
@@ -254,5 +284,6 @@ pub fn edit(
     };
     metrics.seconds = started.elapsed().as_secs_f64();
     metrics.delta_norm = delta.norm();
+    metrics.layers = params.layers().map(String::from).collect();
     Ok(EditResult { delta, metrics })
 }

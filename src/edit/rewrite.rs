@@ -134,6 +134,7 @@ pub(super) fn run(
         seconds: 0.0,
         statistics: if whitening.is_some() { "second_moment" } else { "identity" },
         approximation,
+        layers: Vec::new(),
         guard: None,
     };
     Ok((Delta::LowRank { layer: layer.to_string(), l, d }, metrics))
