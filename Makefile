@@ -25,5 +25,9 @@ test: setup
 bench: build
 	cargo bench --bench http_throughput
 
+# editserve beside TorchServe 0.12 under the same load (needs the Debian package wrk; sets up TorchServe's venv).
+bench-serve: build
+	python3 benches/serve_compare.py
+
 clean-data:
 	rm -rf models data
