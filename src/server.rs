@@ -9,14 +9,14 @@ use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
 use crate::config::ServeConfig;
-use crate::core::registry::{discover_packages, Registry};
 use crate::core::cpu_pool::CpuPool;
 use crate::core::datasets::Datasets;
 use crate::core::edit_worker::{EditWorker, NaturalPhotos};
 use crate::core::evaluations::Evaluations;
 use crate::core::exemplars::Exemplars;
 use crate::core::jobs::Jobs;
-use crate::core::scheduler::DeviceWorker;
+use crate::core::registry::{discover_packages, Registry};
+use crate::core::scheduler::{DeviceWorker, EditActivity};
 use crate::core::versions::Versions;
 use crate::core::CoreError;
 use crate::models::ModelPackage;
@@ -28,7 +28,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let device = config.device.resolve().map_err(anyhow::Error::msg)?;
     let packages = selected_packages(&config)?;
     let batching = config.batching(device);
-    let worker = DeviceWorker::spawn(device, batching, config.max_resident_versions)?;
+    let edits = EditActivity::default();
+    let worker = DeviceWorker::spawn(device, batching, config.max_resident_versions, Arc::clone(&edits))?;
     let cpu_pool = Arc::new(CpuPool::new(available_cores(), batching.queue_capacity)?);
     let registry = Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits()));
     let metadata: Arc<dyn MetadataStore> =
@@ -39,7 +40,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if swept > 0 {
         tracing::info!(blobs = swept, bytes = swept_bytes, "removed blobs nothing refers to");
     }
-    let exemplars = Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), Arc::clone(&cpu_pool), config.decode_limits());
+    let exemplars =
+        Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), Arc::clone(&cpu_pool), config.decode_limits());
     let datasets = Arc::new(Datasets::new(
         Arc::clone(&metadata),
         Arc::clone(&blobs),
@@ -60,13 +62,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
             config.decode_limits(),
             config.edit_threads,
             NaturalPhotos { dir: config.natural_photos_dir.clone(), cache_dir: config.statistics_cache_dir.clone() },
+            edits,
         )?,
         config.edit_queue_capacity,
         config.statistics_dir.clone(),
     )
     .await?;
     let evaluations = Evaluations::new(Arc::clone(&registry), Arc::clone(&versions), Arc::clone(&jobs), metadata);
-    let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(address = %listener.local_addr()?, ?device, "listening");
 
     let stopping = tokio::sync::watch::Sender::new(false);

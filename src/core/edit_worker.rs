@@ -6,26 +6,27 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
-use tch::{Device, Tensor};
 use sha2::{Digest, Sha256};
+use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
 use super::cpu_pool::lower_priority;
 use super::directories::files;
 use super::evaluations::{evaluate, EvaluationWork};
 use super::registry::LoadedPackage;
-use super::scheduler::Lineage;
+use super::scheduler::{EditActivity, Lineage};
 use super::CoreError;
 use crate::edit::delta::{materialise, Delta};
 use crate::edit::statistics::{cache_path, files_sha256, SecondMoment, STATISTICS_BATCH};
-use crate::edit::{edit, Budget, EditError, EditParams, Exemplars, Progress};
+use crate::edit::{edit, input_tensor, Budget, EditError, EditParams, Exemplars, Progress};
 use crate::imaging::{binary_mask, decode, DecodeLimits, Preprocessing};
 use crate::models::{load_package, Classifier};
 use crate::store::EvaluationOutcome;
@@ -40,7 +41,13 @@ pub struct ExemplarPngs {
 pub enum Work {
     /// An edit of the version whose changes are `lineage`; `moment` is a stored second moment (the default
     /// statistics of the parent when None).
-    Edit { lineage: Lineage, exemplars: Vec<ExemplarPngs>, params: EditParams, moment: Option<Bytes>, guard: Option<GuardPlan> },
+    Edit {
+        lineage: Lineage,
+        exemplars: Vec<ExemplarPngs>,
+        params: EditParams,
+        moment: Option<Bytes>,
+        guard: Option<GuardPlan>,
+    },
     /// The second moment of the keys at `layer` of the base weights over `images`.
     Statistics { layer: String, images: Vec<Bytes> },
     /// Versions scored against a baseline on a dataset.
@@ -104,7 +111,14 @@ pub struct EditWorker {
 
 impl EditWorker {
     /// `intra_op_threads`: libtorch threads for this thread's operations (see `ServeConfig::edit_threads`).
-    pub fn spawn(device: Device, limits: DecodeLimits, intra_op_threads: NonZeroUsize, natural: NaturalPhotos) -> Result<Self, CoreError> {
+    /// `activity` counts the jobs running (see [`EditActivity`]).
+    pub fn spawn(
+        device: Device,
+        limits: DecodeLimits,
+        intra_op_threads: NonZeroUsize,
+        natural: NaturalPhotos,
+        activity: EditActivity,
+    ) -> Result<Self, CoreError> {
         let (sender, receiver) = crossbeam_channel::unbounded();
         let intra_op_threads = intra_op_threads.get().min(i32::MAX as usize);
         let thread = std::thread::Builder::new()
@@ -115,11 +129,12 @@ impl EditWorker {
                     limits,
                     intra_op_threads,
                     natural,
+                    activity,
                     bases: HashMap::new(),
                     check_photos: HashMap::new(),
                     moments: HashMap::new(),
                 }
-                    .run(receiver)
+                .run(receiver)
             })
             .map_err(|e| CoreError::Internal(format!("cannot start the edit worker: {e}")))?;
         Ok(Self { sender: Mutex::new(Some(sender)), thread: Mutex::new(Some(thread)) })
@@ -138,10 +153,17 @@ impl EditWorker {
         }
     }
 
-    pub async fn run(&self, package: LoadedPackage, work: Work, progress: SharedProgress) -> Result<Outcome, CoreError> {
+    pub async fn run(
+        &self,
+        package: LoadedPackage,
+        work: Work,
+        progress: SharedProgress,
+    ) -> Result<Outcome, CoreError> {
         let (reply, answer) = oneshot::channel();
         let sender = self.sender().ok_or(CoreError::ShuttingDown)?;
-        sender.send(Message::Run(Box::new(Task { package, work, progress, reply }))).map_err(|_| CoreError::ShuttingDown)?;
+        sender
+            .send(Message::Run(Box::new(Task { package, work, progress, reply })))
+            .map_err(|_| CoreError::ShuttingDown)?;
         match answer.await {
             Ok(result) => result.map_err(CoreError::from),
             Err(_) => Err(CoreError::Internal("the edit worker stopped during the job".into())),
@@ -170,6 +192,7 @@ struct Thread {
     limits: DecodeLimits,
     intra_op_threads: usize,
     natural: NaturalPhotos,
+    activity: EditActivity,
     /// Base weights by model name, with the load generation they are of.
     bases: HashMap<String, (u64, Box<dyn Classifier>)>,
     /// The natural check photos preprocessed for each model, with the load generation they are for.
@@ -194,11 +217,16 @@ impl Thread {
                 }
             };
             // libtorch reports errors by panicking through tch; one failed job must not stop the worker.
+            self.activity.fetch_add(1, Ordering::SeqCst);
             let result = catch_unwind(AssertUnwindSafe(|| self.execute(&package, work, progress.as_ref())))
                 .unwrap_or_else(|panic| {
-                    let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
                     Err(EditError::Io(format!("tensor computation failed: {}", message.unwrap_or_default())))
                 });
+            self.activity.fetch_sub(1, Ordering::SeqCst);
             let _ = reply.send(result);
         }
     }
@@ -221,8 +249,14 @@ impl Thread {
             Work::Edit { lineage, exemplars, params, moment, guard } => {
                 let mut triples = Vec::with_capacity(exemplars.len());
                 for exemplar in &exemplars {
-                    let read = |bytes: &Bytes| decode(bytes, limits).map_err(|e| EditError::Io(format!("stored exemplar: {e}")));
-                    triples.push((read(&exemplar.image)?, read(&exemplar.modified)?, binary_mask(&read(&exemplar.mask)?)));
+                    let read = |bytes: &Bytes| {
+                        decode(bytes, limits).map_err(|e| EditError::Io(format!("stored exemplar: {e}")))
+                    };
+                    triples.push((
+                        read(&exemplar.image)?,
+                        read(&exemplar.modified)?,
+                        binary_mask(&read(&exemplar.mask)?),
+                    ));
                 }
                 let exemplars = Exemplars::from_images(&preprocessing, &triples, device)?;
                 let (parent, _) = materialise(self.base(package)?, &lineage)?;
@@ -245,11 +279,16 @@ impl Thread {
                 sources.dedup();
                 let source = sources.join(", then ");
                 let photos = match &guard {
-                    Some(GuardPlan { photos: Some(images), .. }) => Some(input_batch(images, 0, &preprocessing, limits)?.to_device(device)),
+                    Some(GuardPlan { photos: Some(images), .. }) => {
+                        Some(input_batch(images, 0, &preprocessing, limits)?.to_device(device))
+                    }
                     Some(GuardPlan { photos: None, .. }) => Some(self.check_photos(package)?),
                     None => None,
                 };
-                let budget = guard.as_ref().zip(photos.as_ref()).map(|(plan, photos)| Budget { photos, max_changed: plan.max_changed });
+                let budget = guard
+                    .as_ref()
+                    .zip(photos.as_ref())
+                    .map(|(plan, photos)| Budget { photos, max_changed: plan.max_changed });
                 let moments: Vec<&SecondMoment> = moments.iter().collect();
                 let result = edit(parent.as_ref(), &exemplars, &params, &moments, budget.as_ref(), progress)?;
                 let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
@@ -284,7 +323,9 @@ impl Thread {
                 let positions = moment.count as u64;
                 Ok(Outcome::Statistics { moment: moment.to_safetensors()?, images: total as u64, positions })
             }
-            Work::Evaluate(work) => Ok(Outcome::Evaluation(evaluate(self.base(package)?, &preprocessing, device, limits, &work, progress)?)),
+            Work::Evaluate(work) => {
+                Ok(Outcome::Evaluation(evaluate(self.base(package)?, &preprocessing, device, limits, &work, progress)?))
+            }
         }
     }
 }
@@ -322,7 +363,8 @@ impl Thread {
             return Ok(DefaultStatistics { moment: moment.shallow_clone(), images: files.len() });
         }
         let weights = files_sha256(&[package.package.weights_path()])?;
-        let preprocessing = serde_json::to_string(&package.package.config.preprocessing).map_err(|e| EditError::Io(e.to_string()))?;
+        let preprocessing =
+            serde_json::to_string(&package.package.config.preprocessing).map_err(|e| EditError::Io(e.to_string()))?;
         let path = cache_path(&self.natural.cache_dir, &weights, &layer_key, &preprocessing, &files_sha256(&files)?);
         if let Ok(moment) = SecondMoment::load(&path) {
             self.moments.insert(memory_key, moment.shallow_clone());
@@ -335,7 +377,8 @@ impl Thread {
             .map(|chunk| file_batch(chunk, preprocessing, limits, device))
             .collect::<Result<Vec<_>, _>>()?;
         let moment = SecondMoment::accumulate(parent, layer, batches)?;
-        std::fs::create_dir_all(&self.natural.cache_dir).map_err(|e| EditError::Io(format!("{}: {e}", self.natural.cache_dir.display())))?;
+        std::fs::create_dir_all(&self.natural.cache_dir)
+            .map_err(|e| EditError::Io(format!("{}: {e}", self.natural.cache_dir.display())))?;
         moment.save(&path)?;
         self.moments.insert(memory_key, moment.shallow_clone());
         Ok(DefaultStatistics { moment, images: files.len() })
@@ -358,7 +401,12 @@ impl Thread {
 }
 
 /// The images of `files`, preprocessed into one batch on `device`.
-fn file_batch(files: &[PathBuf], preprocessing: &Preprocessing, limits: DecodeLimits, device: Device) -> Result<Tensor, EditError> {
+fn file_batch(
+    files: &[PathBuf],
+    preprocessing: &Preprocessing,
+    limits: DecodeLimits,
+    device: Device,
+) -> Result<Tensor, EditError> {
     let images = files
         .iter()
         .map(|f| std::fs::read(f).map(Bytes::from).map_err(|e| EditError::Io(format!("{}: {e}", f.display()))))
@@ -368,13 +416,16 @@ fn file_batch(files: &[PathBuf], preprocessing: &Preprocessing, limits: DecodeLi
 
 /// Decodes and preprocesses `images` into one batch (on the CPU); `first` is the first image's index, for
 /// the error that names an image that does not decode.
-pub(super) fn input_batch(images: &[Bytes], first: usize, preprocessing: &Preprocessing, limits: DecodeLimits) -> Result<Tensor, EditError> {
+pub(super) fn input_batch(
+    images: &[Bytes],
+    first: usize,
+    preprocessing: &Preprocessing,
+    limits: DecodeLimits,
+) -> Result<Tensor, EditError> {
     let mut inputs = Vec::with_capacity(images.len());
     for (j, bytes) in images.iter().enumerate() {
         let image = decode(bytes, limits).map_err(|e| EditError::Invalid(format!("image {}: {e}", first + j)))?;
-        let input = preprocessing.apply(&image);
-        let (h, w) = (i64::from(input.height), i64::from(input.width));
-        inputs.push(Tensor::from_slice(&input.data).view([3, h, w]));
+        inputs.push(input_tensor(&preprocessing.apply(&image), 3));
     }
     Ok(Tensor::stack(&inputs, 0))
 }
