@@ -50,7 +50,8 @@ async fn exemplars_by_mask_polygon_and_transform_persist_across_restarts() {
 
     // Mask PNG and an uploaded modified copy.
     let modified = png(DynamicImage::ImageRgb8(RgbImage::from_pixel(64, 48, Rgb([9, 9, 9]))));
-    let form = Form::new().part("image", file(image.clone())).part("mask", file(left_half())).part("modified", file(modified));
+    let form =
+        Form::new().part("image", file(image.clone())).part("mask", file(left_half())).part("modified", file(modified));
     let (status, by_mask) = post(&client, &server, "/v1/exemplars", form).await;
     assert_eq!(status, 201, "{by_mask}");
     assert_eq!((by_mask["width"].as_u64(), by_mask["height"].as_u64()), (Some(64), Some(48)));
@@ -75,7 +76,8 @@ async fn exemplars_by_mask_polygon_and_transform_persist_across_restarts() {
     assert_eq!(filled.get_pixel(50, 10).0, photo().get_pixel(50, 10).0);
 
     // A texture, tiled over boxes; and a blur.
-    let texture = png(DynamicImage::ImageRgb8(RgbImage::from_fn(4, 4, |x, _| Rgb(if x < 2 { [255; 3] } else { [0; 3] }))));
+    let texture =
+        png(DynamicImage::ImageRgb8(RgbImage::from_fn(4, 4, |x, _| Rgb(if x < 2 { [255; 3] } else { [0; 3] }))));
     let (status, created) = post(&client, &server, "/v1/textures", Form::new().part("image", file(texture))).await;
     assert_eq!(status, 201, "{created}");
     let texture_id = created["id"].as_str().unwrap();
@@ -96,7 +98,8 @@ async fn exemplars_by_mask_polygon_and_transform_persist_across_restarts() {
     // Everything is back after a restart on the same database and blobs.
     assert!(server.terminate().success());
     let server = TestServer::start_with(&models, data.path(), &[]).await;
-    let again: Value = client.get(server.url(&format!("/v1/exemplars/{id}"))).send().await.unwrap().json().await.unwrap();
+    let again: Value =
+        client.get(server.url(&format!("/v1/exemplars/{id}"))).send().await.unwrap().json().await.unwrap();
     assert_eq!(again, by_mask);
     assert_eq!(fetch_png(&client, &server, &polygon_id, "modified").await, filled);
 
@@ -106,12 +109,33 @@ async fn exemplars_by_mask_polygon_and_transform_persist_across_restarts() {
     assert_eq!(delete().await.unwrap().status(), 404);
     assert_eq!(client.get(server.url(&format!("/v1/exemplars/{id}"))).send().await.unwrap().status(), 404);
     let audit: Value = client.get(server.url("/v1/audit")).send().await.unwrap().json().await.unwrap();
-    let actions: Vec<&str> = audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions, ["exemplar.create", "exemplar.create", "texture.create", "exemplar.create", "exemplar.create", "exemplar.delete"]);
+    let actions: Vec<&str> =
+        audit["entries"].as_array().unwrap().iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "exemplar.create",
+            "exemplar.create",
+            "texture.create",
+            "exemplar.create",
+            "exemplar.create",
+            "exemplar.delete"
+        ]
+    );
     assert!(audit["entries"].as_array().unwrap().iter().all(|e| e["caller"] == "anonymous"));
-    let future: Value = client.get(server.url("/v1/audit?since=2999-01-01T00:00:00Z")).send().await.unwrap().json().await.unwrap();
+    let future: Value =
+        client.get(server.url("/v1/audit?since=2999-01-01T00:00:00Z")).send().await.unwrap().json().await.unwrap();
     assert_eq!(future["entries"].as_array().unwrap().len(), 0);
     assert_eq!(client.get(server.url("/v1/audit?since=yesterday")).send().await.unwrap().status(), 422);
+    // A bad limit or an unknown parameter gets the same JSON error as on every other route.
+    for query in ["limit=abc", "limit=-1", "limit=0", "limit=1001", "colour=red"] {
+        let response = client.get(server.url(&format!("/v1/audit?{query}"))).send().await.unwrap();
+        assert_eq!(response.status(), 422, "{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_request", "{query}: {body}");
+    }
+    let two: Value = client.get(server.url("/v1/audit?limit=2")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(two["entries"].as_array().map(Vec::len), Some(2));
 }
 
 #[tokio::test]
@@ -123,16 +147,81 @@ async fn invalid_exemplars_get_clear_errors() {
     let empty_mask = png(DynamicImage::ImageLuma8(GrayImage::new(64, 48)));
     let fill = r#"{"kind": "fill", "rgb": [1, 2, 3]}"#;
     let cases: Vec<(&str, Form, u16, &str)> = vec![
-        ("mask of another size", Form::new().part("image", file(image.clone())).part("mask", file(small_mask)).text("transform", fill), 422, "same size"),
-        ("empty mask", Form::new().part("image", file(image.clone())).part("mask", file(empty_mask)).text("transform", fill), 422, "empty"),
-        ("no modified nor transform", Form::new().part("image", file(image.clone())).part("mask", file(left_half())), 422, "modified"),
-        ("mask and mask_json", Form::new().part("image", file(image.clone())).part("mask", file(left_half())).text("mask_json", "{}").text("transform", fill), 422, "not both"),
+        (
+            "mask of another size",
+            Form::new().part("image", file(image.clone())).part("mask", file(small_mask)).text("transform", fill),
+            422,
+            "same size",
+        ),
+        (
+            "empty mask",
+            Form::new().part("image", file(image.clone())).part("mask", file(empty_mask)).text("transform", fill),
+            422,
+            "empty",
+        ),
+        (
+            "no modified nor transform",
+            Form::new().part("image", file(image.clone())).part("mask", file(left_half())),
+            422,
+            "modified",
+        ),
+        (
+            "mask and mask_json",
+            Form::new()
+                .part("image", file(image.clone()))
+                .part("mask", file(left_half()))
+                .text("mask_json", "{}")
+                .text("transform", fill),
+            422,
+            "not both",
+        ),
         ("no image", Form::new().part("mask", file(left_half())).text("transform", fill), 422, "'image' is required"),
-        ("corrupt image", Form::new().part("image", file(b"not an image".to_vec())).part("mask", file(left_half())).text("transform", fill), 422, "image"),
-        ("unknown part", Form::new().part("image", file(image.clone())).part("mask", file(left_half())).text("transform", fill).text("colour", "red"), 422, "colour"),
-        ("bad transform", Form::new().part("image", file(image.clone())).part("mask", file(left_half())).text("transform", r#"{"kind": "paint"}"#), 422, "transform"),
-        ("bad polygon", Form::new().part("image", file(image.clone())).text("mask_json", r#"{"polygons": [[[0, 0], [1, 1]]]}"#).text("transform", fill), 422, "3 points"),
-        ("unknown texture", Form::new().part("image", file(image.clone())).part("mask", file(left_half())).text("transform", r#"{"kind": "texture", "texture": "nope"}"#), 404, "texture"),
+        (
+            "corrupt image",
+            Form::new()
+                .part("image", file(b"not an image".to_vec()))
+                .part("mask", file(left_half()))
+                .text("transform", fill),
+            422,
+            "image",
+        ),
+        (
+            "unknown part",
+            Form::new()
+                .part("image", file(image.clone()))
+                .part("mask", file(left_half()))
+                .text("transform", fill)
+                .text("colour", "red"),
+            422,
+            "colour",
+        ),
+        (
+            "bad transform",
+            Form::new()
+                .part("image", file(image.clone()))
+                .part("mask", file(left_half()))
+                .text("transform", r#"{"kind": "paint"}"#),
+            422,
+            "transform",
+        ),
+        (
+            "bad polygon",
+            Form::new()
+                .part("image", file(image.clone()))
+                .text("mask_json", r#"{"polygons": [[[0, 0], [1, 1]]]}"#)
+                .text("transform", fill),
+            422,
+            "3 points",
+        ),
+        (
+            "unknown texture",
+            Form::new()
+                .part("image", file(image.clone()))
+                .part("mask", file(left_half()))
+                .text("transform", r#"{"kind": "texture", "texture": "nope"}"#),
+            404,
+            "texture",
+        ),
     ];
     for (what, form, status, words) in cases {
         let (got, body) = post(&client, &server, "/v1/exemplars", form).await;

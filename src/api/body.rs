@@ -76,4 +76,3 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
         ApiError::InvalidRequest(format!("cannot read the request body: {e}"))
     })
 }
-

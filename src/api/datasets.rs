@@ -17,7 +17,10 @@ use crate::core::datasets::{DatasetList, DatasetParts, DatasetSource, DatasetVie
 
 /// `POST /v1/datasets`: `kind`, `name`, `labels` (a JSON array) and `image` parts, or `original` and
 /// `transformed` parts for pairs; or `directory` (and `name`).
-pub async fn create_dataset(State(state): State<Arc<AppState>>, request: Request) -> Result<(StatusCode, Json<DatasetView>), ApiError> {
+pub async fn create_dataset(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+) -> Result<(StatusCode, Json<DatasetView>), ApiError> {
     let limit = state.config.max_dataset_bytes;
     if content_length(request.headers()).is_some_and(|length| length > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
@@ -52,11 +55,17 @@ pub async fn list_datasets(State(state): State<Arc<AppState>>) -> Result<Json<Da
     Ok(Json(state.datasets.list().await?))
 }
 
-pub async fn get_dataset(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<DatasetView>, ApiError> {
+pub async fn get_dataset(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<DatasetView>, ApiError> {
     Ok(Json(state.datasets.get(&id).await?))
 }
 
-pub async fn delete_dataset(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_dataset(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     state.datasets.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

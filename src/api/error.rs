@@ -61,7 +61,9 @@ impl ApiError {
                 CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
                 CoreError::Image { kind, .. } => match kind {
                     ImageErrorKind::Empty => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
-                    ImageErrorKind::UnsupportedFormat => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format"),
+                    ImageErrorKind::UnsupportedFormat => {
+                        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format")
+                    }
                     ImageErrorKind::TooManyPixels => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
                     ImageErrorKind::Corrupt => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image"),
                 },

@@ -9,8 +9,8 @@ use axum::response::Response;
 use axum::Json;
 
 use super::error::ApiError;
-use super::models::parse_query;
-use super::versions::{accepted, json_body, page_limit};
+use super::query::{page_limit, parse_query};
+use super::versions::{accepted, json_body};
 use super::AppState;
 use crate::core::evaluations::{EvaluationPage, EvaluationRequest};
 use crate::store::EvaluationRecord;
@@ -37,6 +37,9 @@ pub async fn list_evaluations(
     Ok(Json(state.evaluations.list(&model, query.get("before").map(String::as_str), page_limit(&query)?).await?))
 }
 
-pub async fn get_evaluation(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<EvaluationRecord>, ApiError> {
+pub async fn get_evaluation(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<EvaluationRecord>, ApiError> {
     Ok(Json(state.evaluations.get(&id).await?))
 }

@@ -3,15 +3,15 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::body::Parts;
 use super::error::ApiError;
+use super::query::{limit_within, parse_query};
 use super::AppState;
 use crate::core::exemplars::{ExemplarImage, MaskInput, ModifiedInput, TextureCreated};
 use crate::imaging::concept::{MaskShapes, Transform};
@@ -40,7 +40,9 @@ pub async fn create_exemplar(
         (Some(png), None) => MaskInput::Png(png),
         (None, Some(shapes)) => MaskInput::Shapes(json_part::<MaskShapes>("mask_json", &shapes)?),
         (None, None) => return Err(ApiError::InvalidRequest("give the concept as 'mask' (PNG) or 'mask_json'".into())),
-        (Some(_), Some(_)) => return Err(ApiError::InvalidRequest("give either 'mask' or 'mask_json', not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidRequest("give either 'mask' or 'mask_json', not both".into()))
+        }
     };
     let modified = match (modified, transform) {
         (Some(bytes), None) => ModifiedInput::Image(bytes),
@@ -48,7 +50,9 @@ pub async fn create_exemplar(
         (None, None) => {
             return Err(ApiError::InvalidRequest("give the modified copy as 'modified' (image) or 'transform'".into()))
         }
-        (Some(_), Some(_)) => return Err(ApiError::InvalidRequest("give either 'modified' or 'transform', not both".into())),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidRequest("give either 'modified' or 'transform', not both".into()))
+        }
     };
     let record = state.exemplars.create(image, mask, modified).await?;
     Ok((StatusCode::CREATED, Json(record)))
@@ -65,7 +69,10 @@ pub async fn create_texture(
     Ok((StatusCode::CREATED, Json(state.exemplars.create_texture(image).await?)))
 }
 
-pub async fn get_exemplar(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<ExemplarRecord>, ApiError> {
+pub async fn get_exemplar(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ExemplarRecord>, ApiError> {
     Ok(Json(state.exemplars.get(&id).await?))
 }
 
@@ -84,21 +91,20 @@ pub async fn exemplar_image(
     Ok(([(header::CONTENT_TYPE, "image/png")], Body::from(png)).into_response())
 }
 
-pub async fn delete_exemplar(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn delete_exemplar(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     state.exemplars.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-pub struct AuditQuery {
-    since: Option<String>,
-    limit: Option<u32>,
-}
-
-pub async fn audit(State(state): State<Arc<AppState>>, Query(query): Query<AuditQuery>) -> Result<Json<Value>, ApiError> {
-    let since = query.since.unwrap_or_else(|| "1970-01-01T00:00:00Z".into());
-    let since = normalize_rfc3339(&since)
+pub async fn audit(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Result<Json<Value>, ApiError> {
+    let query = parse_query(query.as_deref(), &["since", "limit"])?;
+    let since = query.get("since").map_or("1970-01-01T00:00:00Z", String::as_str);
+    let since = normalize_rfc3339(since)
         .ok_or_else(|| ApiError::InvalidRequest(format!("since must be an RFC 3339 time, got '{since}'")))?;
-    let entries = state.exemplars.audit(&since, query.limit.unwrap_or(AUDIT_PAGE).min(AUDIT_PAGE)).await?;
+    let limit = limit_within(&query, AUDIT_PAGE, AUDIT_PAGE)?;
+    let entries = state.exemplars.audit(&since, limit).await?;
     Ok(Json(json!({ "entries": entries })))
 }

@@ -6,6 +6,7 @@ mod error;
 mod evaluations;
 mod exemplars;
 mod models;
+mod query;
 mod versions;
 
 use std::sync::Arc;
@@ -140,10 +141,8 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
 
 /// Request count and latency by route template (not raw path, to keep label cardinality bounded).
 async fn record_metrics(request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let method = request.method().to_string();
     let started = Instant::now();
     let response = next.run(request).await;

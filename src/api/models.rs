@@ -14,13 +14,12 @@ use serde::{Deserialize, Serialize};
 
 use super::body::{read_body, Parts};
 use super::error::ApiError;
+use super::query::{parse_query, top_k};
 use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
 use crate::models::ModelPackage;
-
-const DEFAULT_TOP_K: usize = 5;
 
 #[derive(Serialize)]
 pub struct ModelList {
@@ -31,7 +30,10 @@ pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> 
     Json(ModelList { models: state.registry.models() })
 }
 
-pub async fn get_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<Json<ModelInfo>, ApiError> {
+pub async fn get_model(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelInfo>, ApiError> {
     Ok(Json(state.registry.model(&name)?))
 }
 
@@ -79,7 +81,10 @@ fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<P
     Ok(dir)
 }
 
-pub async fn unload_model(State(state): State<Arc<AppState>>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn unload_model(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     state.registry.unload(&name).await?;
     state.jobs.forget_model(&name);
     state.versions.record_model_event("model.unload", &name, None).await?;
@@ -148,31 +153,15 @@ pub async fn classify_version(
             results: predictions.into_iter().map(|predictions| ImageResult { predictions }).collect(),
         })
     } else {
-        ClassifyResponse::Single(SingleResult { model, version: number, predictions: predictions.pop().unwrap_or_default() })
+        ClassifyResponse::Single(SingleResult {
+            model,
+            version: number,
+            predictions: predictions.pop().unwrap_or_default(),
+        })
     }))
 }
 
 /// The query's `key=value` pairs; a key outside `accepted` is an error, so a misspelt one is never ignored.
-pub fn parse_query(query: Option<&str>, accepted: &[&str]) -> Result<HashMap<String, String>, ApiError> {
-    let mut pairs = HashMap::new();
-    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        if !accepted.contains(&key.as_ref()) {
-            return Err(ApiError::InvalidRequest(format!("unknown query parameter '{key}'; accepted: {}", accepted.join(", "))));
-        }
-        pairs.insert(key.into_owned(), value.into_owned());
-    }
-    Ok(pairs)
-}
-
-pub fn top_k(query: &HashMap<String, String>) -> Result<usize, ApiError> {
-    match query.get("top_k") {
-        None => Ok(DEFAULT_TOP_K),
-        Some(value) => value
-            .parse()
-            .map_err(|_| ApiError::InvalidRequest(format!("top_k must be a positive integer, got '{value}'"))),
-    }
-}
-
 /// The images of a classify request and whether it was multipart (which answers with `results`).
 pub async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Bytes>, bool), ApiError> {
     let limit = state.config.max_body_bytes;

@@ -17,15 +17,14 @@ use tokio::sync::watch;
 
 use super::body::Parts;
 use super::error::ApiError;
-use super::models::{classify_version, parse_query, read_images, top_k, ClassifyResponse};
+use super::models::{classify_version, read_images, ClassifyResponse};
+use super::query::{page_limit, parse_number, parse_query, top_k};
 use super::AppState;
 use crate::core::jobs::{EditRequest, JobView, StatisticsImages, VersionName};
 use crate::core::registry::Prediction;
 use crate::core::versions::{VersionPage, VersionRef, VersionView};
 use crate::store::JobRecord;
 
-const DEFAULT_PAGE: u32 = 50;
-const LARGEST_PAGE: u32 = 200;
 const MOST_COMPARED: usize = 8;
 const LONGEST_IDEMPOTENCY_KEY: usize = 255;
 /// Watchers of a fast edit see at most this many progress events a second.
@@ -43,13 +42,6 @@ pub(super) fn accepted(location: String, body: impl Serialize) -> Response {
     (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
-fn parse_number(query: &std::collections::HashMap<String, String>, key: &str) -> Result<Option<u32>, ApiError> {
-    query
-        .get(key)
-        .map(|v| v.parse().map_err(|_| ApiError::InvalidRequest(format!("{key} must be a non-negative integer, got '{v}'"))))
-        .transpose()
-}
-
 pub async fn list_versions(
     State(state): State<Arc<AppState>>,
     Path(model): Path<String>,
@@ -57,15 +49,6 @@ pub async fn list_versions(
 ) -> Result<Json<VersionPage>, ApiError> {
     let query = parse_query(query.as_deref(), &["limit", "before"])?;
     Ok(Json(state.versions.list(&model, parse_number(&query, "before")?, page_limit(&query)?).await?))
-}
-
-/// A list's `limit`: `DEFAULT_PAGE` unless given, at most `LARGEST_PAGE`.
-pub(super) fn page_limit(query: &std::collections::HashMap<String, String>) -> Result<u32, ApiError> {
-    let limit = parse_number(query, "limit")?.unwrap_or(DEFAULT_PAGE);
-    if !(1..=LARGEST_PAGE).contains(&limit) {
-        return Err(ApiError::InvalidRequest(format!("limit must be between 1 and {LARGEST_PAGE}, got {limit}")));
-    }
-    Ok(limit)
 }
 
 pub async fn get_version(
@@ -99,9 +82,14 @@ pub async fn create_version(
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = value.to_str().ok().filter(|k| !k.is_empty() && k.len() <= LONGEST_IDEMPOTENCY_KEY && k.bytes().all(|b| b.is_ascii_graphic()));
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= LONGEST_IDEMPOTENCY_KEY && k.bytes().all(|b| b.is_ascii_graphic()));
     key.map(|k| Some(k.to_string())).ok_or_else(|| {
-        ApiError::InvalidRequest(format!("Idempotency-Key must be 1 to {LONGEST_IDEMPOTENCY_KEY} visible ASCII characters"))
+        ApiError::InvalidRequest(format!(
+            "Idempotency-Key must be 1 to {LONGEST_IDEMPOTENCY_KEY} visible ASCII characters"
+        ))
     })
 }
 
@@ -165,7 +153,10 @@ pub struct AliasList {
     aliases: BTreeMap<String, u32>,
 }
 
-pub async fn list_aliases(State(state): State<Arc<AppState>>, Path(model): Path<String>) -> Result<Json<AliasList>, ApiError> {
+pub async fn list_aliases(
+    State(state): State<Arc<AppState>>,
+    Path(model): Path<String>,
+) -> Result<Json<AliasList>, ApiError> {
     Ok(Json(AliasList { aliases: state.versions.aliases(&model).await? }))
 }
 
@@ -224,7 +215,9 @@ pub async fn create_statistics(
         (false, None) => StatisticsImages::Uploaded(images),
         (true, Some(directory)) => StatisticsImages::Directory(directory),
         (true, None) => return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory'".into())),
-        (false, Some(_)) => return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory', not both".into())),
+        (false, Some(_)) => {
+            return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory', not both".into()))
+        }
     };
     let job = state.jobs.create_statistics(&model, layer, images).await?;
     Ok(accepted(format!("/v1/jobs/{}", job.id), JobAccepted { job }))
