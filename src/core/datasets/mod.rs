@@ -6,6 +6,12 @@
 //! unreferenced blobs, which the start-up sweep removes. Datasets belong to no model: labels are checked
 //! against a model's classes when an evaluation uses them.
 
+mod check;
+mod directory;
+
+use check::*;
+pub use directory::*;
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,13 +30,13 @@ use crate::store::{now_rfc3339, serde_name, BlobStore, DatasetItemRecord, Datase
 
 /// Labels are class indices below this at upload; an evaluation checks them against its model's classes.
 pub const LABEL_BOUND: u32 = 100_000;
+
 const LONGEST_NAME: usize = 200;
-/// The file that describes a dataset directory; without it every image file is an unlabelled image.
-pub const MANIFEST: &str = "dataset.json";
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "bmp", "gif"];
+
 /// Validation decodes an upload in at most this many tasks on the CPU pool, leaving room in its queue for
 /// classification.
 const VALIDATION_TASKS: usize = 4;
+
 /// Blobs written at once: each write fsyncs, so a few in flight hide the disk's latency.
 const BLOB_WRITES: usize = 8;
 
@@ -111,24 +117,6 @@ pub struct DatasetList {
     pub datasets: Vec<DatasetView>,
 }
 
-/// `dataset.json`: `{"kind": "pairs", "items": [{"original": "a.png", "transformed": "a_snow.png", "label": 3}]}`,
-/// or items `{"image": "x.jpg", "label": 1}` (labelled) and `{"image": "x.jpg"}` (unlabelled).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Manifest {
-    kind: String,
-    items: Vec<ManifestItem>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ManifestItem {
-    image: Option<String>,
-    original: Option<String>,
-    transformed: Option<String>,
-    label: Option<Value>,
-}
-
 pub struct Datasets {
     metadata: Arc<dyn MetadataStore>,
     blobs: Arc<dyn BlobStore>,
@@ -162,7 +150,11 @@ fn view(record: DatasetRecord) -> Result<DatasetView, CoreError> {
 }
 
 /// The images of dataset `id`, read from the stores.
-pub(super) async fn load_images(metadata: &dyn MetadataStore, blobs: &dyn BlobStore, id: &str) -> Result<DatasetImages, CoreError> {
+pub(super) async fn load_images(
+    metadata: &dyn MetadataStore,
+    blobs: &dyn BlobStore,
+    id: &str,
+) -> Result<DatasetImages, CoreError> {
     let record = metadata.dataset(id).await?.ok_or_else(|| CoreError::not_found(Resource::Dataset, id))?;
     let kind = kind_of(&record)?;
     let rows = metadata.dataset_items(id).await?;
@@ -172,7 +164,11 @@ pub(super) async fn load_images(metadata: &dyn MetadataStore, blobs: &dyn BlobSt
             Some(blob) => Some(Bytes::from(blobs.get(blob).await?)),
             None => None,
         };
-        items.push(DatasetItem { image: Bytes::from(blobs.get(&row.image_blob).await?), transformed, label: row.label });
+        items.push(DatasetItem {
+            image: Bytes::from(blobs.get(&row.image_blob).await?),
+            transformed,
+            label: row.label,
+        });
     }
     Ok(DatasetImages { kind, items })
 }
@@ -207,7 +203,8 @@ impl Datasets {
         let (kind, items) = check(parts, self.max_images)?;
         self.validate_pixels(&items).await?;
         let image_blobs = self.put_all(items.iter().map(|item| item.image.clone()).collect()).await?;
-        let transformed_blobs = self.put_all(items.iter().filter_map(|item| item.transformed.clone()).collect()).await?;
+        let transformed_blobs =
+            self.put_all(items.iter().filter_map(|item| item.transformed.clone()).collect()).await?;
         let mut transformed_blobs = transformed_blobs.into_iter();
         let rows: Vec<DatasetItemRecord> = items
             .iter()
@@ -281,165 +278,6 @@ impl Datasets {
         self.metadata.record_audit("dataset.delete", id, ANONYMOUS, None).await?;
         Ok(())
     }
-}
-
-/// The dataset's kind and items, once its parts agree with its kind and its labels are class indices,
-/// one per image. No image is decoded here.
-fn check(parts: DatasetParts, max_images: usize) -> Result<(DatasetKind, Vec<DatasetItem>), CoreError> {
-    let kind = DatasetKind::parse(parts.kind.as_deref())?;
-    let (images, transformed): (Vec<Bytes>, Vec<Option<Bytes>>) = if kind == DatasetKind::Pairs {
-        if !parts.images.is_empty() {
-            return Err(invalid("a pairs dataset takes 'original' and 'transformed' images, not 'image' ones"));
-        }
-        if parts.originals.len() != parts.transformed.len() {
-            return Err(invalid(format!(
-                "a pairs dataset needs one 'transformed' image per 'original' one, got {} originals and {} transformed",
-                parts.originals.len(),
-                parts.transformed.len()
-            )));
-        }
-        (parts.originals, parts.transformed.into_iter().map(Some).collect())
-    } else {
-        if !parts.originals.is_empty() || !parts.transformed.is_empty() {
-            return Err(invalid(format!("a {kind} dataset takes 'image' images; 'original' and 'transformed' are for pairs")));
-        }
-        let count = parts.images.len();
-        (parts.images, vec![None; count])
-    };
-    let what = if kind == DatasetKind::Pairs { "pairs" } else { "images" };
-    if images.is_empty() {
-        return Err(invalid(format!("the dataset is empty: give at least one of its {what}")));
-    }
-    if images.len() > max_images {
-        return Err(invalid(format!(
-            "the dataset has {} {what}, over the limit of {max_images} (--max-dataset-images)",
-            images.len()
-        )));
-    }
-    let labels = labels(kind, parts.labels, images.len())?;
-    let items = images
-        .into_iter()
-        .zip(transformed)
-        .zip(labels)
-        .map(|((image, transformed), label)| DatasetItem { image, transformed, label })
-        .collect();
-    Ok((kind, items))
-}
-
-/// One label per image for a labelled or pairs dataset, none for an unlabelled one.
-fn labels(kind: DatasetKind, labels: Option<Value>, count: usize) -> Result<Vec<Option<u32>>, CoreError> {
-    let values = match (kind, labels) {
-        (DatasetKind::Unlabelled, None) => return Ok(vec![None; count]),
-        (DatasetKind::Unlabelled, Some(_)) => {
-            return Err(invalid("an unlabelled dataset takes no labels; make it labelled to give them"))
-        }
-        (_, None) => {
-            return Err(invalid(format!("a {kind} dataset needs 'labels': a JSON array of class indices, one per image")))
-        }
-        (_, Some(Value::Array(values))) => values,
-        (_, Some(other)) => return Err(invalid(format!("labels must be a JSON array of class indices, got {other}"))),
-    };
-    if values.len() != count {
-        let what = if kind == DatasetKind::Pairs { "pairs" } else { "images" };
-        return Err(invalid(format!("there are {} labels for {count} {what}: give one label per item, in order", values.len())));
-    }
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, value)| {
-            value.as_u64().filter(|&label| label < u64::from(LABEL_BOUND)).map(|label| Some(label as u32)).ok_or_else(|| {
-                invalid(format!("labels[{i}] must be a class index, an integer from 0 to {}, got {value}", LABEL_BOUND - 1))
-            })
-        })
-        .collect()
-}
-
-/// Decodes the items numbered from `first`.
-fn validate_chunk(items: &[DatasetItem], first: usize, limits: DecodeLimits) -> Result<(), CoreError> {
-    for (j, item) in items.iter().enumerate() {
-        let index = first + j;
-        let Some(transformed) = &item.transformed else {
-            decode(&item.image, limits).map_err(|e| invalid(format!("image {index}: {e}")))?;
-            continue;
-        };
-        let original = decode(&item.image, limits).map_err(|e| invalid(format!("pair {index}: the original: {e}")))?;
-        let transformed = decode(transformed, limits).map_err(|e| invalid(format!("pair {index}: the transformed image: {e}")))?;
-        if (original.width(), original.height()) != (transformed.width(), transformed.height()) {
-            return Err(invalid(format!(
-                "pair {index}: the transformed image is {}x{} but the original is {}x{}: a pair must be the same size",
-                transformed.width(),
-                transformed.height(),
-                original.width(),
-                original.height()
-            )));
-        }
-    }
-    Ok(())
-}
-
-fn has_image_extension(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-}
-
-/// Reads files while their total stays within `max_bytes`.
-struct Reader {
-    dir: PathBuf,
-    name: String,
-    left: usize,
-    max_bytes: usize,
-}
-
-impl Reader {
-    fn read(&mut self, path: &Path) -> Result<Bytes, CoreError> {
-        let bytes = std::fs::read(path).map_err(|e| CoreError::Internal(format!("{}: {e}", path.display())))?;
-        self.left = self.left.checked_sub(bytes.len()).ok_or_else(|| {
-            invalid(format!("the images of '{}' are over the limit of {} bytes (--max-dataset-bytes)", self.name, self.max_bytes))
-        })?;
-        Ok(Bytes::from(bytes))
-    }
-
-    fn read_named(&mut self, file: &str) -> Result<Bytes, CoreError> {
-        let path = file_inside(&self.dir, file)?;
-        self.read(&path)
-    }
-}
-
-/// The parts of the dataset in subdirectory `name` of the datasets directory: as its `dataset.json` says,
-/// or, without one, its image files (by extension, sorted by name) as an unlabelled dataset.
-fn read_directory(root: Option<&Path>, name: &str, max_images: usize, max_bytes: usize) -> Result<DatasetParts, CoreError> {
-    let dir = subdirectory(root, name, "datasets directory", "--datasets-dir")?;
-    let mut reader = Reader { dir: dir.clone(), name: name.to_string(), left: max_bytes, max_bytes };
-    let manifest_path = dir.join(MANIFEST);
-    if !manifest_path.is_file() {
-        let paths: Vec<PathBuf> = files(&dir, max_images)?.into_iter().filter(|p| has_image_extension(p)).collect();
-        let images = paths.iter().map(|path| reader.read(path)).collect::<Result<_, _>>()?;
-        return Ok(DatasetParts { kind: Some("unlabelled".into()), images, ..DatasetParts::default() });
-    }
-    let text = std::fs::read(&manifest_path).map_err(|e| CoreError::Internal(format!("{}: {e}", manifest_path.display())))?;
-    let manifest: Manifest =
-        serde_json::from_slice(&text).map_err(|e| invalid(format!("{MANIFEST} of '{name}' is not valid: {e}")))?;
-    if manifest.items.len() > max_images {
-        return Err(invalid(format!(
-            "{MANIFEST} of '{name}' lists {} items, over the limit of {max_images} (--max-dataset-images)",
-            manifest.items.len()
-        )));
-    }
-    let mut parts = DatasetParts { kind: Some(manifest.kind), ..DatasetParts::default() };
-    for (i, item) in manifest.items.iter().enumerate() {
-        match (&item.image, &item.original, &item.transformed) {
-            (Some(image), None, None) => parts.images.push(reader.read_named(image)?),
-            (None, Some(original), Some(transformed)) => {
-                parts.originals.push(reader.read_named(original)?);
-                parts.transformed.push(reader.read_named(transformed)?);
-            }
-            _ => return Err(invalid(format!("{MANIFEST} items[{i}] must name an 'image', or an 'original' and a 'transformed'"))),
-        }
-    }
-    // Labels as the upload gives them, so one check serves both; an item without one fails that check.
-    if manifest.items.iter().any(|item| item.label.is_some()) {
-        parts.labels = Some(Value::Array(manifest.items.into_iter().map(|item| item.label.unwrap_or(Value::Null)).collect()));
-    }
-    Ok(parts)
 }
 
 #[cfg(test)]

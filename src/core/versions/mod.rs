@@ -3,6 +3,12 @@
 //! plus one change; the changes of its lineage are read from the blob store once and kept, since a ready
 //! version never changes.
 
+mod lineage;
+mod naming;
+
+use lineage::*;
+pub use naming::*;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -17,47 +23,6 @@ use super::scheduler::{Lineage, Target};
 use super::{Conflict, CoreError, Resource};
 use crate::edit::statistics::files_sha256;
 use crate::store::{BlobStore, MetadataStore, VersionRecord, VersionState};
-
-pub const BASE: &str = "base";
-pub const LATEST: &str = "latest";
-pub const DEFAULT: &str = "default";
-const LONGEST_ALIAS: usize = 64;
-
-/// A version as a request names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum VersionRef {
-    Number(u32),
-    Alias(String),
-}
-
-impl VersionRef {
-    /// Digits name a number; anything else an alias.
-    pub fn parse(text: &str) -> Result<Self, CoreError> {
-        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-            return text
-                .parse()
-                .map(VersionRef::Number)
-                .map_err(|_| CoreError::InvalidArgument(format!("version number {text} is out of range")));
-        }
-        if text.is_empty() {
-            return Err(CoreError::InvalidArgument("a version is a number or an alias, got an empty string".into()));
-        }
-        Ok(VersionRef::Alias(text.to_string()))
-    }
-
-    pub fn default_alias() -> Self {
-        VersionRef::Alias(DEFAULT.into())
-    }
-}
-
-impl std::fmt::Display for VersionRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VersionRef::Number(n) => write!(f, "{n}"),
-            VersionRef::Alias(alias) => write!(f, "'{alias}'"),
-        }
-    }
-}
 
 /// A version as clients see it. Version 0 is the base weights and has no edit.
 #[derive(Debug, Serialize)]
@@ -102,64 +67,15 @@ pub struct Versions {
     pub(crate) writes: tokio::sync::Mutex<()>,
 }
 
-/// Lineages read from the blob store, least recently used first out, within a byte budget: a rewrite's
-/// change is a few kilobytes, a global fine-tune's as large as the model.
-struct LineageCache {
-    entries: LruCache<(String, u32), Lineage>,
-    bytes: usize,
-    budget: usize,
-}
-
-/// What the lineage cache may hold.
-const LINEAGE_CACHE_BYTES: usize = 256 * 1024 * 1024;
-
-fn lineage_bytes(lineage: &Lineage) -> usize {
-    lineage.iter().map(Bytes::len).sum()
-}
-
-impl LineageCache {
-    fn new(budget: usize) -> Self {
-        Self { entries: LruCache::unbounded(), bytes: 0, budget }
-    }
-
-    fn get(&mut self, key: &(String, u32)) -> Option<Lineage> {
-        self.entries.get(key).cloned()
-    }
-
-    fn insert(&mut self, key: (String, u32), lineage: Lineage) {
-        let size = lineage_bytes(&lineage);
-        if size > self.budget {
-            return;
-        }
-        if let Some(replaced) = self.entries.put(key, lineage) {
-            self.bytes -= lineage_bytes(&replaced);
-        }
-        self.bytes += size;
-        while self.bytes > self.budget {
-            match self.entries.pop_lru() {
-                Some((_, evicted)) => self.bytes -= lineage_bytes(&evicted),
-                None => break,
-            }
-        }
-    }
-
-    fn remove(&mut self, key: &(String, u32)) {
-        if let Some(removed) = self.entries.pop(key) {
-            self.bytes -= lineage_bytes(&removed);
-        }
-    }
-}
-
-fn is_valid_alias(alias: &str) -> bool {
-    let mut bytes = alias.bytes();
-    bytes.next().is_some_and(|b| b.is_ascii_lowercase())
-        && alias.len() <= LONGEST_ALIAS
-        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-}
-
 impl Versions {
     pub fn new(registry: Arc<Registry>, metadata: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>) -> Self {
-        Self { registry, metadata, blobs, lineages: Mutex::new(LineageCache::new(LINEAGE_CACHE_BYTES)), writes: tokio::sync::Mutex::new(()) }
+        Self {
+            registry,
+            metadata,
+            blobs,
+            lineages: Mutex::new(LineageCache::new(LINEAGE_CACHE_BYTES)),
+            writes: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// The number `reference` names now (aliases move); the model must be loaded.
@@ -188,7 +104,10 @@ impl Versions {
         if number == 0 {
             return Ok(None);
         }
-        let missing = |what: &str| CoreError::NotFound { kind: Resource::Version, message: format!("version {number} of model '{model}' {what}") };
+        let missing = |what: &str| CoreError::NotFound {
+            kind: Resource::Version,
+            message: format!("version {number} of model '{model}' {what}"),
+        };
         match self.metadata.version(model, number).await? {
             None => Err(missing("does not exist")),
             Some(record) if record.state == VersionState::Deleted => Err(missing("was deleted")),
@@ -205,7 +124,10 @@ impl Versions {
                 VersionState::Pending => format!("is pending: its job {} has not finished", record.job),
                 VersionState::Failed => format!("failed: {}", record.error.unwrap_or_default()),
             };
-            return Err(CoreError::Conflict(Conflict::VersionNotReady, format!("version {number} of model '{model}' {why}")));
+            return Err(CoreError::Conflict(
+                Conflict::VersionNotReady,
+                format!("version {number} of model '{model}' {why}"),
+            ));
         }
         Ok(number)
     }
@@ -229,9 +151,9 @@ impl Versions {
         let mut current = number;
         // Parents of a version cannot be deleted while it exists, so the chain is whole.
         while let Some(record) = self.record(model, current).await? {
-            let blob = record
-                .delta_blob
-                .ok_or_else(|| CoreError::Internal(format!("version {current} of model '{model}' has no stored change")))?;
+            let blob = record.delta_blob.ok_or_else(|| {
+                CoreError::Internal(format!("version {current} of model '{model}' has no stored change"))
+            })?;
             changes.push(Bytes::from(self.blobs.get(&blob).await?));
             current = record.parent;
         }
@@ -241,7 +163,13 @@ impl Versions {
         Ok(lineage)
     }
 
-    fn view(&self, model: &str, number: u32, record: Option<VersionRecord>, aliases: &BTreeMap<String, u32>) -> VersionView {
+    fn view(
+        &self,
+        model: &str,
+        number: u32,
+        record: Option<VersionRecord>,
+        aliases: &BTreeMap<String, u32>,
+    ) -> VersionView {
         let names = aliases.iter().filter(|(_, n)| **n == number).map(|(name, _)| name.clone()).collect();
         let resident_bytes = self.registry.worker().resident_bytes(model, number);
         match record {
@@ -305,7 +233,8 @@ impl Versions {
         let aliases = self.aliases(model).await?;
         let records = self.metadata.versions(model, before, limit).await?;
         let full = records.len() == limit as usize;
-        let mut versions: Vec<VersionView> = records.into_iter().map(|r| self.view(model, r.number, Some(r), &aliases)).collect();
+        let mut versions: Vec<VersionView> =
+            records.into_iter().map(|r| self.view(model, r.number, Some(r), &aliases)).collect();
         let lowest = versions.last().map_or(before.unwrap_or(u32::MAX), |v| v.number);
         if !full && lowest > 0 {
             versions.push(self.view(model, 0, None, &aliases));
@@ -320,7 +249,9 @@ impl Versions {
     pub async fn delete(&self, model: &str, reference: &VersionRef) -> Result<u32, CoreError> {
         let _writes = self.writes.lock().await;
         let number = self.resolve(model, reference).await?;
-        let in_use = |why: String| CoreError::Conflict(Conflict::VersionInUse, format!("version {number} of model '{model}' {why}"));
+        let in_use = |why: String| {
+            CoreError::Conflict(Conflict::VersionInUse, format!("version {number} of model '{model}' {why}"))
+        };
         let Some(record) = self.record(model, number).await? else {
             return Err(in_use("is the base weights and is never deleted".into()));
         };
@@ -375,7 +306,12 @@ impl Versions {
     }
 
     /// Records a model's loading or unloading in the audit log, beside its versions' history.
-    pub async fn record_model_event(&self, action: &str, model: &str, detail: Option<serde_json::Value>) -> Result<(), CoreError> {
+    pub async fn record_model_event(
+        &self,
+        action: &str,
+        model: &str,
+        detail: Option<serde_json::Value>,
+    ) -> Result<(), CoreError> {
         Ok(self.metadata.record_audit(action, model, ANONYMOUS, detail).await?)
     }
 
@@ -422,7 +358,10 @@ impl Versions {
         Self::settable(alias)?;
         let _writes = self.writes.lock().await;
         if !self.metadata.delete_alias(model, alias).await? && alias != DEFAULT {
-            return Err(CoreError::NotFound { kind: Resource::Alias, message: format!("model '{model}' has no alias '{alias}'") });
+            return Err(CoreError::NotFound {
+                kind: Resource::Alias,
+                message: format!("model '{model}' has no alias '{alias}'"),
+            });
         }
         self.metadata.record_audit("alias.delete", &format!("{model}/{alias}"), ANONYMOUS, None).await?;
         Ok(())
@@ -454,7 +393,11 @@ impl Versions {
             targets.push(self.target(model, reference).await?);
         }
         let results = self.registry.classify_each(&targets, vec![image], top_k).await?;
-        Ok(targets.iter().zip(results).map(|(t, mut per_image)| (t.version, per_image.pop().unwrap_or_default())).collect())
+        Ok(targets
+            .iter()
+            .zip(results)
+            .map(|(t, mut per_image)| (t.version, per_image.pop().unwrap_or_default()))
+            .collect())
     }
 }
 
