@@ -8,7 +8,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LISTEN ?= 127.0.0.1:8080
 DEVICE ?= auto
 
-.PHONY: setup build serve test bench clean-data
+.PHONY: setup build serve test lint bench bench-serve clean-data
 
 setup:
 	bash tools/setup.sh
@@ -19,8 +19,13 @@ build: setup
 serve: build
 	./target/release/editserve serve --models-dir models --listen $(LISTEN) --device $(DEVICE)
 
-test: setup
+test: setup lint
 	cargo test --release
+
+# Formatting (rustfmt.toml) and clippy, warnings as errors: part of `make test`, so CI runs them.
+lint: setup
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
 
 bench: build
 	cargo bench --bench http_throughput

@@ -130,7 +130,10 @@ async fn upload_exemplar(client: &Client, server: &Server, photo: &Path) -> Stri
     let (w, h) = (width as f64, height as f64);
     let mask = json!({"boxes": [[0.2 * w, 0.2 * h, 0.8 * w, 0.8 * h]]});
     let form = Form::new()
-        .part("image", Part::bytes(std::fs::read(photo).unwrap()).file_name("photo.jpg").mime_str("image/jpeg").unwrap())
+        .part(
+            "image",
+            Part::bytes(std::fs::read(photo).unwrap()).file_name("photo.jpg").mime_str("image/jpeg").unwrap(),
+        )
         .text("mask_json", mask.to_string())
         .text("transform", json!({"kind": "fill", "rgb": [0, 0, 0]}).to_string());
     let response = client.post(server.url("/v1/exemplars")).multipart(form).send().await.unwrap();
@@ -241,8 +244,13 @@ async fn closed_loop(client: &Client, url: &str, concurrency: usize, seconds: u6
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let sent = Instant::now();
-                    let response =
-                        client.post(&url).header("content-type", "image/jpeg").body(photo.clone()).send().await.unwrap();
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "image/jpeg")
+                        .body(photo.clone())
+                        .send()
+                        .await
+                        .unwrap();
                     let status = response.status();
                     let body = response.bytes().await.unwrap();
                     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
@@ -264,7 +272,10 @@ async fn closed_loop(client: &Client, url: &str, concurrency: usize, seconds: u6
 }
 
 fn load_row(target: &str, load: &str, concurrency: usize, r: &LoadResult) -> Vec<String> {
-    eprintln!("  {target}, {load}, concurrency {concurrency}: p50 {:.1} ms p99 {:.1} ms {:.1}/s", r.p50_ms, r.p99_ms, r.requests_per_second);
+    eprintln!(
+        "  {target}, {load}, concurrency {concurrency}: p50 {:.1} ms p99 {:.1} ms {:.1}/s",
+        r.p50_ms, r.p99_ms, r.requests_per_second
+    );
     vec![
         target.to_string(),
         load.to_string(),
@@ -323,7 +334,8 @@ async fn run() {
     // 1. Edit job latency.
     eprintln!("edit jobs:");
     let closed_form = json!({"exemplars": [exemplar], "method": "rewrite", "solver": "closed_form"});
-    let (row, closed_form_version) = edit_row(&client, &server, "rewrite/closed_form", &closed_form, CLOSED_FORM_RUNS).await;
+    let (row, closed_form_version) =
+        edit_row(&client, &server, "rewrite/closed_form", &closed_form, CLOSED_FORM_RUNS).await;
     let mut edit_rows = vec![row];
     for &steps in &adam_steps {
         let adam = json!({"exemplars": [exemplar], "method": "rewrite", "solver": "adam", "steps": steps});
@@ -360,7 +372,10 @@ async fn run() {
     let busy_note = match cancel.status() {
         StatusCode::OK => format!("the busy edit was at step {busy_progress} when cancelled"),
         StatusCode::CONFLICT => {
-            format!("NOTE: the busy edit finished ({}) before the measurement ended; raise BENCH_BUSY_STEPS", busy_state["state"])
+            format!(
+                "NOTE: the busy edit finished ({}) before the measurement ended; raise BENCH_BUSY_STEPS",
+                busy_state["state"]
+            )
         }
         other => panic!("DELETE /v1/jobs/{busy_job}: {other} {}", cancel.text().await.unwrap()),
     };
@@ -383,7 +398,8 @@ async fn run() {
     let finetune_version = timed_edit(&client, &server, &finetune).await.version;
     classify_once(&client, &server.model_url(&format!("/versions/{finetune_version}/classify")), &photo).await;
     let mut byte_rows = Vec::new();
-    for (name, number) in [("rewrite/closed_form", closed_form_version), ("finetune_local 10 steps", finetune_version)] {
+    for (name, number) in [("rewrite/closed_form", closed_form_version), ("finetune_local 10 steps", finetune_version)]
+    {
         let object = get_version(&client, &server, number).await;
         byte_rows.push(vec![
             format!("{name} (version {number})"),
@@ -395,7 +411,10 @@ async fn run() {
     let weights = std::fs::metadata(root().join("models").join(MODEL).join("model.safetensors")).unwrap().len();
     byte_rows.push(vec!["model weights (model.safetensors)".into(), weights.to_string(), "-".into(), "-".into()]);
 
-    println!("\neditserve edit jobs: {MODEL}, --device cpu, photo {}", photo_path.file_name().unwrap().to_string_lossy());
+    println!(
+        "\neditserve edit jobs: {MODEL}, --device cpu, photo {}",
+        photo_path.file_name().unwrap().to_string_lossy()
+    );
     print_table(
         "edit job latency (POST .../versions until the job succeeded, polled every 20 ms; seconds)",
         &["edit", "runs", "median", "min", "max", "job metrics.seconds (median)"],

@@ -25,9 +25,7 @@ fn main() {
     let model = load_package(&package, Device::Cpu).unwrap();
     let cache = root().join("data/statistics-cache");
     let statistics_images = root().join("data/foolbox/statistics");
-    let moment_at = |layer: &str| {
-        statistics_for(&package, model.as_ref(), layer, &statistics_images, &cache).unwrap()
-    };
+    let moment_at = |layer: &str| statistics_for(&package, model.as_ref(), layer, &statistics_images, &cache).unwrap();
     let steps: Vec<usize> = std::env::var("BENCH_ADAM_STEPS")
         .unwrap_or_else(|_| "1000,10000,20000".into())
         .split(',')
@@ -52,9 +50,10 @@ fn main() {
         runs.push(EditParams::new(Method::FinetuneGlobal, Solver::Adam, &layer));
         for params in runs {
             let started = Instant::now();
-            let result = edit(model.as_ref(), &exemplars, &params, Some(&moment), None, &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, &[&moment], None, &Silent).unwrap();
             let seconds = started.elapsed().as_secs_f64();
-            let rate = if params.steps > 0 { format!("{:7.0} steps/s", params.steps as f64 / seconds) } else { String::new() };
+            let rate =
+                if params.steps > 0 { format!("{:7.0} steps/s", params.steps as f64 / seconds) } else { String::new() };
             let name = match params.method {
                 Method::Rewrite => format!("rewrite/{:?}", params.solver),
                 other => format!("{other:?}"),
@@ -71,16 +70,18 @@ fn main() {
     let (original, modified, mask) = striped_exemplar(0);
     let exemplar_batch = preprocess_batch(&package, &[original.clone(), modified.clone()]);
     let before = top1(model.as_ref(), &exemplar_batch);
-    let clean: Vec<_> = foolbox_photos().iter().map(|(p, _)| decode(&std::fs::read(p).unwrap(), LIMITS).unwrap()).collect();
+    let clean: Vec<_> =
+        foolbox_photos().iter().map(|(p, _)| decode(&std::fs::read(p).unwrap(), LIMITS).unwrap()).collect();
     let clean = preprocess_batch(&package, &clean);
     let clean_before = top1(model.as_ref(), &clean);
-    let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
+    let exemplars =
+        Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
     for layer in model.editable_layers() {
         let moment = moment_at(&layer.name);
         let mut line = format!("{:<26}", layer.name);
         for solver in [Solver::Adam, Solver::ClosedForm] {
             let params = EditParams::new(Method::Rewrite, solver, &layer.name);
-            let result = edit(model.as_ref(), &exemplars, &params, Some(&moment), None, &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, &[&moment], None, &Silent).unwrap();
             let mut edited = model.duplicate();
             result.delta.apply(edited.as_mut()).unwrap();
             let after = top1(edited.as_ref(), &exemplar_batch);

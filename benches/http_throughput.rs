@@ -45,7 +45,12 @@ fn raw_forward_default_malloc(batch: i64) -> f64 {
     String::from_utf8_lossy(&output.stdout).trim().parse().unwrap()
 }
 
-struct Server(Child, u16, tempfile::TempDir);
+struct Server {
+    child: Child,
+    port: u16,
+    /// Removed when the server is dropped.
+    _data: tempfile::TempDir,
+}
 
 impl Server {
     fn start(malloc: &str) -> Self {
@@ -66,18 +71,21 @@ impl Server {
             let ready = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
             if ready {
                 std::thread::sleep(Duration::from_millis(500));
-                return Server(child, port, data);
+                return Server { child, port, _data: data };
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
         panic!("server did not start");
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -92,23 +100,31 @@ async fn closed_loop(port: u16, concurrency: usize, seconds: u64, photos: &[Vec<
     let url = format!("http://127.0.0.1:{port}/v1/models/efficientnet-lite0/classify");
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency).map(|w| {
-        let (client, url) = (client.clone(), url.clone());
-        let photos = photos.to_vec();
-        tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut i = w;
-            while Instant::now() < deadline {
-                let sent = Instant::now();
-                let response = client.post(&url).header("content-type", "image/jpeg").body(photos[i % photos.len()].clone()).send().await.unwrap();
-                assert_eq!(response.status(), 200);
-                let _ = response.bytes().await.unwrap();
-                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
-                i += concurrency;
-            }
-            latencies
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let (client, url) = (client.clone(), url.clone());
+            let photos = photos.to_vec();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut i = w;
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "image/jpeg")
+                        .body(photos[i % photos.len()].clone())
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 200);
+                    let _ = response.bytes().await.unwrap();
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    i += concurrency;
+                }
+                latencies
+            })
         })
-    }).collect();
+        .collect();
     let mut latencies: Vec<f64> = Vec::new();
     for worker in workers {
         latencies.extend(worker.await.unwrap());
@@ -138,7 +154,10 @@ fn main() {
     let batch = best.0;
     let tuned = raw_forward(model.as_ref(), batch, 4.0);
     let default = raw_forward_default_malloc(batch);
-    println!("raw forward batch {batch}: tuned malloc {tuned:.1} images/s, glibc default {default:.1}: {:.2}x", tuned / default);
+    println!(
+        "raw forward batch {batch}: tuned malloc {tuned:.1} images/s, glibc default {default:.1}: {:.2}x",
+        tuned / default
+    );
 
     let mut photos: Vec<Vec<u8>> = std::fs::read_dir(root().join("data/foolbox"))
         .unwrap()
@@ -154,7 +173,7 @@ fn main() {
         for &concurrency in levels {
             // The machine's speed drifts (shared cores): compare with the raw pass measured right beside.
             let before = raw_forward(model.as_ref(), batch, 3.0);
-            let r = runtime.block_on(closed_loop(server.1, concurrency, seconds, &photos));
+            let r = runtime.block_on(closed_loop(server.port, concurrency, seconds, &photos));
             let after = raw_forward(model.as_ref(), batch, 3.0);
             let raw = (before + after) / 2.0;
             println!(

@@ -37,8 +37,12 @@ impl DeviceChoice {
         match self {
             Self::Cpu => Ok(tch::Device::Cpu),
             Self::Auto => Ok(tch::Device::cuda_if_available()),
-            Self::Cuda(i) if tch::Cuda::is_available() && i < tch::Cuda::device_count() as usize => Ok(tch::Device::Cuda(i)),
-            Self::Cuda(i) => Err(format!("cuda:{i} requested but {} CUDA devices are available", tch::Cuda::device_count())),
+            Self::Cuda(i) if tch::Cuda::is_available() && i < tch::Cuda::device_count() as usize => {
+                Ok(tch::Device::Cuda(i))
+            }
+            Self::Cuda(i) => {
+                Err(format!("cuda:{i} requested but {} CUDA devices are available", tch::Cuda::device_count()))
+            }
         }
     }
 }

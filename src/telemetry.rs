@@ -21,7 +21,9 @@ pub fn prometheus() -> Result<PrometheusHandle, String> {
         .get_or_init(|| {
             let handle = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("seconds".into()), LATENCY_BUCKETS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("editserve_inference_batch_size".into()), BATCH_BUCKETS))
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("editserve_inference_batch_size".into()), BATCH_BUCKETS)
+                })
                 .and_then(|b| b.install_recorder())
                 .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
             let upkeep = handle.clone();

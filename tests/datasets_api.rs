@@ -79,7 +79,10 @@ async fn datasets_are_uploaded_listed_read_deleted_and_bad_ones_refused() {
     assert_eq!(labelled["classes"], distinct.len(), "{labelled}");
     let unlabelled = api.create_dataset(unlabelled_form(&[0, 1, 2])).await;
     assert_eq!((&unlabelled["kind"], &unlabelled["images"]), (&json!("unlabelled"), &json!(3)));
-    assert_eq!((&unlabelled["labelled"], &unlabelled["classes"], &unlabelled["name"]), (&json!(false), &json!(0), &Value::Null));
+    assert_eq!(
+        (&unlabelled["labelled"], &unlabelled["classes"], &unlabelled["name"]),
+        (&json!(false), &json!(0), &Value::Null)
+    );
     let pairs: Vec<_> = (0..4).map(striped_pair).collect();
     let paired = api.create_dataset(pairs_form(&pairs)).await;
     assert_eq!((&paired["kind"], &paired["images"], &paired["classes"]), (&json!("pairs"), &json!(4), &json!(4)));
@@ -99,25 +102,125 @@ async fn datasets_are_uploaded_listed_read_deleted_and_bad_ones_refused() {
     let shrunk = png(&shrunk.crop_imm(0, 0, 100, 80));
     let cases: Vec<(&str, Form, &str, &str)> = vec![
         ("no kind", Form::new().part("image", jpeg(0)), "invalid_argument", "needs a 'kind'"),
-        ("an unknown kind", Form::new().text("kind", "photos").part("image", jpeg(0)), "invalid_argument", "got 'photos'"),
-        ("labels that are not JSON", Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "[243,"), "invalid_request", "labels"),
-        ("labels that are no array", Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "{\"a\":1}"), "invalid_argument", "JSON array"),
-        ("fewer labels than images", Form::new().text("kind", "labelled").part("image", jpeg(0)).part("image", jpeg(1)).text("labels", "[243]"), "invalid_argument", "1 labels for 2 images"),
-        ("a label out of range", Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "[100000]"), "invalid_argument", "labels[0]"),
-        ("a negative label", Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "[-3]"), "invalid_argument", "labels[0]"),
-        ("labelled without labels", Form::new().text("kind", "labelled").part("image", jpeg(0)), "invalid_argument", "needs 'labels'"),
-        ("unlabelled with labels", Form::new().text("kind", "unlabelled").part("image", jpeg(0)).text("labels", "[1]"), "invalid_argument", "takes no labels"),
-        ("unequal pair counts", pairs_form(&pairs[..2]).part("original", jpeg(3)), "invalid_argument", "3 originals and 2 transformed"),
-        ("a pair of two sizes", Form::new().text("kind", "pairs").part("original", jpeg(0)).part("transformed", bytes_part(&pairs[0].transformed, "t.png")).part("original", jpeg(1)).part("transformed", bytes_part(&shrunk, "t.png")).text("labels", "[1, 2]"), "invalid_argument", "pair 1"),
-        ("an image part in a pairs dataset", pairs_form(&pairs[..1]).part("image", jpeg(0)), "invalid_argument", "not 'image'"),
-        ("an undecodable image", Form::new().text("kind", "unlabelled").part("image", jpeg(0)).part("image", jpeg(1)).part("image", bytes_part(&corrupt, "cut.jpg")), "invalid_argument", "image 2"),
-        ("bytes that are no image", Form::new().text("kind", "unlabelled").part("image", bytes_part(b"not an image at all", "x.bin")), "invalid_argument", "image 0"),
+        (
+            "an unknown kind",
+            Form::new().text("kind", "photos").part("image", jpeg(0)),
+            "invalid_argument",
+            "got 'photos'",
+        ),
+        (
+            "labels that are not JSON",
+            Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "[243,"),
+            "invalid_request",
+            "labels",
+        ),
+        (
+            "labels that are no array",
+            Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "{\"a\":1}"),
+            "invalid_argument",
+            "JSON array",
+        ),
+        (
+            "fewer labels than images",
+            Form::new().text("kind", "labelled").part("image", jpeg(0)).part("image", jpeg(1)).text("labels", "[243]"),
+            "invalid_argument",
+            "1 labels for 2 images",
+        ),
+        (
+            "a label out of range",
+            Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "[100000]"),
+            "invalid_argument",
+            "labels[0]",
+        ),
+        (
+            "a negative label",
+            Form::new().text("kind", "labelled").part("image", jpeg(0)).text("labels", "[-3]"),
+            "invalid_argument",
+            "labels[0]",
+        ),
+        (
+            "labelled without labels",
+            Form::new().text("kind", "labelled").part("image", jpeg(0)),
+            "invalid_argument",
+            "needs 'labels'",
+        ),
+        (
+            "unlabelled with labels",
+            Form::new().text("kind", "unlabelled").part("image", jpeg(0)).text("labels", "[1]"),
+            "invalid_argument",
+            "takes no labels",
+        ),
+        (
+            "unequal pair counts",
+            pairs_form(&pairs[..2]).part("original", jpeg(3)),
+            "invalid_argument",
+            "3 originals and 2 transformed",
+        ),
+        (
+            "a pair of two sizes",
+            Form::new()
+                .text("kind", "pairs")
+                .part("original", jpeg(0))
+                .part("transformed", bytes_part(&pairs[0].transformed, "t.png"))
+                .part("original", jpeg(1))
+                .part("transformed", bytes_part(&shrunk, "t.png"))
+                .text("labels", "[1, 2]"),
+            "invalid_argument",
+            "pair 1",
+        ),
+        (
+            "an image part in a pairs dataset",
+            pairs_form(&pairs[..1]).part("image", jpeg(0)),
+            "invalid_argument",
+            "not 'image'",
+        ),
+        (
+            "an undecodable image",
+            Form::new()
+                .text("kind", "unlabelled")
+                .part("image", jpeg(0))
+                .part("image", jpeg(1))
+                .part("image", bytes_part(&corrupt, "cut.jpg")),
+            "invalid_argument",
+            "image 2",
+        ),
+        (
+            "bytes that are no image",
+            Form::new().text("kind", "unlabelled").part("image", bytes_part(b"not an image at all", "x.bin")),
+            "invalid_argument",
+            "image 0",
+        ),
         ("an empty dataset", Form::new().text("kind", "unlabelled"), "invalid_argument", "empty"),
-        ("too many images", tiny_images(Form::new().text("kind", "unlabelled"), MAX_IMAGES + 1), "invalid_argument", "over the limit of 25"),
-        ("a name over 200 characters", tiny_images(Form::new().text("kind", "unlabelled").text("name", "n".repeat(201)), 1), "invalid_argument", "200"),
-        ("an unknown part", tiny_images(Form::new().text("kind", "unlabelled").text("colour", "red"), 1), "invalid_request", "colour"),
-        ("a directory with images", tiny_images(Form::new().text("directory", "loose"), 1), "invalid_request", "directory"),
-        ("a directory outside --datasets-dir", Form::new().text("directory", "../.."), "invalid_argument", "not a directory inside"),
+        (
+            "too many images",
+            tiny_images(Form::new().text("kind", "unlabelled"), MAX_IMAGES + 1),
+            "invalid_argument",
+            "over the limit of 25",
+        ),
+        (
+            "a name over 200 characters",
+            tiny_images(Form::new().text("kind", "unlabelled").text("name", "n".repeat(201)), 1),
+            "invalid_argument",
+            "200",
+        ),
+        (
+            "an unknown part",
+            tiny_images(Form::new().text("kind", "unlabelled").text("colour", "red"), 1),
+            "invalid_request",
+            "colour",
+        ),
+        (
+            "a directory with images",
+            tiny_images(Form::new().text("directory", "loose"), 1),
+            "invalid_request",
+            "directory",
+        ),
+        (
+            "a directory outside --datasets-dir",
+            Form::new().text("directory", "../.."),
+            "invalid_argument",
+            "not a directory inside",
+        ),
         ("a directory that does not exist", Form::new().text("directory", "nowhere"), "invalid_argument", "nowhere"),
     ];
     for (what, form, code, mentions) in cases {
@@ -128,7 +231,8 @@ async fn datasets_are_uploaded_listed_read_deleted_and_bad_ones_refused() {
 
     // Over --max-dataset-bytes: refused from Content-Length before reading, and mid-stream when chunked.
     let port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
-    let declared = format!("Content-Type: multipart/form-data; boundary=X\r\nContent-Length: {}\r\n", MAX_DATASET_BYTES + 1);
+    let declared =
+        format!("Content-Type: multipart/form-data; boundary=X\r\nContent-Length: {}\r\n", MAX_DATASET_BYTES + 1);
     let (status, body) = raw_post(port, "/v1/datasets", &declared, &[]).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("payload_too_large"), "{body}");
@@ -145,25 +249,50 @@ async fn datasets_are_uploaded_listed_read_deleted_and_bad_ones_refused() {
     let labelled_items = json!([{"image": a, "label": 243}, {"image": b, "label": 559}, {"image": c, "label": 438}]);
     dataset_dir(root, "labelled", &[0, 1, 2], Some(json!({"kind": "labelled", "items": labelled_items})));
     let from_dir = api.create_dataset(Form::new().text("directory", "labelled").text("name", "from a directory")).await;
-    assert_eq!((&from_dir["kind"], &from_dir["images"], &from_dir["classes"]), (&json!("labelled"), &json!(3), &json!(3)));
+    assert_eq!(
+        (&from_dir["kind"], &from_dir["images"], &from_dir["classes"]),
+        (&json!("labelled"), &json!(3), &json!(3))
+    );
     assert_eq!(from_dir["name"], "from a directory");
     std::fs::write(root.join("labelled/striped.png"), &pairs[0].transformed).unwrap();
     let pair_items = json!([{"original": a, "transformed": "striped.png", "label": 243}]);
     dataset_dir(root, "pairs", &[], None);
     std::fs::write(root.join("pairs/dataset.json"), json!({"kind": "pairs", "items": [{"original": format!("../labelled/{a}"), "transformed": "x.png", "label": 1}]}).to_string()).unwrap();
-    expect_refused(&api.post_form("/v1/datasets", Form::new().text("directory", "pairs")).await, "invalid_argument", "not a file inside", "a file outside the dataset's directory");
-    std::fs::write(root.join("labelled/dataset.json"), json!({"kind": "pairs", "items": pair_items}).to_string()).unwrap();
+    expect_refused(
+        &api.post_form("/v1/datasets", Form::new().text("directory", "pairs")).await,
+        "invalid_argument",
+        "not a file inside",
+        "a file outside the dataset's directory",
+    );
+    std::fs::write(root.join("labelled/dataset.json"), json!({"kind": "pairs", "items": pair_items}).to_string())
+        .unwrap();
     let pairs_dir = api.create_dataset(Form::new().text("directory", "labelled")).await;
-    assert_eq!((&pairs_dir["kind"], &pairs_dir["images"], &pairs_dir["classes"]), (&json!("pairs"), &json!(1), &json!(1)));
+    assert_eq!(
+        (&pairs_dir["kind"], &pairs_dir["images"], &pairs_dir["classes"]),
+        (&json!("pairs"), &json!(1), &json!(1))
+    );
     dataset_dir(root, "loose", &[3, 4], None);
     std::fs::write(root.join("loose/notes.txt"), "not an image").unwrap();
     let loose = api.create_dataset(Form::new().text("directory", "loose")).await;
-    assert_eq!((&loose["kind"], &loose["images"], &loose["labelled"]), (&json!("unlabelled"), &json!(2), &json!(false)));
+    assert_eq!(
+        (&loose["kind"], &loose["images"], &loose["labelled"]),
+        (&json!("unlabelled"), &json!(2), &json!(false))
+    );
     let missing_label = json!({"kind": "labelled", "items": [{"image": a, "label": 243}, {"image": b}]});
     std::fs::write(root.join("labelled/dataset.json"), missing_label.to_string()).unwrap();
-    expect_refused(&api.post_form("/v1/datasets", Form::new().text("directory", "labelled")).await, "invalid_argument", "labels[1]", "an item without its label");
+    expect_refused(
+        &api.post_form("/v1/datasets", Form::new().text("directory", "labelled")).await,
+        "invalid_argument",
+        "labels[1]",
+        "an item without its label",
+    );
     std::fs::write(root.join("labelled/dataset.json"), "{\"kind\": \"labelled\"").unwrap();
-    expect_refused(&api.post_form("/v1/datasets", Form::new().text("directory", "labelled")).await, "invalid_argument", "dataset.json", "a dataset.json that is not JSON");
+    expect_refused(
+        &api.post_form("/v1/datasets", Form::new().text("directory", "labelled")).await,
+        "invalid_argument",
+        "dataset.json",
+        "a dataset.json that is not JSON",
+    );
 
     // Deleting: 204, then gone; the other datasets stay.
     let id = unlabelled["id"].as_str().unwrap();

@@ -14,7 +14,11 @@ struct LinearToy {
 
 impl Classifier for LinearToy {
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.conv2d(&self.weight, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1).mean_dim([2i64, 3].as_slice(), false, Kind::Float)
+        x.conv2d(&self.weight, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1).mean_dim(
+            [2i64, 3].as_slice(),
+            false,
+            Kind::Float,
+        )
     }
     fn num_classes(&self) -> i64 {
         C
@@ -116,5 +120,7 @@ fn an_edit_reports_progress_and_stops_when_cancelled() {
     assert!(matches!(outcome, Err(editserve::edit::EditError::Cancelled)));
     // Three reports at one per 100 steps: stopped after about 300 of the 10,000 steps.
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
-    assert!(edit(&model, &exemplars, &EditParams::new(Method::Rewrite, Solver::Adam, "nope"), &[], None, &Silent).is_err());
+    assert!(
+        edit(&model, &exemplars, &EditParams::new(Method::Rewrite, Solver::Adam, "nope"), &[], None, &Silent).is_err()
+    );
 }

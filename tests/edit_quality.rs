@@ -59,7 +59,12 @@ fn inside(shape: usize, x: f32, y: f32, half: f32) -> bool {
 /// One CHW image in [-1, 1]: the background concept, then the object in a random saturated colour.
 /// `object` fixes the object's placement and colour so that the same object can be redrawn on another
 /// background.
-fn draw(rng: &mut Rng, shape: usize, background: Background, object: Option<(f32, f32, f32, [f32; 3])>) -> (Sample, (f32, f32, f32, [f32; 3])) {
+fn draw(
+    rng: &mut Rng,
+    shape: usize,
+    background: Background,
+    object: Option<(f32, f32, f32, [f32; 3])>,
+) -> (Sample, (f32, f32, f32, [f32; 3])) {
     let (cx, cy, half, colour) = object.unwrap_or_else(|| {
         let half = 5.0 + rng.uniform() * 3.0;
         let cx = half + 1.0 + rng.uniform() * (SIZE as f32 - 2.0 * half - 2.0);
@@ -135,7 +140,8 @@ impl NetworkTensors {
         let mut tensors = HashMap::new();
         for &(name, cin, cout, k, _) in convs {
             let std = (2.0 / (cin * k * k) as f64).sqrt();
-            tensors.insert(format!("{name}.weight"), Tensor::randn([cout, cin, k, k], (Kind::Float, Device::Cpu)) * std);
+            tensors
+                .insert(format!("{name}.weight"), Tensor::randn([cout, cin, k, k], (Kind::Float, Device::Cpu)) * std);
             tensors.insert(format!("{name}.bn.weight"), Tensor::ones([cout], (Kind::Float, Device::Cpu)));
             tensors.insert(format!("{name}.bn.bias"), Tensor::zeros([cout], (Kind::Float, Device::Cpu)));
             tensors.insert(format!("{name}.bn.running_mean"), Tensor::zeros([cout], (Kind::Float, Device::Cpu)));
@@ -229,13 +235,15 @@ fn train(network: &mut impl TestNetwork, data: &[Sample], epochs: usize, rng: &m
         for chunk in order.chunks(64) {
             step += 1;
             let index = Tensor::from_slice(chunk);
-            let loss = network.run(&x.index_select(0, &index), true).cross_entropy_for_logits(&y.index_select(0, &index));
+            let loss =
+                network.run(&x.index_select(0, &index), true).cross_entropy_for_logits(&y.index_select(0, &index));
             let grads = Tensor::run_backward(&[&loss], &params, false, false);
             tch::no_grad(|| {
                 for ((param, (m, v)), g) in params.iter().zip(&mut moments).zip(&grads) {
                     *m = &*m * 0.9 + g * 0.1;
                     *v = &*v * 0.999 + g.square() * 0.001;
-                    let update = (&*m / (1.0 - 0.9f64.powi(step))) / ((&*v / (1.0 - 0.999f64.powi(step))).sqrt() + 1e-8) * 2e-3;
+                    let update =
+                        (&*m / (1.0 - 0.9f64.powi(step))) / ((&*v / (1.0 - 0.999f64.powi(step))).sqrt() + 1e-8) * 2e-3;
                     let _ = param.shallow_clone().f_sub_(&update);
                 }
             });
@@ -532,7 +540,10 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
         "{name} before: {errors_before}/{} errors on other classes on snow; clean accuracy {clean_before:.1}%",
         snowy.len()
     );
-    assert!(errors_before as f64 >= 0.3 * snowy.len() as f64, "the spurious rule was not learnt: {errors_before} errors");
+    assert!(
+        errors_before as f64 >= 0.3 * snowy.len() as f64,
+        "the spurious rule was not learnt: {errors_before} errors"
+    );
     assert!(clean_before >= 90.0, "the network did not learn the task: {clean_before:.1}%");
 
     // The exemplar: a disk (class 1) on grass, its background, the same disk on snow.

@@ -42,7 +42,8 @@ fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
     let cache = tempfile::tempdir().unwrap();
     let statistics = root().join("data/foolbox/statistics");
     let moment = statistics_for(&package, model.as_ref(), &layer, &statistics, cache.path()).unwrap();
-    let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
+    let exemplars =
+        Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
 
     for solver in [Solver::Adam, Solver::ClosedForm] {
         let params = EditParams::new(Method::Rewrite, solver, &layer);
@@ -117,7 +118,10 @@ fn the_command_line_edits_and_classifies_with_the_delta() {
     assert_eq!(summary["metrics"]["statistics"], "second_moment");
     assert!(Path::new(&p("delta.safetensors")).exists());
     let top = |output: &str| -> Vec<i64> {
-        output.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["predictions"][0]["index"].as_i64().unwrap()).collect()
+        output
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["predictions"][0]["index"].as_i64().unwrap())
+            .collect()
     };
     let plain = top(&run(&["classify", "--model", model.to_str().unwrap(), &p("original.png"), &p("modified.png")]));
     let edited = top(&run(&[

@@ -34,7 +34,11 @@ struct Run {
 async fn run(api: &Api, version: u64, pairs: &[Pair]) -> Run {
     let originals: Vec<Vec<u8>> = pairs.iter().map(|p| p.original.clone()).collect();
     let transformed: Vec<Vec<u8>> = pairs.iter().map(|p| p.transformed.clone()).collect();
-    Run { version, images: top1(api, version, &originals).await, transformed: Some(top1(api, version, &transformed).await) }
+    Run {
+        version,
+        images: top1(api, version, &originals).await,
+        transformed: Some(top1(api, version, &transformed).await),
+    }
 }
 
 fn fraction(count: usize, of: usize) -> Value {
@@ -78,10 +82,15 @@ fn expected_scores(labels: Option<&[u64]>, excluded: &BTreeSet<u64>, runs: &[Run
                 .collect();
             let mut confusions: Vec<((u64, u64), u64)> = confusions.into_iter().collect();
             confusions.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let confusions: Vec<Value> =
-                confusions.iter().take(10).map(|((label, predicted), count)| json!({"label": label, "predicted": predicted, "count": count})).collect();
+            let confusions: Vec<Value> = confusions
+                .iter()
+                .take(10)
+                .map(|((label, predicted), count)| json!({"label": label, "predicted": predicted, "count": count}))
+                .collect();
             let errors_corrected = match (errors(base), errors(run)) {
-                (Some(before), Some(after)) if before > 0 => json!(100.0 * ((before as f64 - after as f64) / before as f64).max(-1.0)),
+                (Some(before), Some(after)) if before > 0 => {
+                    json!(100.0 * ((before as f64 - after as f64) / before as f64).max(-1.0))
+                }
                 _ => Value::Null,
             };
             let on_transformed = |f: &dyn Fn(&[u64], usize) -> bool| match &run.transformed {
@@ -135,7 +144,11 @@ async fn start_evaluation(api: &Api, body: &Value) -> (String, String) {
     let created = reply.ok(202, &format!("POST evaluations {body}"));
     let job = id_of(&created["job"]);
     assert_eq!(location, Some(format!("/v1/jobs/{job}")), "{created}");
-    assert_eq!((&created["job"]["kind"], &created["job"]["state"]), (&json!("evaluation"), &json!("queued")), "{created}");
+    assert_eq!(
+        (&created["job"]["kind"], &created["job"]["state"]),
+        (&json!("evaluation"), &json!("queued")),
+        "{created}"
+    );
     (job, created["evaluation"].as_str().unwrap_or_else(|| panic!("no evaluation id: {created}")).to_string())
 }
 
@@ -167,19 +180,34 @@ async fn evaluations_score_versions_as_the_classify_route_answers() {
     let events = api.events(&job).await;
     let last = events.last().expect("at least one event");
     assert_eq!((last.name.as_str(), &last.job["state"]), ("final", &json!("succeeded")), "{}", last.job);
-    assert_eq!((&last.job["progress"]["step"], &last.job["progress"]["total"]), (&json!(20), &json!(20)), "{}", last.job);
+    assert_eq!(
+        (&last.job["progress"]["step"], &last.job["progress"]["total"]),
+        (&json!(20), &json!(20)),
+        "{}",
+        last.job
+    );
     assert!(events[..events.len() - 1].iter().all(|e| e.name == "progress"));
     let done = evaluation(&api, &id).await;
     assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!((&done["model"], &done["dataset"], &done["job"]), (&json!("efficientnet-lite0"), &json!(dataset), &json!(job)));
-    assert_eq!((&done["baseline"], &done["versions"], &done["excluded_classes"]), (&json!(0), &json!([edited]), &json!([])));
+    assert_eq!(
+        (&done["model"], &done["dataset"], &done["job"]),
+        (&json!("efficientnet-lite0"), &json!(dataset), &json!(job))
+    );
+    assert_eq!(
+        (&done["baseline"], &done["versions"], &done["excluded_classes"]),
+        (&json!(0), &json!([edited]), &json!([]))
+    );
     assert!(done["error"].is_null() && done["finished_at"].is_string() && done["created_at"].is_string(), "{done}");
 
     let runs = [run(&api, 0, &pairs).await, run(&api, edited, &pairs).await];
     let expected = expected_scores(Some(&labels), &BTreeSet::new(), &runs);
     assert_close(&done["results"], &json!(expected), "results");
     // The stripes cost the base model accuracy, which is what the edit is for.
-    assert!(done["results"][0]["transformed_accuracy"].as_f64() < done["results"][0]["accuracy"].as_f64(), "{}", done["results"][0]);
+    assert!(
+        done["results"][0]["transformed_accuracy"].as_f64() < done["results"][0]["accuracy"].as_f64(),
+        "{}",
+        done["results"][0]
+    );
 
     // Aliases name the versions; exclude_classes and the exemplar's class leave out their images.
     let exemplar_class = top1(&api, 0, &[png(&striped_exemplar(0).0)]).await[0];
@@ -195,7 +223,11 @@ async fn evaluations_score_versions_as_the_classify_route_answers() {
     // Unlabelled: changes only.
     let unlabelled = id_of(&api.create_dataset(unlabelled_form(&(0..20).collect::<Vec<_>>())).await);
     let changes = evaluate(&api, &json!({"dataset": unlabelled, "versions": [edited, 0]})).await;
-    let plain: Vec<Run> = runs.iter().chain([&runs[0]]).map(|r| Run { version: r.version, images: r.images.clone(), transformed: None }).collect();
+    let plain: Vec<Run> = runs
+        .iter()
+        .chain([&runs[0]])
+        .map(|r| Run { version: r.version, images: r.images.clone(), transformed: None })
+        .collect();
     assert_close(&changes["results"], &json!(expected_scores(None, &BTreeSet::new(), &plain)), "unlabelled results");
     assert!(changes["results"][1]["accuracy"].is_null() && changes["results"][1]["errors_corrected"].is_null());
 
@@ -207,17 +239,33 @@ async fn evaluations_score_versions_as_the_classify_route_answers() {
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         ("an unknown dataset", json!({"dataset": "nope", "versions": [0]}), 404, "dataset_not_found"),
         ("no versions", json!({"dataset": dataset, "versions": []}), 422, "invalid_argument"),
-        ("nine versions", json!({"dataset": dataset, "versions": [0, 0, 0, 0, 0, 0, 0, 0, 0]}), 422, "invalid_argument"),
+        (
+            "nine versions",
+            json!({"dataset": dataset, "versions": [0, 0, 0, 0, 0, 0, 0, 0, 0]}),
+            422,
+            "invalid_argument",
+        ),
         ("an unknown field", json!({"dataset": dataset, "versions": [0], "colour": 1}), 422, "invalid_request"),
         ("an unknown version", json!({"dataset": dataset, "versions": [99]}), 404, "version_not_found"),
-        ("an unknown baseline alias", json!({"dataset": dataset, "versions": [0], "baseline": "nope"}), 404, "version_not_found"),
-        ("an excluded class beyond the model's", json!({"dataset": dataset, "versions": [0], "exclude_classes": [1000]}), 422, "invalid_argument"),
+        (
+            "an unknown baseline alias",
+            json!({"dataset": dataset, "versions": [0], "baseline": "nope"}),
+            404,
+            "version_not_found",
+        ),
+        (
+            "an excluded class beyond the model's",
+            json!({"dataset": dataset, "versions": [0], "exclude_classes": [1000]}),
+            422,
+            "invalid_argument",
+        ),
         ("a label beyond the model's classes", json!({"dataset": beyond, "versions": [0]}), 422, "invalid_argument"),
     ];
     for (what, body, status, code) in cases {
         api.post_json(&path, &body).await.expect_error(status, code, what);
     }
-    let reply = api.post_json("/v1/models/no-such-model/evaluations", &json!({"dataset": dataset, "versions": [0]})).await;
+    let reply =
+        api.post_json("/v1/models/no-such-model/evaluations", &json!({"dataset": dataset, "versions": [0]})).await;
     reply.expect_error(404, "model_not_found", "an unknown model");
     api.get("/v1/evaluations/nope").await.expect_error(404, "evaluation_not_found", "an unknown evaluation");
 
@@ -239,10 +287,18 @@ async fn evaluations_score_versions_as_the_classify_route_answers() {
     assert_eq!(ids, all[..3], "{page}");
     let next = page["next_before"].as_str().unwrap_or_else(|| panic!("no next_before: {page}"));
     let rest = api.get(&model_path(&format!("/evaluations?limit=3&before={next}"))).await.ok(200, "the next page");
-    assert_eq!(rest["evaluations"].as_array().unwrap().iter().map(|e| &e["id"]).collect::<Vec<_>>(), all[3..], "{rest}");
+    assert_eq!(
+        rest["evaluations"].as_array().unwrap().iter().map(|e| &e["id"]).collect::<Vec<_>>(),
+        all[3..],
+        "{rest}"
+    );
     assert_eq!(rest["next_before"], Value::Null, "{rest}");
     assert_eq!(rest["evaluations"][0], done, "a listed evaluation is as GET answers it");
-    api.get(&model_path("/evaluations?before=nope")).await.expect_error(422, "invalid_argument", "before names no evaluation");
+    api.get(&model_path("/evaluations?before=nope")).await.expect_error(
+        422,
+        "invalid_argument",
+        "before names no evaluation",
+    );
     api.get(&model_path("/evaluations?limit=0")).await.expect_error(422, "invalid_request", "limit 0");
 
     // Deleting the dataset keeps the evaluations' results.

@@ -83,7 +83,9 @@ async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
     let (photo, label) = foolbox_photos().remove(0);
     let jpeg = read(&photo);
     let random: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let cases: Vec<(&str, Vec<u8>, &str, &str, u16, &str)> = vec![
+    // (what, body, content type, query, status, error code)
+    type Case = (&'static str, Vec<u8>, &'static str, &'static str, u16, &'static str);
+    let cases: Vec<Case> = vec![
         ("empty body", vec![], "image/jpeg", "", 422, "invalid_request"),
         ("random bytes", random, "image/jpeg", "", 415, "unsupported_image_format"),
         ("truncated JPEG", jpeg[..jpeg.len() / 3].to_vec(), "image/jpeg", "", 422, "invalid_image"),
@@ -114,12 +116,14 @@ async fn bad_input_gets_a_json_error_and_the_server_keeps_serving() {
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("payload_too_large"), "{body}");
     let chunk = vec![0u8; 1024 * 1024];
-    let chunks: Vec<&[u8]> = std::iter::repeat(chunk.as_slice()).take(17).collect();
-    let (status, body) = raw_post(port, CLASSIFY, "Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n", &chunks).await;
+    let chunks: Vec<&[u8]> = std::iter::repeat_n(chunk.as_slice(), 17).collect();
+    let (status, body) =
+        raw_post(port, CLASSIFY, "Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n", &chunks).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("payload_too_large"), "{body}");
 
-    let response = client.post(server.url("/v1/models/no-such-model/classify")).body(jpeg.clone()).send().await.unwrap();
+    let response =
+        client.post(server.url("/v1/models/no-such-model/classify")).body(jpeg.clone()).send().await.unwrap();
     assert_eq!(response.status(), 404);
     let error: Value = response.json().await.unwrap();
     assert_eq!(error["error"]["code"], "model_not_found");
@@ -153,7 +157,8 @@ async fn multipart_answers_each_part_in_order() {
     }
 
     let wrong = Form::new().part("picture", Part::bytes(read(&photos[0].0)));
-    let response = client.post(server.url("/v1/models/efficientnet-lite0/classify")).multipart(wrong).send().await.unwrap();
+    let response =
+        client.post(server.url("/v1/models/efficientnet-lite0/classify")).multipart(wrong).send().await.unwrap();
     assert_eq!(response.status(), 422);
 }
 
@@ -189,9 +194,12 @@ async fn concurrent_answers_equal_sequential_ones(args: &[&str]) {
     for (i, status, body) in futures::future::join_all(requests).await {
         assert_eq!(status, 200, "request {i}: {body}");
         let expected = &sequential[i % photos.len()];
-        let indices = |v: &Value| v["predictions"].as_array().unwrap().iter().map(|p| p["index"].clone()).collect::<Vec<_>>();
+        let indices =
+            |v: &Value| v["predictions"].as_array().unwrap().iter().map(|p| p["index"].clone()).collect::<Vec<_>>();
         assert_eq!(indices(&body), indices(expected), "request {i}");
-        for (got, want) in body["predictions"].as_array().unwrap().iter().zip(expected["predictions"].as_array().unwrap()) {
+        for (got, want) in
+            body["predictions"].as_array().unwrap().iter().zip(expected["predictions"].as_array().unwrap())
+        {
             let (got, want) = (got["probability"].as_f64().unwrap(), want["probability"].as_f64().unwrap());
             // Batched and single passes may pick different kernels: equal up to float32 rounding.
             assert!((got - want).abs() <= 1e-5, "request {i}: {got} vs {want}");
@@ -213,7 +221,8 @@ async fn health_readiness_models_and_metrics() {
     assert_eq!(model["num_classes"], 1000);
     assert_eq!(model["input_size"], serde_json::json!([224, 224]));
     assert_eq!(model["device"], "cpu");
-    let one: Value = client.get(server.url("/v1/models/efficientnet-lite0")).send().await.unwrap().json().await.unwrap();
+    let one: Value =
+        client.get(server.url("/v1/models/efficientnet-lite0")).send().await.unwrap().json().await.unwrap();
     assert_eq!(&one, model);
     let missing = client.get(server.url("/v1/models/nope")).send().await.unwrap();
     assert_eq!(missing.status(), 404);
@@ -298,12 +307,7 @@ async fn sigterm_drains_in_flight_requests() {
         })
         .collect();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.terminate();
-        status
-    })
-    .await
-    .unwrap();
+    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
     assert!(status.success(), "exit status {status:?}");
     for request in requests {
         // Every request the server had accepted before SIGTERM is answered; none is cut off.

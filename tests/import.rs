@@ -132,6 +132,10 @@ fn a_checkpoint_that_does_not_fit_fails_naming_the_key_and_leaves_nothing() {
     std::fs::write(&garbage, "not a checkpoint").unwrap();
     let output = import("resnet18", &garbage, &labels, &models.join("garbage"));
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("converting"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("converting"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(entries(&models), ["existing"]);
 }

@@ -118,7 +118,12 @@ async fn twenty_load_unload_cycles_do_not_grow_memory() {
     }
     let after = resident_bytes(server.pid());
     let growth = after as i64 - before as i64;
-    println!("resident memory: {} MiB before, {} MiB after 20 load/unload cycles ({:+} KiB)", before >> 20, after >> 20, growth / 1024);
+    println!(
+        "resident memory: {} MiB before, {} MiB after 20 load/unload cycles ({:+} KiB)",
+        before >> 20,
+        after >> 20,
+        growth / 1024
+    );
     // The weights alone are 18 MiB: a leak of one copy per cycle would grow by about 360 MiB.
     assert!(growth < 24 << 20, "resident memory grew by {} MiB", growth >> 20);
 }
@@ -159,7 +164,10 @@ async fn unloading_a_model_in_use_ends_every_request_cleanly() {
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    println!("during unload: {} answered, {} not found, {} unloaded while waiting", answered[0], answered[1], answered[2]);
+    println!(
+        "during unload: {} answered, {} not found, {} unloaded while waiting",
+        answered[0], answered[1], answered[2]
+    );
     let (status, _) = classify(&client, &server, "efficientnet-lite0", &photos[0].0).await;
     assert_eq!(status, 200);
 }
@@ -185,7 +193,8 @@ async fn a_name_keeps_the_weights_its_versions_were_made_on() {
 
     // The same weights again: version 1 is back and answers exactly as before.
     api.post_json("/v1/models", &json!({"name": "copy", "path": "efficientnet-lite0"})).await.ok(201, "reload copy");
-    let after = api.post_image("/v1/models/copy/versions/1/classify?top_k=1000", &probe).await.ok(200, "version 1 again");
+    let after =
+        api.post_image("/v1/models/copy/versions/1/classify?top_k=1000", &probe).await.ok(200, "version 1 again");
     assert_eq!(before, after);
     // A name without ready versions may change weights.
     api.post_json("/v1/models", &json!({"name": "fresh", "path": "efficientnet-lite1"})).await.ok(201, "load fresh");

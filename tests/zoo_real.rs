@@ -17,7 +17,8 @@ use tch::{Device, Tensor};
 /// 18/20, SqueezeNet 13/20), so that a regression fails while one borderline photo flipping does not.
 /// Torchvision's pipeline gets SqueezeNet 14/20: on imagenet_05_853 its top two are 0.214 and 0.208, and
 /// the 13 here is that photo's top-1 going the other way.
-const ACCURACY_FLOORS: [(&str, usize); 3] = [("efficientnet-lite1", 17), ("efficientnet-lite2", 17), ("squeezenet1_1", 12)];
+const ACCURACY_FLOORS: [(&str, usize); 3] =
+    [("efficientnet-lite1", 17), ("efficientnet-lite2", 17), ("squeezenet1_1", 12)];
 
 /// A real package written by `make setup`; a missing one fails the test rather than skipping it.
 fn open(name: &str) -> (ModelPackage, Box<dyn Classifier>) {
@@ -68,7 +69,12 @@ impl EditOutcome {
     }
 }
 
-fn edit_striped_exemplar(package: &ModelPackage, model: &dyn Classifier, params: &EditParams, photo: usize) -> EditOutcome {
+fn edit_striped_exemplar(
+    package: &ModelPackage,
+    model: &dyn Classifier,
+    params: &EditParams,
+    photo: usize,
+) -> EditOutcome {
     let (layer, solver) = (params.layer.as_str(), params.solver);
     let (original, modified, mask) = striped_exemplar(photo);
     let exemplar_batch = preprocess_batch(package, &[original.clone(), modified.clone()]);
@@ -79,7 +85,8 @@ fn edit_striped_exemplar(package: &ModelPackage, model: &dyn Classifier, params:
     let cache = tempfile::tempdir().unwrap();
     let statistics = root().join("data/foolbox/statistics");
     let moment = statistics_for(package, model, layer, &statistics, cache.path()).unwrap();
-    let exemplars = Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
+    let exemplars =
+        Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
     let result = edit(model, &exemplars, params, &[&moment], None, &Silent).unwrap();
     let mut edited = model.duplicate();
     result.delta.apply(edited.as_mut()).unwrap();
@@ -118,7 +125,8 @@ fn edit_striped_exemplar(package: &ModelPackage, model: &dyn Classifier, params:
 fn squeezenet_one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
     let (package, model) = open("squeezenet1_1");
     let layer = model.default_edit_layer().to_string();
-    let outcome = edit_striped_exemplar(&package, model.as_ref(), &EditParams::new(Method::Rewrite, Solver::Adam, &layer), 1);
+    let outcome =
+        edit_striped_exemplar(&package, model.as_ref(), &EditParams::new(Method::Rewrite, Solver::Adam, &layer), 1);
     assert_ne!(outcome.modified_before, outcome.original_class, "the patch must change the prediction");
     assert!(outcome.fixed(), "the modified exemplar is not classified like the original");
     assert!(outcome.clean_unchanged >= 19, "clean top-1 unchanged on only {}/20", outcome.clean_unchanged);
@@ -134,10 +142,15 @@ fn efficientnet_lite_one_exemplar_edit_at_the_last_project_conv() {
         let layer = "_blocks.20._project_conv".to_string();
         assert!(model.editable_layers().iter().any(|l| l.name == layer));
         for solver in [Solver::Adam, Solver::ClosedForm] {
-            let outcome = edit_striped_exemplar(&package, model.as_ref(), &EditParams::new(Method::Rewrite, solver, &layer), 0);
+            let outcome =
+                edit_striped_exemplar(&package, model.as_ref(), &EditParams::new(Method::Rewrite, solver, &layer), 0);
             assert_ne!(outcome.modified_before, outcome.original_class, "{name}: the patch must change the prediction");
             assert!(outcome.fixed(), "{name} {solver:?}: the modified exemplar is not classified like the original");
-            assert!(outcome.clean_unchanged >= 18, "{name} {solver:?}: clean top-1 unchanged on only {}/20", outcome.clean_unchanged);
+            assert!(
+                outcome.clean_unchanged >= 18,
+                "{name} {solver:?}: clean top-1 unchanged on only {}/20",
+                outcome.clean_unchanged
+            );
         }
     }
 }

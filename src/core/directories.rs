@@ -12,7 +12,8 @@ fn invalid(message: impl Into<String>) -> CoreError {
 
 /// The subdirectory `name` of `root`, the `what` configured with `flag`; never a path outside it.
 pub fn subdirectory(root: Option<&Path>, name: &str, what: &str, flag: &str) -> Result<PathBuf, CoreError> {
-    let root = root.ok_or_else(|| invalid(format!("no {what} is configured ({flag}); upload 'image' parts instead")))?;
+    let root =
+        root.ok_or_else(|| invalid(format!("no {what} is configured ({flag}); upload 'image' parts instead")))?;
     let root = root.canonicalize().map_err(|e| CoreError::Internal(format!("{what} {}: {e}", root.display())))?;
     let dir = root.join(name).canonicalize().map_err(|_| invalid(format!("no directory '{name}' in the {what}")))?;
     if !dir.starts_with(&root) || !dir.is_dir() {
@@ -45,6 +46,8 @@ pub fn files(dir: &Path, most: usize) -> Result<Vec<PathBuf>, CoreError> {
 }
 
 /// Filesystem work, off the async runtime's threads.
-pub async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, CoreError> + Send + 'static) -> Result<T, CoreError> {
+pub async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, CoreError> + Send + 'static,
+) -> Result<T, CoreError> {
     tokio::task::spawn_blocking(work).await.map_err(|e| CoreError::Internal(format!("a blocking task failed: {e}")))?
 }

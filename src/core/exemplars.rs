@@ -86,7 +86,12 @@ fn same_size(part: &str, got: (u32, u32), image: (u32, u32)) -> Result<(), CoreE
 }
 
 impl Exemplars {
-    pub fn new(metadata: Arc<dyn MetadataStore>, blobs: Arc<dyn BlobStore>, cpu: Arc<CpuPool>, limits: DecodeLimits) -> Self {
+    pub fn new(
+        metadata: Arc<dyn MetadataStore>,
+        blobs: Arc<dyn BlobStore>,
+        cpu: Arc<CpuPool>,
+        limits: DecodeLimits,
+    ) -> Self {
         Self { metadata, blobs, cpu, limits }
     }
 
@@ -112,7 +117,12 @@ impl Exemplars {
         Ok(TextureCreated { id: record.id })
     }
 
-    pub async fn create(&self, image: Bytes, mask: MaskInput, modified: ModifiedInput) -> Result<ExemplarRecord, CoreError> {
+    pub async fn create(
+        &self,
+        image: Bytes,
+        mask: MaskInput,
+        modified: ModifiedInput,
+    ) -> Result<ExemplarRecord, CoreError> {
         let transform = match &modified {
             ModifiedInput::Transform(t) => {
                 t.validate().map_err(CoreError::InvalidArgument)?;
@@ -148,7 +158,9 @@ impl Exemplars {
         let record = self.metadata.texture(id).await?.ok_or_else(|| CoreError::not_found(Resource::Texture, id))?;
         let bytes = self.blobs.get(&record.image_blob).await?;
         let limits = self.limits;
-        self.cpu.run(move || decode(&bytes, limits).map(|i| i.to_rgb8()).map_err(|e| CoreError::Internal(e.to_string()))).await?
+        self.cpu
+            .run(move || decode(&bytes, limits).map(|i| i.to_rgb8()).map_err(|e| CoreError::Internal(e.to_string())))
+            .await?
     }
 
     pub async fn get(&self, id: &str) -> Result<ExemplarRecord, CoreError> {

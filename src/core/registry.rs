@@ -202,7 +202,11 @@ impl Registry {
     /// The package of a loaded model, for edits.
     pub fn package(&self, name: &str) -> Result<LoadedPackage, CoreError> {
         let entry = self.entry(name)?;
-        Ok(LoadedPackage { package: entry.package.clone(), generation: entry.generation, surface: entry.surface.clone() })
+        Ok(LoadedPackage {
+            package: entry.package.clone(),
+            generation: entry.generation,
+            surface: entry.surface.clone(),
+        })
     }
 
     pub fn worker(&self) -> &DeviceWorker {
@@ -210,7 +214,12 @@ impl Registry {
     }
 
     /// Top-k predictions of `target` for each image, in order. `top_k` must lie in 1..=num_classes.
-    pub async fn classify(&self, target: Target, images: Vec<Bytes>, top_k: usize) -> Result<Vec<Vec<Prediction>>, CoreError> {
+    pub async fn classify(
+        &self,
+        target: Target,
+        images: Vec<Bytes>,
+        top_k: usize,
+    ) -> Result<Vec<Vec<Prediction>>, CoreError> {
         Ok(self.classify_each(&[target], images, top_k).await?.pop().unwrap_or_default())
     }
 
@@ -251,14 +260,14 @@ impl Registry {
         let limits = self.limits;
         self.cpu_pool
             .run(move || {
-            images
-                .iter()
-                .enumerate()
-                .map(|(i, bytes)| {
-                    let image = decode(bytes, limits).map_err(|e| CoreError::image(i, &e))?;
-                    Ok(entry.preprocessing.apply(&image))
-                })
-                .collect()
+                images
+                    .iter()
+                    .enumerate()
+                    .map(|(i, bytes)| {
+                        let image = decode(bytes, limits).map_err(|e| CoreError::image(i, &e))?;
+                        Ok(entry.preprocessing.apply(&image))
+                    })
+                    .collect()
             })
             .await?
     }

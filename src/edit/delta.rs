@@ -32,8 +32,12 @@ impl Delta {
     /// The same change times `scale` (what the breakage guard keeps of an edit).
     pub fn scaled(&self, scale: f64) -> Delta {
         match self {
-            Delta::LowRank { layer, l, d } => Delta::LowRank { layer: layer.clone(), l: l * scale, d: d.shallow_clone() },
-            Delta::Dense { changes } => Delta::Dense { changes: changes.iter().map(|(n, t)| (n.clone(), t * scale)).collect() },
+            Delta::LowRank { layer, l, d } => {
+                Delta::LowRank { layer: layer.clone(), l: l * scale, d: d.shallow_clone() }
+            }
+            Delta::Dense { changes } => {
+                Delta::Dense { changes: changes.iter().map(|(n, t)| (n.clone(), t * scale)).collect() }
+            }
         }
     }
 
@@ -71,9 +75,14 @@ impl Delta {
     pub fn to_safetensors(&self) -> Result<Vec<u8>, EditError> {
         let named: Vec<(String, Tensor)> = match self {
             Delta::LowRank { layer, l, d } => {
-                vec![(format!("{LOW_RANK_L}{layer}"), l.shallow_clone()), (format!("{LOW_RANK_D}{layer}"), d.shallow_clone())]
+                vec![
+                    (format!("{LOW_RANK_L}{layer}"), l.shallow_clone()),
+                    (format!("{LOW_RANK_D}{layer}"), d.shallow_clone()),
+                ]
             }
-            Delta::Dense { changes } => changes.iter().map(|(n, t)| (format!("{DENSE}{n}"), t.shallow_clone())).collect(),
+            Delta::Dense { changes } => {
+                changes.iter().map(|(n, t)| (format!("{DENSE}{n}"), t.shallow_clone())).collect()
+            }
         };
         to_safetensors(&named)
     }

@@ -85,7 +85,8 @@ impl Prefix {
         if images.size()[0] == 0 {
             return Ok(Self { blocks: Vec::new() });
         }
-        let blocks = images.split(CHUNK, 0).iter().map(|chunk| parent.edit_block(chunk, layer)).collect::<Result<_, _>>()?;
+        let blocks =
+            images.split(CHUNK, 0).iter().map(|chunk| parent.edit_block(chunk, layer)).collect::<Result<_, _>>()?;
         Ok(Self { blocks })
     }
 
@@ -189,7 +190,8 @@ pub fn guard(
         let photos_changed = differences(&photo_prefix.top1(model.as_ref(), layer)?, &before.0);
         let originals_changed = differences(&original_prefix.top1(model.as_ref(), layer)?, &before.1);
         trials += 1;
-        let found = report(candidate.scale, candidate.lambda, photos_changed, originals_changed, fixed(model.as_ref())?, 0);
+        let found =
+            report(candidate.scale, candidate.lambda, photos_changed, originals_changed, fixed(model.as_ref())?, 0);
         measured[middle] = Some(found);
         if within(photos_changed, originals_changed) {
             high = middle;
@@ -202,6 +204,7 @@ pub fn guard(
         return Ok((kept.delta, GuardReport { trials, ..found }));
     }
     let parent_report = report(0.0, None, 0, 0, fixed(parent)?, trials);
-    let nothing = candidates.pop().map(|c| c.delta.scaled(0.0)).ok_or_else(|| EditError::Invalid("nothing to guard".into()))?;
+    let nothing =
+        candidates.pop().map(|c| c.delta.scaled(0.0)).ok_or_else(|| EditError::Invalid("nothing to guard".into()))?;
     Ok((nothing, parent_report))
 }

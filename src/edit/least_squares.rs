@@ -76,7 +76,8 @@ impl System {
         let a = &self.keys + &self.moment * lambda;
         let channels = a.size()[0];
         // Channels no key ever uses (dead after a ReLU) leave A singular; a tiny ridge gives them no change.
-        let ridge = Tensor::eye(channels, (Kind::Double, a.device())) * (RIDGE * a.trace().double_value(&[]) / channels as f64);
+        let ridge =
+            Tensor::eye(channels, (Kind::Double, a.device())) * (RIDGE * a.trace().double_value(&[]) / channels as f64);
         // dW A = B with A symmetric: A dW^T = B^T.
         Ok(Tensor::f_linalg_solve(&(a + ridge), &self.target.tr(), true)?.tr())
     }
@@ -129,7 +130,8 @@ pub(super) fn run(
     // The weighted mean squared error per position, in the conv's output units.
     let total_weight = weight.sum(Kind::Double).double_value(&[]).max(f64::MIN_POSITIVE);
     let loss_of = |dw: &Tensor| {
-        ((targets.keys.matmul(&dw.tr()) - &residual).square() * &weight).sum(Kind::Double).double_value(&[]) / total_weight
+        ((targets.keys.matmul(&dw.tr()) - &residual).square() * &weight).sum(Kind::Double).double_value(&[])
+            / total_weight
     };
     let loss_before = loss_of(&Tensor::zeros([c_out, c_in], (Kind::Double, old.device())));
     let system = System::new(&targets.keys, &residual, &old, &weight, &moment, MU);
@@ -139,7 +141,11 @@ pub(super) fn run(
     let loss_after = loss_of(&l.matmul(&d));
     let as_delta = |(l, d): (Tensor, Tensor)| {
         let r = d.size()[0];
-        Delta::LowRank { layer: layer.to_string(), l: l.to_kind(Kind::Float).view([c_out, r, 1, 1]), d: d.to_kind(Kind::Float) }
+        Delta::LowRank {
+            layer: layer.to_string(),
+            l: l.to_kind(Kind::Float).view([c_out, r, 1, 1]),
+            d: d.to_kind(Kind::Float),
+        }
     };
     let weaker = WEAKER
         .iter()
@@ -187,7 +193,12 @@ pub(super) fn run_layers(
         changes.extend(solved.delta.dense());
         // Each layer's error is in its own units: the first layer's stands for the edit, all are in the notes.
         let m = &solved.metrics;
-        let notes = format!("{layer}: error {:.4} -> {:.4}, {}", m.loss_before, m.loss_after, m.approximation.as_deref().unwrap_or_default());
+        let notes = format!(
+            "{layer}: error {:.4} -> {:.4}, {}",
+            m.loss_before,
+            m.loss_after,
+            m.approximation.as_deref().unwrap_or_default()
+        );
         combined = Some(match combined {
             None => EditMetrics { approximation: Some(notes), ..solved.metrics },
             Some(earlier) => {
@@ -225,7 +236,9 @@ mod tests {
         let a_old = (&old * &weight).tr().matmul(&old);
         let to_new = |t: &Tensor| a_new.trace().double_value(&[]) / t.trace().double_value(&[]);
         let target = (&residual * &weight).tr().matmul(&new);
-        let gradient = dw.matmul(&a_new) - &target + dw.matmul(&a_old) * (0.7 * to_new(&a_old)) + dw.matmul(&moment) * (0.3 * to_new(&moment));
+        let gradient = dw.matmul(&a_new) - &target
+            + dw.matmul(&a_old) * (0.7 * to_new(&a_old))
+            + dw.matmul(&moment) * (0.3 * to_new(&moment));
         let size = target.abs().max().double_value(&[]);
         assert!(gradient.abs().max().double_value(&[]) < 1e-4 * size, "gradient {gradient}");
     }
@@ -239,7 +252,9 @@ mod tests {
         let residual = new.matmul(&truth.tr());
         let zero = Tensor::zeros([30, 5], (Kind::Double, Device::Cpu));
         let weight = Tensor::ones([30, 1], (Kind::Double, Device::Cpu));
-        let dw = System::new(&new, &residual, &zero, &weight, &Tensor::eye(5, (Kind::Double, Device::Cpu)), 0.0).solve(0.0).unwrap();
+        let dw = System::new(&new, &residual, &zero, &weight, &Tensor::eye(5, (Kind::Double, Device::Cpu)), 0.0)
+            .solve(0.0)
+            .unwrap();
         assert!((dw - &truth).abs().max().double_value(&[]) < 1e-4 * truth.abs().max().double_value(&[]));
     }
 

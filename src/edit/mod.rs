@@ -21,13 +21,13 @@ use tch::{Device, Kind, Tensor};
 use thiserror::Error;
 
 pub use delta::Delta;
-pub use guard::GuardReport;
 use guard::Candidate;
+pub use guard::GuardReport;
 pub use rewrite::{compose, directions, project};
 
 use crate::imaging::{InputTensor, Preprocessing};
-use statistics::SecondMoment;
 use crate::models::{Classifier, ModelError};
+use statistics::SecondMoment;
 
 #[derive(Debug, Error)]
 pub enum EditError {
@@ -234,7 +234,10 @@ pub fn edit(
     let positions = params
         .layers()
         .map(|layer| {
-            editable.iter().position(|l| l.name == layer).ok_or_else(|| EditError::Invalid(format!("'{layer}' is not an editable layer of this model")))
+            editable
+                .iter()
+                .position(|l| l.name == layer)
+                .ok_or_else(|| EditError::Invalid(format!("'{layer}' is not an editable layer of this model")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let layer_count = positions.len();
@@ -258,7 +261,8 @@ pub fn edit(
         }
         (Method::Rewrite, Solver::LeastSquares) => {
             let solved = least_squares::run(model, exemplars, params, first_statistics, progress)?;
-            let weaker = solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
+            let weaker =
+                solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
             (solved.delta, solved.metrics, weaker)
         }
         (Method::Rewrite, _) => {
@@ -273,10 +277,12 @@ pub fn edit(
     };
     let delta = match budget {
         Some(budget) => {
-            let lambda = (params.solver == Solver::LeastSquares && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
+            let lambda = (params.solver == Solver::LeastSquares && params.method == Method::Rewrite)
+                .then_some(least_squares::LAMBDA);
             let candidates = guard::candidates(Candidate::solved(delta, lambda), weaker);
             let photos = budget.photos.to_device(exemplars.original.device());
-            let (kept, report) = guard::guard(model, candidates, &params.layer, &photos, exemplars, budget.max_changed, progress)?;
+            let (kept, report) =
+                guard::guard(model, candidates, &params.layer, &photos, exemplars, budget.max_changed, progress)?;
             metrics.guard = Some(report);
             kept
         }

@@ -34,7 +34,12 @@ pub fn project(dw: &Tensor, d: &Tensor) -> Tensor {
 /// Rank-`rank` directions (rows orthonormal, r x C_in, float32) from the masked keys: the top right
 /// singular vectors of the whitened, weighted keys, mapped back by the whitening (`D = (Z U)^T`), then
 /// orthonormalised, each signed to agree with the weighted sum of the keys.
-pub fn directions(keys: &Tensor, weights: &Tensor, whitening: Option<&Tensor>, rank: usize) -> Result<Tensor, EditError> {
+pub fn directions(
+    keys: &Tensor,
+    weights: &Tensor,
+    whitening: Option<&Tensor>,
+    rank: usize,
+) -> Result<Tensor, EditError> {
     let channels = keys.size()[1];
     let flat = keys.permute([0, 2, 3, 1]).reshape([-1, channels]).to_kind(Kind::Double).to_device(Device::Cpu);
     let w = weights.reshape([-1]).to_kind(Kind::Double).to_device(Device::Cpu);
@@ -140,7 +145,13 @@ pub(super) fn run(
     Ok((Delta::LowRank { layer: layer.to_string(), l, d }, metrics))
 }
 
-fn adam(objective: &Objective, w0: &Tensor, d: &Tensor, params: &EditParams, progress: &dyn Progress) -> Result<Tensor, EditError> {
+fn adam(
+    objective: &Objective,
+    w0: &Tensor,
+    d: &Tensor,
+    params: &EditParams,
+    progress: &dyn Progress,
+) -> Result<Tensor, EditError> {
     let w = w0.copy().set_requires_grad(true);
     let mut first = w0.zeros_like();
     let mut second = w0.zeros_like();
@@ -205,9 +216,9 @@ pub(super) fn linear_targets(
             shape[2], shape[3]
         )));
     }
-    let form = model
-        .linear_form(layer)?
-        .ok_or_else(|| EditError::Unsupported(format!("the block of '{layer}' has no closed form: use the adam solver")))?;
+    let form = model.linear_form(layer)?.ok_or_else(|| {
+        EditError::Unsupported(format!("the block of '{layer}' has no closed form: use the adam solver"))
+    })?;
     let _guard = tch::no_grad_guard();
     let (c_out, c_in) = (shape[0], shape[1]);
     let k = per_position(&block.key);
@@ -223,8 +234,13 @@ pub(super) fn linear_targets(
     let residual = pre_target - base;
     let m2 = per_position(weights).square();
     let (valid, note) = match form.activation {
-        Activation::Identity => (v.ones_like(), "exact for the masked squared error (the block is affine in W)".to_string()),
-        Activation::Relu => (v.gt(0.0).to_kind(Kind::Double), "saturated outputs (0) were left out; the rest is solved for the masked squared error".into()),
+        Activation::Identity => {
+            (v.ones_like(), "exact for the masked squared error (the block is affine in W)".to_string())
+        }
+        Activation::Relu => (
+            v.gt(0.0).to_kind(Kind::Double),
+            "saturated outputs (0) were left out; the rest is solved for the masked squared error".into(),
+        ),
         Activation::Relu6 => (
             (v.gt(0.0).logical_and(&v.lt(6.0))).to_kind(Kind::Double),
             "saturated outputs (0 or 6) were left out; the rest is solved for the masked squared error".into(),
@@ -294,7 +310,9 @@ mod tests {
     #[test]
     fn rank_one_direction_is_along_the_whitened_key() {
         let key = Tensor::from_slice(&[1.0f32, 2.0, -1.0, 0.5]).view([1, 4, 1, 1]);
-        let c = Tensor::from_slice(&[2.0f64, 0.3, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0, 0.2, 3.0, 0.4, 0.1, 0.0, 0.4, 1.5]).view([4, 4]);
+        let c =
+            Tensor::from_slice(&[2.0f64, 0.3, 0.0, 0.1, 0.3, 1.0, 0.2, 0.0, 0.0, 0.2, 3.0, 0.4, 0.1, 0.0, 0.4, 1.5])
+                .view([4, 4]);
         let z = super::super::statistics::whitening(&c);
         let d = directions(&key, &Tensor::ones([1, 1, 1, 1], (Kind::Float, Device::Cpu)), Some(&z), 1).unwrap();
         let expected = c.inverse().matmul(&key.view([4, 1]).to_kind(Kind::Double)).view([1, 4]);

@@ -65,7 +65,10 @@ impl SecondMoment {
     }
 
     pub fn to_safetensors(&self) -> Result<Vec<u8>, EditError> {
-        to_safetensors(&[("moment".into(), self.moment.shallow_clone()), ("count".into(), Tensor::from_slice(&[self.count]))])
+        to_safetensors(&[
+            ("moment".into(), self.moment.shallow_clone()),
+            ("count".into(), Tensor::from_slice(&[self.count])),
+        ])
     }
 
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, EditError> {
@@ -106,7 +109,13 @@ pub fn whitening(moment: &Tensor) -> Tensor {
 
 /// Where the statistics of (weights, layer, preprocessing, image set) are cached. The image set is part of
 /// the key too: statistics of other images are other statistics.
-pub fn cache_path(cache_dir: &Path, weights_sha256: &str, layer: &str, preprocessing: &str, images_sha256: &str) -> PathBuf {
+pub fn cache_path(
+    cache_dir: &Path,
+    weights_sha256: &str,
+    layer: &str,
+    preprocessing: &str,
+    images_sha256: &str,
+) -> PathBuf {
     let mut hasher = Sha256::new();
     for part in [weights_sha256, layer, preprocessing, images_sha256] {
         hasher.update(part.as_bytes());

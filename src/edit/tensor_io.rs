@@ -25,7 +25,8 @@ pub fn to_safetensors(named: &[(String, Tensor)]) -> Result<Vec<u8>, EditError> 
 }
 
 pub fn from_safetensors(bytes: &[u8]) -> Result<Vec<(String, Tensor)>, EditError> {
-    let file = SafeTensors::deserialize(bytes).map_err(|e| EditError::Invalid(format!("not a safetensors file: {e:?}")))?;
+    let file =
+        SafeTensors::deserialize(bytes).map_err(|e| EditError::Invalid(format!("not a safetensors file: {e:?}")))?;
     file.tensors().into_iter().map(|(name, view)| Ok((name, Tensor::try_from(view)?))).collect()
 }
 

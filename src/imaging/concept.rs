@@ -25,7 +25,8 @@ impl MaskShapes {
             if polygon.len() < 3 {
                 return Err(format!("a polygon needs at least 3 points, got {}", polygon.len()));
             }
-            let mut points: Vec<Point<i32>> = polygon.iter().map(|[x, y]| Point::new(x.round() as i32, y.round() as i32)).collect();
+            let mut points: Vec<Point<i32>> =
+                polygon.iter().map(|[x, y]| Point::new(x.round() as i32, y.round() as i32)).collect();
             // imageproc rejects a closing point equal to the first one.
             if points.len() > 3 && points.first() == points.last() {
                 points.pop();
@@ -54,9 +55,13 @@ pub enum Transform {
         #[serde(default = "full_opacity")]
         opacity: f32,
     },
-    Fill { rgb: [u8; 3] },
+    Fill {
+        rgb: [u8; 3],
+    },
     /// Gaussian blur of standard deviation `sigma` pixels.
-    Blur { sigma: f32 },
+    Blur {
+        sigma: f32,
+    },
 }
 
 fn full_opacity() -> f32 {
@@ -108,8 +113,10 @@ mod tests {
 
     #[test]
     fn rasterizes_boxes_and_polygons() {
-        let shapes: MaskShapes =
-            serde_json::from_str(r#"{"boxes": [[0, 0, 4, 2]], "polygons": [[[10, 10], [19, 10], [19, 19], [10, 19]]]}"#).unwrap();
+        let shapes: MaskShapes = serde_json::from_str(
+            r#"{"boxes": [[0, 0, 4, 2]], "polygons": [[[10, 10], [19, 10], [19, 19], [10, 19]]]}"#,
+        )
+        .unwrap();
         let mask = shapes.rasterize(20, 20).unwrap();
         assert_eq!(mask.get_pixel(1, 1).0[0], 255);
         assert_eq!(mask.get_pixel(5, 1).0[0], 0);

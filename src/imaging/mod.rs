@@ -36,7 +36,8 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, ImageE
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
-    let reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
     let format = reader.format().ok_or(ImageError::UnsupportedFormat)?;
     // Read the size from the header alone first: the decoders need more than the header (a PNG's first
     // data chunk, say) before they report it, and a bomb must be refused without touching its pixels.
@@ -60,10 +61,14 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, ImageE
 pub fn binary_mask(image: &DynamicImage) -> GrayImage {
     if image.color().has_alpha() {
         let rgba = image.to_rgba8();
-        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| Luma([if rgba.get_pixel(x, y).0[3] > 0 { 255 } else { 0 }]))
+        GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+            Luma([if rgba.get_pixel(x, y).0[3] > 0 { 255 } else { 0 }])
+        })
     } else {
         let grey = image.to_luma8();
-        GrayImage::from_fn(grey.width(), grey.height(), |x, y| Luma([if grey.get_pixel(x, y).0[0] > 127 { 255 } else { 0 }]))
+        GrayImage::from_fn(grey.width(), grey.height(), |x, y| {
+            Luma([if grey.get_pixel(x, y).0[0] > 127 { 255 } else { 0 }])
+        })
     }
 }
 
@@ -143,7 +148,9 @@ mod tests {
 
     #[test]
     fn decodes_every_supported_format() {
-        let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(20, 12, |x, y| image::Rgb([x as u8 * 9, y as u8 * 20, 99])));
+        let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(20, 12, |x, y| {
+            image::Rgb([x as u8 * 9, y as u8 * 20, 99])
+        }));
         for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif] {
             let mut bytes = Vec::new();
             image.write_to(&mut Cursor::new(&mut bytes), format).unwrap();
@@ -179,14 +186,17 @@ mod tests {
     fn masks_from_grey_or_alpha() {
         let grey = DynamicImage::ImageLuma8(GrayImage::from_fn(4, 1, |x, _| Luma([[0, 127, 128, 255][x as usize]])));
         assert_eq!(binary_mask(&grey).into_raw(), vec![0, 0, 255, 255]);
-        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(3, 1, |x, _| image::Rgba([255, 255, 255, [0, 1, 255][x as usize]])));
+        let rgba = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(3, 1, |x, _| {
+            image::Rgba([255, 255, 255, [0, 1, 255][x as usize]])
+        }));
         assert_eq!(binary_mask(&rgba).into_raw(), vec![0, 255, 255]);
     }
 
     #[test]
     fn truncated_jpeg_is_corrupt() {
         let mut jpeg = Vec::new();
-        let image = DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 7])));
+        let image =
+            DynamicImage::ImageRgb8(image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, 7])));
         image.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg).unwrap();
         assert!(decode(&jpeg, LIMITS).is_ok());
         let mut trailing = jpeg.clone();

@@ -47,9 +47,14 @@ impl Preprocessing {
     pub fn validate(&self) -> Result<(), String> {
         let [crop_h, crop_w] = self.crop;
         if crop_h == 0 || crop_w == 0 || self.resize_shorter < crop_h.max(crop_w) {
-            return Err(format!("crop {:?} must be non-empty and fit in resize_shorter {}", self.crop, self.resize_shorter));
+            return Err(format!(
+                "crop {:?} must be non-empty and fit in resize_shorter {}",
+                self.crop, self.resize_shorter
+            ));
         }
-        if !(self.pixel_scale > 0.0) || self.std.iter().any(|s| !(*s > 0.0)) {
+        // Written so that NaN fails too.
+        let positive = |x: f32| x > 0.0;
+        if !positive(self.pixel_scale) || !self.std.iter().copied().all(positive) {
             return Err("pixel_scale and std must be positive".into());
         }
         Ok(())

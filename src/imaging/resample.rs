@@ -50,8 +50,7 @@ fn taps(in_size: usize, out_size: usize, interpolation: Interpolation) -> Taps {
         let center = (xx as f64 + 0.5) * scale;
         let xmin = ((center - support + 0.5) as i64).max(0) as usize;
         let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-        let raw: Vec<f64> =
-            (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) / filter_scale)).collect();
+        let raw: Vec<f64> = (xmin..xmax).map(|x| filter((x as f64 - center + 0.5) / filter_scale)).collect();
         let total: f64 = raw.iter().sum();
         let fixed = raw
             .iter()
@@ -89,7 +88,8 @@ pub fn resize_crop_rgb(
     let half = 1i32 << (PRECISION_BITS - 1);
     // Rows of the input that the cropped output rows read.
     let row_first = vertical.start[top];
-    let row_last = (top..top + crop_h).map(|y| vertical.start[y] + vertical.weights[y].len()).max().unwrap_or(row_first);
+    let row_last =
+        (top..top + crop_h).map(|y| vertical.start[y] + vertical.weights[y].len()).max().unwrap_or(row_first);
     let rows = row_last - row_first;
     let stride = crop_w * 3;
     let mut pass1 = vec![0u8; rows * stride];

@@ -36,8 +36,8 @@ pub fn variant_coefficients(variant: u32) -> Option<(f64, f64, i64)> {
 
 fn round_filters(filters: i64, width: f64) -> i64 {
     let scaled = filters as f64 * width;
-    let rounded = ((scaled + DEPTH_DIVISOR / 2.0) as i64 / DEPTH_DIVISOR as i64 * DEPTH_DIVISOR as i64)
-        .max(DEPTH_DIVISOR as i64);
+    let rounded =
+        ((scaled + DEPTH_DIVISOR / 2.0) as i64 / DEPTH_DIVISOR as i64 * DEPTH_DIVISOR as i64).max(DEPTH_DIVISOR as i64);
     if (rounded as f64) < 0.9 * scaled {
         rounded + DEPTH_DIVISOR as i64
     } else {
@@ -135,7 +135,14 @@ impl EfficientNetLite {
                 };
                 blocks.push(MbConv {
                     expand: expand_layer,
-                    depthwise: Conv::load(weights, &format!("{prefix}._depthwise_conv"), [mid, 1, kernel, kernel], s, mid, false)?,
+                    depthwise: Conv::load(
+                        weights,
+                        &format!("{prefix}._depthwise_conv"),
+                        [mid, 1, kernel, kernel],
+                        s,
+                        mid,
+                        false,
+                    )?,
                     bn1: BatchNorm::load(weights, &format!("{prefix}._bn1"), mid, BN_EPS)?,
                     project: Conv::load(weights, &format!("{prefix}._project_conv"), [cout, mid, 1, 1], 1, 1, false)?,
                     bn2: BatchNorm::load(weights, &format!("{prefix}._bn2"), cout, BN_EPS)?,
@@ -206,7 +213,11 @@ impl Classifier for EfficientNetLite {
                 has_skip: b.has_skip,
             })
             .collect();
-        layers.push(EditableLayer { name: "_conv_head".into(), weight_shape: self.head.weight.size(), has_skip: false });
+        layers.push(EditableLayer {
+            name: "_conv_head".into(),
+            weight_shape: self.head.weight.size(),
+            has_skip: false,
+        });
         layers
     }
 
@@ -217,7 +228,9 @@ impl Classifier for EfficientNetLite {
     fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError> {
         let layer_ref = self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))?;
         Ok(match layer_ref {
-            LayerRef::Head => EditBlock { key: self.head_input(x), skip: None, weight: self.head.weight.shallow_clone() },
+            LayerRef::Head => {
+                EditBlock { key: self.head_input(x), skip: None, weight: self.head.weight.shallow_clone() }
+            }
             LayerRef::Project(i) => {
                 let input = self.blocks[..i].iter().fold(self.stem(x), |h, b| b.forward(&h));
                 let block = &self.blocks[i];
@@ -248,10 +261,11 @@ impl Classifier for EfficientNetLite {
     }
 
     fn linear_form(&self, layer: &str) -> Result<Option<LinearForm>, ModelError> {
-        let (bn, activation) = match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
-            LayerRef::Head => (&self.bn1, Activation::Relu6),
-            LayerRef::Project(i) => (&self.blocks[i].bn2, Activation::Identity),
-        };
+        let (bn, activation) =
+            match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+                LayerRef::Head => (&self.bn1, Activation::Relu6),
+                LayerRef::Project(i) => (&self.blocks[i].bn2, Activation::Identity),
+            };
         let (scale, shift) = bn.affine();
         Ok(Some(LinearForm { scale, shift, activation }))
     }

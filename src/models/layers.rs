@@ -16,15 +16,10 @@ pub struct Weights {
 
 impl Weights {
     pub fn read_safetensors(path: &Path, device: Device) -> Result<Self, ModelError> {
-        let tensors = Tensor::read_safetensors(path).map_err(|e| ModelError::Weights {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let tensors = Tensor::read_safetensors(path)
+            .map_err(|e| ModelError::Weights { path: path.display().to_string(), reason: e.to_string() })?;
         Ok(Self {
-            tensors: tensors
-                .into_iter()
-                .map(|(name, t)| (name, t.to_kind(Kind::Float).to_device(device)))
-                .collect(),
+            tensors: tensors.into_iter().map(|(name, t)| (name, t.to_kind(Kind::Float).to_device(device))).collect(),
         })
     }
 
@@ -201,7 +196,13 @@ impl BatchNorm {
     pub fn load(weights: &mut Weights, prefix: &str, channels: i64, eps: f64) -> Result<Self, ModelError> {
         let shape = [channels];
         let mut take = |name: &str| weights.take(&format!("{prefix}.{name}"), Some(&shape));
-        Ok(Self { gamma: take("weight")?, beta: take("bias")?, mean: take("running_mean")?, var: take("running_var")?, eps })
+        Ok(Self {
+            gamma: take("weight")?,
+            beta: take("bias")?,
+            mean: take("running_mean")?,
+            var: take("running_var")?,
+            eps,
+        })
     }
 
     /// `(scale, shift)` with `forward(x) == x * scale + shift` per channel.
@@ -212,7 +213,13 @@ impl BatchNorm {
     }
 
     pub fn duplicate(&self, copy: TensorCopy) -> Self {
-        Self { gamma: copy(&self.gamma), beta: copy(&self.beta), mean: copy(&self.mean), var: copy(&self.var), eps: self.eps }
+        Self {
+            gamma: copy(&self.gamma),
+            beta: copy(&self.beta),
+            mean: copy(&self.mean),
+            var: copy(&self.var),
+            eps: self.eps,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {

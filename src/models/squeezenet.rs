@@ -179,7 +179,8 @@ impl SqueezeNet {
         if layer == CLASSIFIER_CONV {
             return Ok(LayerRef::Classifier);
         }
-        let (index, conv) = layer.strip_prefix("features.").and_then(|rest| rest.split_once('.')).ok_or_else(unknown)?;
+        let (index, conv) =
+            layer.strip_prefix("features.").and_then(|rest| rest.split_once('.')).ok_or_else(unknown)?;
         let position = self.fires.iter().position(|f| index.parse() == Ok(f.index)).ok_or_else(unknown)?;
         match conv {
             "squeeze" => Ok(LayerRef::Squeeze(position)),
@@ -317,9 +318,9 @@ impl Classifier for SqueezeNet {
             LayerRef::Expand1x1(i) | LayerRef::Expand3x3(i) => (vec![layer.to_string()], i + 1),
             LayerRef::Classifier => (Vec::new(), self.fires.len()),
         };
-        let later = self.fires[first_later_fire..].iter().flat_map(|f| {
-            ["squeeze", "expand1x1", "expand3x3"].map(|conv| format!("features.{}.{conv}", f.index))
-        });
+        let later = self.fires[first_later_fire..]
+            .iter()
+            .flat_map(|f| ["squeeze", "expand1x1", "expand3x3"].map(|conv| format!("features.{}.{conv}", f.index)));
         let modules = own.into_iter().chain(later).chain([CLASSIFIER_CONV.to_string()]);
         Ok(modules.flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]).collect())
     }

@@ -307,7 +307,12 @@ pub trait MetadataStore: Send + Sync {
     async fn create_evaluation(&self, job: &JobRecord, evaluation: &EvaluationRecord) -> Result<(), StoreError>;
     async fn evaluation(&self, id: &str) -> Result<Option<EvaluationRecord>, StoreError>;
     /// The model's evaluations, newest first, made before the evaluation `before` (when given), at most `limit`.
-    async fn evaluations(&self, model: &str, before: Option<&str>, limit: u32) -> Result<Vec<EvaluationRecord>, StoreError>;
+    async fn evaluations(
+        &self,
+        model: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EvaluationRecord>, StoreError>;
 
     /// The sha256 of the weights the model name's versions are made on, once recorded.
     /// Every blob a row refers to (deleted versions' changes excepted).
@@ -316,7 +321,13 @@ pub trait MetadataStore: Send + Sync {
     async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError>;
     async fn set_base_weights(&self, model: &str, sha256: &str) -> Result<(), StoreError>;
 
-    async fn record_audit(&self, action: &str, subject: &str, caller: &str, detail: Option<serde_json::Value>) -> Result<(), StoreError>;
+    async fn record_audit(
+        &self,
+        action: &str,
+        subject: &str,
+        caller: &str,
+        detail: Option<serde_json::Value>,
+    ) -> Result<(), StoreError>;
     /// Entries at or after `since` (RFC 3339), oldest first, at most `limit`.
     async fn audit_since(&self, since: &str, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
 }

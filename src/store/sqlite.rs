@@ -4,12 +4,15 @@ use std::path::Path;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::Row;
 
 use super::{
-    now_rfc3339, serde_name, AuditEntry, DatasetItemRecord, DatasetRecord, EvaluationOutcome, EvaluationRecord, EvaluationState,
-    ExemplarRecord, JobKind, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord, VersionOutcome, VersionRecord,
+    now_rfc3339, serde_name, AuditEntry, DatasetItemRecord, DatasetRecord, EvaluationOutcome, EvaluationRecord,
+    EvaluationState, ExemplarRecord, JobKind, JobRecord, MetadataStore, StatisticsRecord, StoreError, TextureRecord,
+    VersionOutcome, VersionRecord,
 };
 
 pub struct SqliteStore {
@@ -55,7 +58,8 @@ fn enum_from<T: serde::de::DeserializeOwned>(text: String) -> Result<T, StoreErr
 
 fn json_column(row: &SqliteRow, column: &str) -> Result<Option<serde_json::Value>, StoreError> {
     let text: Option<String> = row.try_get(column)?;
-    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Database(format!("column {column}: {e}")))).transpose()
+    text.map(|t| serde_json::from_str(&t).map_err(|e| StoreError::Database(format!("column {column}: {e}"))))
+        .transpose()
 }
 
 fn version_from_row(row: &SqliteRow, exemplars: Vec<String>) -> Result<VersionRecord, StoreError> {
@@ -142,11 +146,12 @@ fn json_text<T: serde::Serialize>(value: &T) -> String {
 
 impl SqliteStore {
     async fn exemplars_of(&self, model: &str, number: u32) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT exemplar FROM version_exemplars WHERE model = ? AND number = ? ORDER BY position")
-            .bind(model)
-            .bind(i64::from(number))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows =
+            sqlx::query("SELECT exemplar FROM version_exemplars WHERE model = ? AND number = ? ORDER BY position")
+                .bind(model)
+                .bind(i64::from(number))
+                .fetch_all(&self.pool)
+                .await?;
         rows.iter().map(|r| Ok(r.try_get("exemplar")?)).collect()
     }
 
@@ -308,7 +313,8 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn job_by_idempotency_key(&self, key: &str) -> Result<Option<JobRecord>, StoreError> {
-        let row = sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&self.pool).await?;
+        let row =
+            sqlx::query("SELECT * FROM jobs WHERE idempotency_key = ?").bind(key).fetch_optional(&self.pool).await?;
         row.as_ref().map(job_from_row).transpose()
     }
 
@@ -421,18 +427,21 @@ impl MetadataStore for SqliteStore {
         .bind(now_rfc3339())
         .execute(&mut *tx)
         .await?;
-        let failed = sqlx::query("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state = 'running'")
-            .bind(message)
-            .bind(now_rfc3339())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let failed =
+            sqlx::query("UPDATE jobs SET state = 'failed', error = ?, finished_at = ? WHERE state = 'running'")
+                .bind(message)
+                .bind(now_rfc3339())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
         tx.commit().await?;
         Ok(failed)
     }
 
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT * FROM jobs WHERE state = 'queued' ORDER BY created_at, rowid")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -474,11 +483,12 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn children(&self, model: &str, number: u32) -> Result<u64, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) AS n FROM versions WHERE model = ? AND parent = ? AND state != 'deleted'")
-            .bind(model)
-            .bind(i64::from(number))
-            .fetch_one(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT COUNT(*) AS n FROM versions WHERE model = ? AND parent = ? AND state != 'deleted'")
+                .bind(model)
+                .bind(i64::from(number))
+                .fetch_one(&self.pool)
+                .await?;
         Ok(row.try_get::<i64, _>("n")? as u64)
     }
 
@@ -521,7 +531,11 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn delete_alias(&self, model: &str, alias: &str) -> Result<bool, StoreError> {
-        let result = sqlx::query("DELETE FROM aliases WHERE model = ? AND alias = ?").bind(model).bind(alias).execute(&self.pool).await?;
+        let result = sqlx::query("DELETE FROM aliases WHERE model = ? AND alias = ?")
+            .bind(model)
+            .bind(alias)
+            .execute(&self.pool)
+            .await?;
         Ok(result.rows_affected() > 0)
     }
 
@@ -588,15 +602,18 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn datasets(&self) -> Result<Vec<DatasetRecord>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM datasets ORDER BY created_at DESC, rowid DESC").fetch_all(&self.pool).await?;
+        let rows =
+            sqlx::query("SELECT * FROM datasets ORDER BY created_at DESC, rowid DESC").fetch_all(&self.pool).await?;
         rows.iter().map(dataset_from_row).collect()
     }
 
     async fn dataset_items(&self, id: &str) -> Result<Vec<DatasetItemRecord>, StoreError> {
-        let rows = sqlx::query("SELECT image_blob, transformed_blob, label FROM dataset_items WHERE dataset = ? ORDER BY position")
-            .bind(id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT image_blob, transformed_blob, label FROM dataset_items WHERE dataset = ? ORDER BY position",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(DatasetItemRecord {
@@ -644,7 +661,12 @@ impl MetadataStore for SqliteStore {
         row.as_ref().map(evaluation_from_row).transpose()
     }
 
-    async fn evaluations(&self, model: &str, before: Option<&str>, limit: u32) -> Result<Vec<EvaluationRecord>, StoreError> {
+    async fn evaluations(
+        &self,
+        model: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<EvaluationRecord>, StoreError> {
         // rowid orders by creation; `before` is a page's last id.
         let rows = sqlx::query(
             "SELECT * FROM evaluations WHERE model = ? \
@@ -660,7 +682,10 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError> {
-        let row = sqlx::query("SELECT weights_sha256 FROM model_bases WHERE model = ?").bind(model).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT weights_sha256 FROM model_bases WHERE model = ?")
+            .bind(model)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| r.try_get("weights_sha256")).transpose()?)
     }
 
@@ -677,7 +702,13 @@ impl MetadataStore for SqliteStore {
         Ok(())
     }
 
-    async fn record_audit(&self, action: &str, subject: &str, caller: &str, detail: Option<serde_json::Value>) -> Result<(), StoreError> {
+    async fn record_audit(
+        &self,
+        action: &str,
+        subject: &str,
+        caller: &str,
+        detail: Option<serde_json::Value>,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO audit (at, action, subject, caller, detail) VALUES (?, ?, ?, ?, ?)")
             .bind(now_rfc3339())
             .bind(action)
@@ -690,11 +721,13 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn audit_since(&self, since: &str, limit: u32) -> Result<Vec<AuditEntry>, StoreError> {
-        let rows = sqlx::query("SELECT seq, at, action, subject, caller, detail FROM audit WHERE at >= ? ORDER BY seq LIMIT ?")
-            .bind(since)
-            .bind(i64::from(limit))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq, at, action, subject, caller, detail FROM audit WHERE at >= ? ORDER BY seq LIMIT ?",
+        )
+        .bind(since)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|row| {
                 let detail: Option<String> = row.try_get("detail")?;

@@ -78,7 +78,13 @@ pub fn load(package_dir: &Path) -> Box<dyn Classifier> {
 
 /// Runs `tools/reference.py COMMAND --package DIR --input <input> --out <file> EXTRA...` and returns the
 /// tensors it wrote.
-pub fn reference_on(command: &str, package_dir: &Path, input: &Tensor, scratch: &Path, extra: &[&str]) -> Vec<(String, Tensor)> {
+pub fn reference_on(
+    command: &str,
+    package_dir: &Path,
+    input: &Tensor,
+    scratch: &Path,
+    extra: &[&str],
+) -> Vec<(String, Tensor)> {
     let (input_path, output_path) = (scratch.join("input.safetensors"), scratch.join(format!("{command}.safetensors")));
     Tensor::write_safetensors(&[("input", input)], &input_path).unwrap();
     let mut args = vec![
@@ -240,12 +246,7 @@ pub fn striped_exemplar(index: usize) -> (DynamicImage, DynamicImage, GrayImage)
 
 /// Images preprocessed as `package` declares, stacked into one batch.
 pub fn preprocess_batch(package: &ModelPackage, images: &[DynamicImage]) -> Tensor {
-    let inputs: Vec<Tensor> = images
-        .iter()
-        .map(|i| {
-            let x = package.config.preprocessing.apply(i);
-            Tensor::from_slice(&x.data).view([3, i64::from(x.height), i64::from(x.width)])
-        })
-        .collect();
+    let inputs: Vec<Tensor> =
+        images.iter().map(|i| editserve::edit::input_tensor(&package.config.preprocessing.apply(i), 3)).collect();
     Tensor::stack(&inputs, 0)
 }
