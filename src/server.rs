@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use axum::Router;
 use tokio::net::TcpListener;
 
 use crate::api::{router, AppState};
@@ -23,84 +24,117 @@ use crate::models::ModelPackage;
 use crate::store::{BlobStore, FsBlobStore, MetadataStore, SqliteStore};
 use crate::telemetry;
 
-pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let metrics = telemetry::prometheus().map_err(anyhow::Error::msg)?;
-    let device = config.device.resolve().map_err(anyhow::Error::msg)?;
-    let packages = selected_packages(&config)?;
-    let batching = config.batching(device);
-    let edits = EditActivity::default();
-    let worker = DeviceWorker::spawn(device, batching, config.max_resident_versions, Arc::clone(&edits))?;
-    let cpu_pool = Arc::new(CpuPool::new(available_cores(), batching.queue_capacity)?);
-    let registry = Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits()));
-    let metadata: Arc<dyn MetadataStore> =
-        Arc::new(SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?);
-    let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.data_dir.join("blobs"))?);
-    // Nothing writes yet: blobs of deleted versions and exemplars, and any a crash left behind, can go.
-    let (swept, swept_bytes) = blobs.sweep(&metadata.referenced_blobs().await?).await?;
-    if swept > 0 {
-        tracing::info!(blobs = swept, bytes = swept_bytes, "removed blobs nothing refers to");
-    }
-    let exemplars =
-        Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), Arc::clone(&cpu_pool), config.decode_limits());
-    let datasets = Arc::new(Datasets::new(
-        Arc::clone(&metadata),
-        Arc::clone(&blobs),
-        cpu_pool,
-        config.decode_limits(),
-        config.datasets_dir.clone(),
-        config.max_dataset_images,
-        config.max_dataset_bytes,
-    ));
-    let versions = Arc::new(Versions::new(Arc::clone(&registry), Arc::clone(&metadata), Arc::clone(&blobs)));
-    let jobs = Jobs::start(
-        Arc::clone(&registry),
-        Arc::clone(&versions),
-        Arc::clone(&metadata),
-        blobs,
-        EditWorker::spawn(
-            device,
-            config.decode_limits(),
-            config.edit_threads,
-            NaturalPhotos { dir: config.natural_photos_dir.clone(), cache_dir: config.statistics_cache_dir.clone() },
-            edits,
-        )?,
-        config.edit_queue_capacity,
-        config.statistics_dir.clone(),
-    )
-    .await?;
-    let evaluations = Evaluations::new(Arc::clone(&registry), Arc::clone(&versions), Arc::clone(&jobs), metadata);
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
-    tracing::info!(address = %listener.local_addr()?, ?device, "listening");
+/// The service built from its configuration, before it listens: the router, and what start-up and shutdown
+/// act on. `editserve serve` runs it on a socket; tests can drive `router` in-process.
+pub struct App {
+    pub router: Router,
+    pub device: tch::Device,
+    registry: Arc<Registry>,
+    versions: Arc<Versions>,
+    jobs: Arc<Jobs>,
+    packages: Vec<PathBuf>,
+    /// Set at shutdown: event streams follow jobs that may run for minutes, and must end for draining.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
 
-    let stopping = tokio::sync::watch::Sender::new(false);
-    let state = Arc::new(AppState {
-        stopping: stopping.subscribe(),
-        registry: Arc::clone(&registry),
-        exemplars,
-        versions: Arc::clone(&versions),
-        jobs: Arc::clone(&jobs),
-        datasets,
-        evaluations,
-        config,
-        metrics,
-    });
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+impl App {
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let metrics = telemetry::prometheus().map_err(anyhow::Error::msg)?;
+        let device = config.device.resolve().map_err(anyhow::Error::msg)?;
+        let packages = selected_packages(&config)?;
+        let batching = config.batching(device);
+        let edits = EditActivity::default();
+        let worker = DeviceWorker::spawn(device, batching, config.max_resident_versions, Arc::clone(&edits))?;
+        let cpu_pool = Arc::new(CpuPool::new(available_cores(), batching.queue_capacity)?);
+        let registry = Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits()));
+        let metadata: Arc<dyn MetadataStore> =
+            Arc::new(SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?);
+        let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.data_dir.join("blobs"))?);
+        // Nothing writes yet: blobs of deleted versions and exemplars, and any a crash left behind, can go.
+        let (swept, swept_bytes) = blobs.sweep(&metadata.referenced_blobs().await?).await?;
+        if swept > 0 {
+            tracing::info!(blobs = swept, bytes = swept_bytes, "removed blobs nothing refers to");
+        }
+        let exemplars =
+            Exemplars::new(Arc::clone(&metadata), Arc::clone(&blobs), Arc::clone(&cpu_pool), config.decode_limits());
+        let datasets = Arc::new(Datasets::new(
+            Arc::clone(&metadata),
+            Arc::clone(&blobs),
+            cpu_pool,
+            config.decode_limits(),
+            config.datasets_dir.clone(),
+            config.max_dataset_images,
+            config.max_dataset_bytes,
+        ));
+        let versions = Arc::new(Versions::new(Arc::clone(&registry), Arc::clone(&metadata), Arc::clone(&blobs)));
+        let jobs = Jobs::start(
+            Arc::clone(&registry),
+            Arc::clone(&versions),
+            Arc::clone(&metadata),
+            blobs,
+            EditWorker::spawn(
+                device,
+                config.decode_limits(),
+                config.edit_threads,
+                NaturalPhotos {
+                    dir: config.natural_photos_dir.clone(),
+                    cache_dir: config.statistics_cache_dir.clone(),
+                },
+                edits,
+            )?,
+            config.edit_queue_capacity,
+            config.statistics_dir.clone(),
+        )
+        .await?;
+        let evaluations = Evaluations::new(Arc::clone(&registry), Arc::clone(&versions), Arc::clone(&jobs), metadata);
+        let stopping = tokio::sync::watch::Sender::new(false);
+        let state = Arc::new(AppState {
+            stopping: stopping.subscribe(),
+            registry: Arc::clone(&registry),
+            exemplars,
+            versions: Arc::clone(&versions),
+            jobs: Arc::clone(&jobs),
+            datasets,
+            evaluations,
+            config,
+            metrics,
+        });
+        Ok(Self { router: router(state), device, registry, versions, jobs, packages, stopping })
+    }
+
+    /// Loads the selected packages (until then /readyz answers 503).
+    pub async fn load_models(&self) -> Result<(), CoreError> {
+        load_models(&self.registry, &self.versions, &self.packages).await
+    }
+
+    /// Ends the event streams and lets the running job finish (the queued ones run after a restart).
+    pub async fn stop(&self) {
+        self.stopping.send_replace(true);
+        self.jobs.stop().await;
+    }
+}
+
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let app = App::build(config).await?;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, device = ?app.device, "listening");
+    let stopping = app.stopping.clone();
+    let server = axum::serve(listener, app.router.clone()).with_graceful_shutdown(async move {
         shutdown_signal().await;
-        // Event streams follow jobs that may run for minutes: end them, or draining would wait for the jobs.
         stopping.send_replace(true);
     });
     let mut server = std::pin::pin!(server.into_future());
     // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.
     tokio::select! {
-        loaded = load_models(&registry, &versions, &packages) => {
+        loaded = app.load_models() => {
             loaded.context("loading models")?;
-            tracing::info!(models = packages.len(), "ready");
+            tracing::info!(models = app.packages.len(), "ready");
         }
         served = &mut server => return served.context("server failed"),
     }
     server.await.context("server failed")?;
-    jobs.stop().await;
+    app.stop().await;
     tracing::info!("drained in-flight requests; stopping");
     Ok(())
 }

@@ -559,8 +559,8 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
     let layer = model.default_edit_layer().to_string();
     let statistics = SecondMoment::accumulate(&model, &layer, images(&training_set).split(256, 0)).unwrap();
 
-    let judge = |params: &EditParams, statistics: Option<&SecondMoment>| -> Figures {
-        let result = edit(&model, &exemplars, params, statistics.as_slice(), None, &Silent).unwrap();
+    let judge = |params: &EditParams, statistics: &[&SecondMoment]| -> Figures {
+        let result = edit(&model, &exemplars, params, statistics, None, &Silent).unwrap();
         let mut edited = model.duplicate();
         result.delta.apply(edited.as_mut()).unwrap();
         let after = errors(edited.as_ref(), &snow_x, &snow_y);
@@ -574,7 +574,7 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
             "{name} {:?}{solver} at {}: errors corrected {:.1}%, accuracy on snow {:.1}% -> {:.1}%, clean {:.1}% -> \
              {:.1}% (loss {:.4} -> {:.4}, {:.2} s)",
             params.method,
-            params.layer,
+            params.layers().collect::<Vec<_>>().join("+"),
             figures.corrected_percent,
             100.0 * (1.0 - errors_before as f64 / snowy.len() as f64),
             100.0 * (1.0 - after as f64 / snowy.len() as f64),
@@ -587,7 +587,7 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
         figures
     };
 
-    let rewrite = judge(&EditParams::new(Method::Rewrite, Solver::Adam, &layer), Some(&statistics));
+    let rewrite = judge(&EditParams::new(Method::Rewrite, Solver::Adam, &layer), &[&statistics]);
     assert!(rewrite.corrected_percent >= 50.0, "rewrite: only {:.1}% of errors corrected", rewrite.corrected_percent);
     assert!(
         clean_before - rewrite.clean_accuracy <= 1.0,
@@ -596,12 +596,28 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
     );
     // For comparison (printed, as in the paper's tables): the closed form, which approximates here (the
     // block ends in a ReLU), and the fine-tuning baselines, which fix the exemplar's own class at best.
-    let closed = judge(&EditParams::new(Method::Rewrite, Solver::ClosedForm, &layer), Some(&statistics));
+    let closed = judge(&EditParams::new(Method::Rewrite, Solver::ClosedForm, &layer), &[&statistics]);
     assert!(clean_before - closed.clean_accuracy <= 1.0, "closed form broke clean accuracy");
-    let least_squares = judge(&EditParams::new(Method::Rewrite, Solver::LeastSquares, &layer), Some(&statistics));
+    let least_squares = judge(&EditParams::new(Method::Rewrite, Solver::LeastSquares, &layer), &[&statistics]);
     assert!(clean_before - least_squares.clean_accuracy <= 1.0, "least squares broke clean accuracy");
+    // Least squares spread over the network's two editable 1x1 convs, each with its own statistics.
+    let pair: Vec<String> = model
+        .editable_layers()
+        .into_iter()
+        .filter(|l| l.weight_shape.get(2..) == Some(&[1, 1][..]))
+        .map(|l| l.name)
+        .collect();
+    let pair = &pair[pair.len() - 2..];
+    let moments: Vec<SecondMoment> = pair
+        .iter()
+        .map(|l| SecondMoment::accumulate(&model, l, images(&training_set).split(256, 0)).unwrap())
+        .collect();
+    let mut two_layers = EditParams::new(Method::Rewrite, Solver::LeastSquares, &pair[0]);
+    two_layers.following_layers = vec![pair[1].clone()];
+    let spread = judge(&two_layers, &moments.iter().collect::<Vec<_>>());
+    assert!(clean_before - spread.clean_accuracy <= 1.0, "least squares over {pair:?} broke clean accuracy");
     for method in [Method::FinetuneLocal, Method::FinetuneGlobal] {
-        let figures = judge(&EditParams::new(method, Solver::Adam, &layer), None);
+        let figures = judge(&EditParams::new(method, Solver::Adam, &layer), &[]);
         assert!(figures.corrected_percent < rewrite.corrected_percent, "{method:?} beat the rewrite");
     }
 }

@@ -135,4 +135,34 @@ fn the_command_line_edits_and_classifies_with_the_delta() {
     ]));
     assert_ne!(plain[0], plain[1]);
     assert_eq!(edited, vec![plain[0], plain[0]]);
+
+    // A least-squares rewrite spread over two layers, from the command line.
+    let layers = ["_blocks.10._project_conv", "_blocks.11._project_conv"];
+    let summary = run(&[
+        "edit",
+        "--model",
+        model.to_str().unwrap(),
+        "--image",
+        &p("original.png"),
+        "--modified",
+        &p("modified.png"),
+        "--mask",
+        &p("mask.png"),
+        "--layer",
+        layers[0],
+        "--layer",
+        layers[1],
+        "--check",
+        "none",
+        "--statistics",
+        root().join("data/foolbox/statistics").to_str().unwrap(),
+        "--cache-dir",
+        &p("cache"),
+        "--out",
+        &p("two-layers.safetensors"),
+    ]);
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(summary["layers"], serde_json::json!(layers));
+    assert_eq!(summary["metrics"]["layers"], serde_json::json!(layers));
+    assert!(Path::new(&p("two-layers.safetensors")).exists());
 }

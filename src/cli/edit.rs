@@ -15,9 +15,10 @@ pub struct EditArgs {
     /// Concept mask: grey over 127, or alpha over 0 where the PNG has alpha.
     #[arg(long, required = true)]
     pub mask: Vec<PathBuf>,
-    /// Edited conv [default: the architecture's default edit layer].
+    /// Edited conv; repeated, the convs a least-squares rewrite spreads over, in forward order [default:
+    /// the architecture's default edit layer].
     #[arg(long)]
-    pub layer: Option<String>,
+    pub layer: Vec<String>,
     /// rewrite, finetune_local or finetune_global.
     #[arg(long, default_value = "rewrite", value_parser = parse_serde::<Method>)]
     pub method: Method,
@@ -94,15 +95,23 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
         triples.push((read_image(image)?, read_image(modified)?, binary_mask(&read_image(mask)?)));
     }
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu)?;
-    let layer = args.layer.clone().unwrap_or_else(|| model.default_edit_layer().to_string());
-    let mut params = EditParams::new(args.method, args.solver.unwrap_or(Solver::default_for(args.method)), &layer);
+    let layers = match args.layer.as_slice() {
+        [] => vec![model.default_edit_layer().to_string()],
+        given => given.to_vec(),
+    };
+    let layer = &layers[0];
+    let mut params = EditParams::new(args.method, args.solver.unwrap_or(Solver::default_for(args.method)), layer);
+    params.following_layers = layers[1..].to_vec();
     params.rank = args.rank.unwrap_or(params.rank);
     params.seed = args.seed;
     params.steps = args.steps.unwrap_or(params.steps);
     params.lr = args.lr.unwrap_or(params.lr);
     let statistics = match args.statistics.to_str() {
-        Some("identity") => None,
-        _ => Some(statistics_for(&package, model.as_ref(), &layer, &args.statistics, &args.cache_dir)?),
+        Some("identity") => Vec::new(),
+        _ => layers
+            .iter()
+            .map(|layer| statistics_for(&package, model.as_ref(), layer, &args.statistics, &args.cache_dir))
+            .collect::<anyhow::Result<Vec<_>>>()?,
     };
     let photos = match args.check.to_str() {
         Some("none") => None,
@@ -116,6 +125,7 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::to_string_pretty(&serde_json::json!({
             "layer": layer,
+            "layers": layers,
             "params": params,
             "metrics": result.metrics,
             "stored_bytes": result.delta.stored_bytes(),

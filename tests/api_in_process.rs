@@ -1,0 +1,105 @@
+//! API behaviour checked in-process: the router of a real `App` (the real model, a real SQLite file and blob
+//! directory in a temporary directory) driven with `tower::ServiceExt::oneshot`, without a socket or a
+//! child process, so that each request takes milliseconds. The tests that start the binary stay for what
+//! needs a process: signals, restarts, load.
+
+mod common;
+
+use axum::body::{to_bytes, Body};
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use common::{foolbox_photos, root};
+use editserve::config::ServeConfig;
+use editserve::server::App;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    serve: ServeConfig,
+}
+
+async fn app(data: &std::path::Path) -> App {
+    let models = root().join("models");
+    let args = ["test", "--device", "cpu", "--models", "efficientnet-lite0", "--models-dir"];
+    let flags = Flags::try_parse_from(args.iter().map(|a| a.to_string()).chain([
+        models.display().to_string(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ]))
+    .expect("flags");
+    App::build(flags.serve).await.expect("build the app")
+}
+
+async fn send(app: &App, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.router.clone().oneshot(request).await.expect("the router answers");
+    let status = response.status();
+    let bytes = to_bytes(response.into_body(), usize::MAX).await.expect("a body");
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).expect("a request")
+}
+
+fn post(uri: &str, content_type: &str, body: impl Into<Body>) -> Request<Body> {
+    Request::post(uri).header("content-type", content_type).body(body.into()).expect("a request")
+}
+
+#[tokio::test]
+async fn routes_answer_in_process_with_their_statuses_and_codes() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path()).await;
+    assert_eq!(send(&app, get("/readyz")).await.0, StatusCode::SERVICE_UNAVAILABLE, "ready before the models load");
+    app.load_models().await.expect("load the model");
+    assert_eq!(send(&app, get("/readyz")).await.0, StatusCode::OK);
+
+    let (status, models) = send(&app, get("/v1/models")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(models["models"][0]["name"], "efficientnet-lite0");
+
+    // The bull mastiff photo, classified through the whole stack (decode, batching thread, executor).
+    let (photo, label) = foolbox_photos().remove(0);
+    let jpeg = std::fs::read(&photo).unwrap();
+    let (status, body) = send(&app, post("/v1/models/efficientnet-lite0/classify", "image/jpeg", jpeg.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["predictions"][0]["index"], label as u64, "{body}");
+
+    let versions = "/v1/models/efficientnet-lite0/versions";
+    let edit = |body: Value| post(versions, "application/json", body.to_string());
+    // (request, status, error code)
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (get("/v1/models/nope"), StatusCode::NOT_FOUND, "model_not_found"),
+        (get("/v2/nothing"), StatusCode::NOT_FOUND, "not_found"),
+        (
+            post("/v1/models/efficientnet-lite0/classify", "image/jpeg", Vec::new()),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            post("/v1/models/efficientnet-lite0/classify?top_k=x", "image/jpeg", jpeg),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (get("/v1/audit?limit=abc"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (get("/v1/audit?colour=red"), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (get(&format!("{versions}?limit=0")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (get(&format!("{versions}/99")), StatusCode::NOT_FOUND, "version_not_found"),
+        (edit(json!({"exemplars": [], "colour": "red"})), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            edit(json!({"exemplars": ["00000000-0000-0000-0000-000000000000"]})),
+            StatusCode::NOT_FOUND,
+            "exemplar_not_found",
+        ),
+        (get("/v1/jobs/00000000-0000-0000-0000-000000000000"), StatusCode::NOT_FOUND, "job_not_found"),
+        (get("/v1/datasets/00000000-0000-0000-0000-000000000000"), StatusCode::NOT_FOUND, "dataset_not_found"),
+    ];
+    for (request, status, code) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let (got, body) = send(&app, request).await;
+        assert_eq!(got, status, "{what}: {body}");
+        assert_eq!(body["error"]["code"], code, "{what}: {body}");
+    }
+    app.stop().await;
+}
