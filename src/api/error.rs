@@ -5,7 +5,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::core::{Conflict, CoreError, ImageErrorKind, Resource};
+use crate::core::{Conflict, CoreError, Resource};
+use crate::imaging::ImageError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -59,19 +60,17 @@ impl ApiError {
                 CoreError::ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
                 CoreError::ModelUnloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
                 CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
-                CoreError::Image { kind, .. } => match kind {
-                    ImageErrorKind::Empty => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
-                    ImageErrorKind::UnsupportedFormat => {
-                        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format")
-                    }
-                    ImageErrorKind::TooManyPixels => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
-                    ImageErrorKind::Corrupt => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image"),
+                CoreError::Image { error, .. } => match error {
+                    ImageError::Empty => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
+                    ImageError::UnsupportedFormat => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format"),
+                    ImageError::TooManyPixels { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
+                    ImageError::Corrupt(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image"),
                 },
                 CoreError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
                 CoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
                 CoreError::Model(_) => (StatusCode::INTERNAL_SERVER_ERROR, "model_error"),
                 CoreError::InvalidPackage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_model_package"),
-                CoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+                CoreError::Store(_) | CoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
             },
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),

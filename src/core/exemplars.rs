@@ -47,12 +47,6 @@ pub struct Exemplars {
     limits: DecodeLimits,
 }
 
-impl From<StoreError> for CoreError {
-    fn from(error: StoreError) -> Self {
-        CoreError::Internal(error.to_string())
-    }
-}
-
 /// The validated pixels of a new exemplar, ready to be stored.
 struct Prepared {
     image: Vec<u8>,

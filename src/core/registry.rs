@@ -136,7 +136,7 @@ impl Registry {
         let mut package = ModelPackage::open(dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
         package.name = name.to_string();
         self.load_package(package).await.map_err(|e| match e {
-            CoreError::Model(message) => CoreError::InvalidPackage(message),
+            CoreError::Model(error) => CoreError::InvalidPackage(error.to_string()),
             other => other,
         })
     }

@@ -12,7 +12,7 @@ use thiserror::Error;
 
 pub use preprocess::{InputTensor, Preprocessing};
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum ImageError {
     #[error("the image is empty (0 bytes)")]
     Empty,

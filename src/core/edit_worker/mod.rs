@@ -160,16 +160,6 @@ impl EditWorker {
     }
 }
 
-impl From<EditError> for CoreError {
-    fn from(error: EditError) -> Self {
-        match error {
-            EditError::Invalid(message) | EditError::Unsupported(message) => CoreError::InvalidArgument(message),
-            EditError::Cancelled => CoreError::Cancelled,
-            other => CoreError::Internal(other.to_string()),
-        }
-    }
-}
-
 struct Thread {
     device: Device,
     limits: DecodeLimits,
