@@ -70,7 +70,7 @@ mod tests {
         let mask = Tensor::zeros([2, 1, 32, 40], (Kind::Float, Device::Cpu));
         let _ = mask.narrow(3, 0, 20).fill_(1.0);
         let exemplars = Exemplars { modified: &original * 2.0, original, mask, labels: None };
-        tch::manual_seed(3);
+        let _rng = crate::edit::seeded(3);
         let copies = augmented(&exemplars, 4);
         assert_eq!(copies.original.size(), vec![8, 3, 32, 40]);
         assert_eq!(copies.mask.size(), vec![8, 1, 32, 40]);

@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn solves_the_weighted_problem() {
-        tch::manual_seed(5);
+        let _rng = crate::edit::seeded(5);
         let (p, c_in, c_out) = (40, 6, 4);
         let new = randn(&[p, c_in]);
         let old = randn(&[p, c_in]);
@@ -246,7 +246,7 @@ mod tests {
     #[test]
     fn without_penalties_it_is_ordinary_least_squares() {
         // An exactly solvable system: residual = new dW*^T, no old keys, no penalty.
-        tch::manual_seed(6);
+        let _rng = crate::edit::seeded(6);
         let new = randn(&[30, 5]);
         let truth = randn(&[3, 5]);
         let residual = new.matmul(&truth.tr());
@@ -260,7 +260,7 @@ mod tests {
 
     #[test]
     fn old_keys_are_held_when_weighted_heavily() {
-        tch::manual_seed(7);
+        let _rng = crate::edit::seeded(7);
         let new = randn(&[20, 8]);
         let old = randn(&[3, 8]);
         let residual = randn(&[20, 2]);
@@ -274,7 +274,7 @@ mod tests {
 
     #[test]
     fn truncation_keeps_the_top_singular_directions() {
-        tch::manual_seed(8);
+        let _rng = crate::edit::seeded(8);
         let u = Tensor::linalg_qr(&randn(&[6, 6]), "reduced").0;
         let v = Tensor::linalg_qr(&randn(&[9, 6]), "reduced").0;
         let s = Tensor::from_slice(&[5.0f64, 3.0, 1.0, 0.5, 0.1, 0.01]);

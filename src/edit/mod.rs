@@ -174,6 +174,16 @@ pub fn input_tensor(input: &InputTensor, channels: i64) -> Tensor {
     Tensor::from_slice(&input.data).view([channels, i64::from(input.height), i64::from(input.width)])
 }
 
+/// libtorch's random generator is global: a unit test that seeds it and depends on what it draws holds this
+/// guard, so that tests running in parallel do not seed or draw in between.
+#[cfg(test)]
+pub(crate) fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(seed);
+    guard
+}
+
 /// Reports an edit's progress and asks whether to stop.
 pub trait Progress {
     fn report(&self, step: usize, total: usize, loss: f64);

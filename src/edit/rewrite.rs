@@ -282,7 +282,7 @@ mod tests {
 
     #[test]
     fn changes_lie_in_the_span_for_every_tap() {
-        tch::manual_seed(0);
+        let _rng = crate::edit::seeded(0);
         let d = directions(
             &Tensor::randn([2, 16, 5, 5], (Kind::Float, Device::Cpu)),
             &Tensor::ones([2, 1, 5, 5], (Kind::Float, Device::Cpu)),

@@ -140,7 +140,7 @@ mod tests {
 
     #[test]
     fn whitens_a_known_covariance() {
-        tch::manual_seed(1);
+        let _rng = crate::edit::seeded(1);
         let a = Tensor::randn([6, 6], (Kind::Double, Device::Cpu));
         let c = a.matmul(&a.tr()) + Tensor::eye(6, (Kind::Double, Device::Cpu));
         let z = whitening(&c);
