@@ -7,6 +7,7 @@ use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::body::Parts;
@@ -19,6 +20,31 @@ use crate::store::{normalize_rfc3339, ExemplarRecord};
 
 const AUDIT_PAGE: u32 = 1000;
 
+/// An exemplar as the API shows it: the store's blob names stay behind the image routes.
+#[derive(Serialize)]
+pub struct ExemplarView {
+    id: String,
+    width: u32,
+    height: u32,
+    mask_fraction: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transform: Option<Value>,
+    created_at: String,
+}
+
+impl From<ExemplarRecord> for ExemplarView {
+    fn from(r: ExemplarRecord) -> Self {
+        Self {
+            id: r.id,
+            width: r.width,
+            height: r.height,
+            mask_fraction: r.mask_fraction,
+            transform: r.transform,
+            created_at: r.created_at,
+        }
+    }
+}
+
 pub(super) fn json_part<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::InvalidRequest(format!("part '{name}' is not valid: {e}")))
 }
@@ -27,7 +53,7 @@ pub(super) fn json_part<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]
 pub async fn create_exemplar(
     State(state): State<Arc<AppState>>,
     request: Request,
-) -> Result<(StatusCode, Json<ExemplarRecord>), ApiError> {
+) -> Result<(StatusCode, Json<ExemplarView>), ApiError> {
     let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
     let image = parts.take_one("image")?;
     let mask = parts.take_one("mask")?;
@@ -55,7 +81,7 @@ pub async fn create_exemplar(
         }
     };
     let record = state.exemplars.create(image, mask, modified).await?;
-    Ok((StatusCode::CREATED, Json(record)))
+    Ok((StatusCode::CREATED, Json(record.into())))
 }
 
 pub async fn create_texture(
@@ -72,8 +98,8 @@ pub async fn create_texture(
 pub async fn get_exemplar(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<ExemplarRecord>, ApiError> {
-    Ok(Json(state.exemplars.get(&id).await?))
+) -> Result<Json<ExemplarView>, ApiError> {
+    Ok(Json(state.exemplars.get(&id).await?.into()))
 }
 
 /// `which` is `image`, `mask` or `modified`; each answers a PNG.

@@ -39,19 +39,15 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExemplarRecord {
     pub id: String,
-    #[serde(skip)]
     pub image_blob: String,
-    #[serde(skip)]
     pub mask_blob: String,
-    #[serde(skip)]
     pub modified_blob: String,
     pub width: u32,
     pub height: u32,
     pub mask_fraction: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub transform: Option<serde_json::Value>,
     pub created_at: String,
 }
