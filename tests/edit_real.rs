@@ -90,30 +90,18 @@ fn the_command_line_edits_and_classifies_with_the_delta() {
     };
     let model = model_dir();
     let p = |name: &str| path(name).to_str().unwrap().to_string();
-    let summary = run(&[
-        "edit",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        &p("original.png"),
-        "--modified",
-        &p("modified.png"),
-        "--mask",
-        &p("mask.png"),
-        "--solver",
-        "closed_form",
-        "--layer",
-        LAST_PROJECT_CONV,
-        "--check",
-        "none",
-        "--statistics",
-        root().join("data/foolbox/statistics").to_str().unwrap(),
-        "--cache-dir",
-        &p("cache"),
-        "--out",
-        &p("delta.safetensors"),
-    ]);
-    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    // `editserve edit` on the striped exemplar, without a guard, with the foolbox statistics; its summary.
+    let edit = |options: &[&str], out: &str| -> serde_json::Value {
+        let (model, statistics) =
+            (model.display().to_string(), root().join("data/foolbox/statistics").display().to_string());
+        let (image, modified, mask, cache, out) =
+            (p("original.png"), p("modified.png"), p("mask.png"), p("cache"), p(out));
+        let mut args = vec!["edit", "--model", &model, "--image", &image, "--modified", &modified, "--mask", &mask];
+        args.extend(options);
+        args.extend(["--check", "none", "--statistics", &statistics, "--cache-dir", &cache, "--out", &out]);
+        serde_json::from_str(&run(&args)).unwrap()
+    };
+    let summary = edit(&["--solver", "closed_form", "--layer", LAST_PROJECT_CONV], "delta.safetensors");
     assert_eq!(summary["layer"], LAST_PROJECT_CONV);
     assert_eq!(summary["metrics"]["statistics"], "second_moment");
     assert!(Path::new(&p("delta.safetensors")).exists());
@@ -138,30 +126,7 @@ fn the_command_line_edits_and_classifies_with_the_delta() {
 
     // A least-squares rewrite spread over two layers, from the command line.
     let layers = ["_blocks.10._project_conv", "_blocks.11._project_conv"];
-    let summary = run(&[
-        "edit",
-        "--model",
-        model.to_str().unwrap(),
-        "--image",
-        &p("original.png"),
-        "--modified",
-        &p("modified.png"),
-        "--mask",
-        &p("mask.png"),
-        "--layer",
-        layers[0],
-        "--layer",
-        layers[1],
-        "--check",
-        "none",
-        "--statistics",
-        root().join("data/foolbox/statistics").to_str().unwrap(),
-        "--cache-dir",
-        &p("cache"),
-        "--out",
-        &p("two-layers.safetensors"),
-    ]);
-    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    let summary = edit(&["--layer", layers[0], "--layer", layers[1]], "two-layers.safetensors");
     assert_eq!(summary["layers"], serde_json::json!(layers));
     assert_eq!(summary["metrics"]["layers"], serde_json::json!(layers));
     assert!(Path::new(&p("two-layers.safetensors")).exists());
