@@ -139,13 +139,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the packages, each only on the weights its name's versions were made on.
+/// Loads the packages, each under its own name and only on the weights its name's versions were made on,
+/// then marks the server ready.
 async fn load_models(registry: &Registry, versions: &Versions, packages: &[PathBuf]) -> Result<(), CoreError> {
     for dir in packages {
-        let package = ModelPackage::open(dir)?;
-        versions.bind_base(&package.name, &package.weights_path()).await?;
+        let name = ModelPackage::open(dir)?.name;
+        versions.load_model(&name, dir).await?;
     }
-    registry.load_all(packages).await
+    registry.mark_ready();
+    Ok(())
 }
 
 fn available_cores() -> usize {

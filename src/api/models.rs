@@ -19,7 +19,6 @@ use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
-use crate::models::ModelPackage;
 
 #[derive(Serialize)]
 pub struct ModelList {
@@ -51,12 +50,7 @@ pub async fn load_model(
 ) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
     let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let dir = package_dir(&state.config.models_dir, &request.path)?;
-    if state.registry.ensure_loaded(&request.name).is_ok() {
-        return Err(CoreError::ModelExists(request.name).into());
-    }
-    let package = ModelPackage::open(&dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
-    state.versions.bind_base(&request.name, &package.weights_path()).await?;
-    let info = state.registry.load_as(&request.name, &dir).await?;
+    let info = state.versions.load_model(&request.name, &dir).await?;
     let detail = serde_json::json!({"path": request.path, "architecture": info.architecture});
     state.versions.record_model_event("model.load", &info.name, Some(detail)).await?;
     Ok((StatusCode::CREATED, Json(info)))

@@ -105,23 +105,13 @@ impl Registry {
         }
     }
 
-    /// Loads and warms up every package, then marks the registry ready.
-    pub async fn load_all(&self, packages: &[PathBuf]) -> Result<(), CoreError> {
-        for dir in packages {
-            self.load(dir).await?;
-        }
+    /// Marks the registry ready once start-up has loaded every package.
+    pub fn mark_ready(&self) {
         self.ready.send_replace(true);
-        Ok(())
     }
 
-    /// Loads the package in `dir` under its directory's name.
-    pub async fn load(&self, dir: &Path) -> Result<ModelInfo, CoreError> {
-        let package = ModelPackage::open(dir)?;
-        self.load_package(package).await
-    }
-
-    /// Loads the package in `dir` under `name` (a model can be loaded twice under two names).
-    pub async fn load_as(&self, name: &str, dir: &Path) -> Result<ModelInfo, CoreError> {
+    /// Whether a model may be loaded under `name`: a valid name no loaded model has.
+    pub fn check_new_name(&self, name: &str) -> Result<(), CoreError> {
         let valid = !name.is_empty()
             && name.len() <= 64
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
@@ -133,8 +123,11 @@ impl Registry {
         if self.read_models().contains_key(name) {
             return Err(CoreError::ModelExists(name.to_string()));
         }
-        let mut package = ModelPackage::open(dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
-        package.name = name.to_string();
+        Ok(())
+    }
+
+    /// Loads and warms up `package` under its `name` (a model can be loaded twice under two names).
+    pub async fn load(&self, package: ModelPackage) -> Result<ModelInfo, CoreError> {
         self.load_package(package).await.map_err(|e| match e {
             CoreError::Model(error) => CoreError::InvalidPackage(error.to_string()),
             other => other,

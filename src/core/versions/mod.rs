@@ -19,10 +19,11 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::exemplars::ANONYMOUS;
-use super::registry::{Prediction, Registry};
+use super::registry::{ModelInfo, Prediction, Registry};
 use super::scheduler::{Lineage, Target};
 use super::{Conflict, CoreError, Resource};
 use crate::edit::statistics::files_sha256;
+use crate::models::ModelPackage;
 use crate::store::{BlobStore, MetadataStore, VersionRecord, VersionState};
 
 /// A version as clients see it. Version 0 is the base weights and has no edit.
@@ -304,6 +305,17 @@ impl Versions {
             ));
         }
         Ok(self.metadata.set_base_weights(model, &sha256).await?)
+    }
+
+    /// A model's life cycle in one call, for start-up and `POST /v1/models` alike: the package in `dir` under
+    /// `name`, bound to its weights (refused when the name's versions were made on other weights), then
+    /// loaded and warmed up.
+    pub async fn load_model(&self, name: &str, dir: &std::path::Path) -> Result<ModelInfo, CoreError> {
+        self.registry.check_new_name(name)?;
+        let mut package = ModelPackage::open(dir).map_err(|e| CoreError::InvalidPackage(e.to_string()))?;
+        package.name = name.to_string();
+        self.bind_base(name, &package.weights_path()).await?;
+        self.registry.load(package).await
     }
 
     /// Records a model's loading or unloading in the audit log, beside its versions' history.
