@@ -26,7 +26,7 @@ pub use guard::GuardReport;
 pub use rewrite::{compose, directions, project};
 
 use crate::imaging::{InputTensor, Preprocessing};
-use crate::models::{Classifier, ModelError};
+use crate::models::{Classifier, EditableLayer, ModelError};
 use statistics::SecondMoment;
 
 #[derive(Debug, Error)]
@@ -106,6 +106,29 @@ impl EditParams {
     /// Every edited layer, in forward order.
     pub fn layers(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.layer.as_str()).chain(self.following_layers.iter().map(String::as_str))
+    }
+
+    /// Where each of `layers()` sits among `editable` (a model's editable layers, in forward order), once
+    /// they are known to be editable, distinct and in forward order, and several only for the least-squares
+    /// rewrite: the one check of a request before its job is queued and of `edit` itself.
+    pub fn layer_positions(&self, editable: &[EditableLayer]) -> Result<Vec<usize>, EditError> {
+        let positions = self
+            .layers()
+            .map(|layer| {
+                editable.iter().position(|l| l.name == layer).ok_or_else(|| {
+                    EditError::Invalid(format!(
+                        "'{layer}' is not an editable layer of this model (its editable_layers list them)"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if positions.windows(2).any(|pair| pair[0] >= pair[1]) {
+            return Err(EditError::Invalid("the layers of an edit must be distinct and in forward order".into()));
+        }
+        if positions.len() > 1 && (self.method, self.solver) != (Method::Rewrite, Solver::LeastSquares) {
+            return Err(EditError::Invalid("only the least_squares rewrite edits several layers".into()));
+        }
+        Ok(positions)
     }
 }
 
@@ -240,23 +263,7 @@ pub fn edit(
     progress: &dyn Progress,
 ) -> Result<EditResult, EditError> {
     exemplars.validate()?;
-    let editable = model.editable_layers();
-    let positions = params
-        .layers()
-        .map(|layer| {
-            editable
-                .iter()
-                .position(|l| l.name == layer)
-                .ok_or_else(|| EditError::Invalid(format!("'{layer}' is not an editable layer of this model")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let layer_count = positions.len();
-    if positions.windows(2).any(|pair| pair[0] >= pair[1]) {
-        return Err(EditError::Invalid("the layers of an edit must be distinct and in forward order".into()));
-    }
-    if layer_count > 1 && (params.method, params.solver) != (Method::Rewrite, Solver::LeastSquares) {
-        return Err(EditError::Invalid("only the least_squares rewrite edits several layers".into()));
-    }
+    let layer_count = params.layer_positions(&model.editable_layers())?.len();
     if !statistics.is_empty() && statistics.len() != layer_count {
         return Err(EditError::Invalid(format!("{} statistics for {layer_count} layers", statistics.len())));
     }

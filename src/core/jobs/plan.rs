@@ -64,24 +64,13 @@ impl Jobs {
             (None, Some(layers)) if layers.is_empty() || layers.len() > MAX_LAYERS => {
                 return Err(invalid(format!("'layers' takes 1 to {MAX_LAYERS} layers, got {}", layers.len())))
             }
-            (None, Some(layers)) if layers.len() > 1 && (method, solver) != (Method::Rewrite, Solver::LeastSquares) => {
-                return Err(invalid("only the least_squares rewrite edits several layers".to_string()))
-            }
             (None, Some(layers)) => layers.clone(),
             (Some(layer), None) => vec![layer.clone()],
             (None, None) => vec![surface.default_edit_layer.clone()],
         };
-        let mut previous = None;
-        for layer_name in &layer_names {
-            let position = surface.editable_layers.iter().position(|l| l.name == *layer_name).ok_or_else(|| {
-                invalid(format!(
-                    "'{layer_name}' is not an editable layer of '{model}' (GET /v1/models/{model} lists them)"
-                ))
-            })?;
-            if previous.is_some_and(|p| p >= position) {
-                return Err(invalid("the 'layers' of an edit must be distinct and in forward order".to_string()));
-            }
-            previous = Some(position);
+        let mut params = EditParams::new(method, solver, &layer_names[0]);
+        params.following_layers = layer_names[1..].to_vec();
+        for position in params.layer_positions(&surface.editable_layers)? {
             let layer = &surface.editable_layers[position];
             if solver != Solver::Adam {
                 let name = serde_name(solver);
@@ -90,15 +79,12 @@ impl Jobs {
                 }
                 if layer.weight_shape.get(2..) != Some(&[1, 1][..]) {
                     return Err(invalid(format!(
-                        "the {name} solver needs a 1x1 conv; '{layer_name}' is {:?}",
-                        layer.weight_shape
+                        "the {name} solver needs a 1x1 conv; '{}' is {:?}",
+                        layer.name, layer.weight_shape
                     )));
                 }
             }
         }
-        let layer_name = layer_names[0].clone();
-        let mut params = EditParams::new(method, solver, &layer_name);
-        params.following_layers = layer_names[1..].to_vec();
         if let Some(rank) = request.rank {
             if !(1..=MAX_RANK).contains(&rank) {
                 return Err(invalid(format!("rank must be between 1 and {MAX_RANK}, got {rank}")));
@@ -121,10 +107,10 @@ impl Jobs {
         if let Some(id) = &request.statistics {
             let statistics =
                 self.metadata.statistics(id).await?.ok_or_else(|| CoreError::not_found(Resource::Statistics, id))?;
-            if statistics.model != model || statistics.layer != layer_name {
+            if statistics.model != model || statistics.layer != params.layer {
                 return Err(invalid(format!(
-                    "statistics '{id}' are of layer '{}' of model '{}', not of '{layer_name}' of '{model}'",
-                    statistics.layer, statistics.model
+                    "statistics '{id}' are of layer '{}' of model '{}', not of '{}' of '{model}'",
+                    statistics.layer, statistics.model, params.layer
                 )));
             }
         }
