@@ -8,7 +8,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LISTEN ?= 127.0.0.1:8080
 DEVICE ?= auto
 
-.PHONY: setup build serve test lint bench bench-serve clean-data
+.PHONY: setup build serve test lint openapi bench bench-serve clean-data
 
 setup:
 	bash tools/setup.sh
@@ -26,6 +26,10 @@ test: setup lint
 lint: setup
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
+
+# openapi.yaml is generated from the handlers and types (tests/openapi.rs fails when it is stale).
+openapi: build
+	./target/release/editserve openapi > openapi.yaml
 
 bench: build
 	cargo bench --bench http_throughput

@@ -8,6 +8,12 @@ use std::time::Duration;
 use crate::core::scheduler::BatchingConfig;
 use crate::imaging::DecodeLimits;
 
+// Request limits' defaults, named so that the OpenAPI document states the same numbers.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+pub const DEFAULT_MAX_DATASET_IMAGES: usize = 5000;
+pub const DEFAULT_MAX_DATASET_BYTES: usize = 256 * 1024 * 1024;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
     Auto,
@@ -83,10 +89,10 @@ pub struct ServeConfig {
     #[arg(long, env = "EDITSERVE_QUEUE_CAPACITY", default_value_t = 256)]
     pub queue_capacity: usize,
     /// Largest accepted request body, in bytes.
-    #[arg(long, env = "EDITSERVE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "EDITSERVE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// Largest accepted image, in pixels (width x height, read from the header before decoding).
-    #[arg(long, env = "EDITSERVE_MAX_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "EDITSERVE_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
     /// Materialised versions kept on the device beside the base weights; the least recently used leave.
     #[arg(long, env = "EDITSERVE_MAX_RESIDENT_VERSIONS", default_value_t = std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN))]
@@ -115,11 +121,11 @@ pub struct ServeConfig {
     #[arg(long, env = "EDITSERVE_DATASETS_DIR")]
     pub datasets_dir: Option<PathBuf>,
     /// Most images (pairs, for a pairs dataset) in one dataset.
-    #[arg(long, env = "EDITSERVE_MAX_DATASET_IMAGES", default_value_t = 5000)]
+    #[arg(long, env = "EDITSERVE_MAX_DATASET_IMAGES", default_value_t = DEFAULT_MAX_DATASET_IMAGES)]
     pub max_dataset_images: usize,
     /// Largest dataset upload (and most bytes a directory dataset reads), in bytes: a dataset is many
     /// images in one request, so `POST /v1/datasets` has this limit instead of --max-body-bytes.
-    #[arg(long, env = "EDITSERVE_MAX_DATASET_BYTES", default_value_t = 256 * 1024 * 1024)]
+    #[arg(long, env = "EDITSERVE_MAX_DATASET_BYTES", default_value_t = DEFAULT_MAX_DATASET_BYTES)]
     pub max_dataset_bytes: usize,
 }
 

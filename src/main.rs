@@ -19,11 +19,17 @@ enum Command {
     Classify(editserve::cli::ClassifyArgs),
     /// Make a model package of a torchvision checkpoint (.pth or .safetensors) and a labels file.
     Import(editserve::cli::ImportArgs),
+    /// Print the HTTP API's OpenAPI document (YAML); `openapi.yaml` is its output.
+    Openapi,
 }
 
 fn main() -> anyhow::Result<()> {
     let malloc_tuned = editserve::alloc::tune_from_env();
     let cli = Cli::parse();
+    if let Command::Openapi = cli.command {
+        print!("{}", editserve::api::openapi().to_yaml()?);
+        return Ok(());
+    }
     editserve::telemetry::init_logging();
     tracing::info!(malloc_tuned, "starting");
     match cli.command {
@@ -33,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Command::Edit(args) => editserve::cli::run_edit(args),
         Command::Classify(args) => editserve::cli::run_classify(args),
         Command::Import(args) => editserve::cli::run_import(args),
+        Command::Openapi => Ok(()),
     }
 }

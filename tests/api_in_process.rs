@@ -95,11 +95,35 @@ async fn routes_answer_in_process_with_their_statuses_and_codes() {
         (get("/v1/jobs/00000000-0000-0000-0000-000000000000"), StatusCode::NOT_FOUND, "job_not_found"),
         (get("/v1/datasets/00000000-0000-0000-0000-000000000000"), StatusCode::NOT_FOUND, "dataset_not_found"),
     ];
+    let (status, document) = send(&app, get("/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(document, serde_json::to_value(editserve::api::openapi()).unwrap());
     for (request, status, code) in cases {
         let what = format!("{} {}", request.method(), request.uri());
+        let documented = documented_statuses(&document, request.method().as_str(), request.uri().path());
         let (got, body) = send(&app, request).await;
         assert_eq!(got, status, "{what}: {body}");
         assert_eq!(body["error"]["code"], code, "{what}: {body}");
+        // The answer is one the OpenAPI document lists for the operation (unrouted paths excepted).
+        if let Some(documented) = documented {
+            assert!(documented.contains(&got.as_u16().to_string()), "{what}: {got} not in {documented:?}");
+        }
     }
+    let docs = app.router.clone().oneshot(get("/docs")).await.expect("the router answers");
+    assert_eq!(docs.status(), StatusCode::OK);
+    let page = to_bytes(docs.into_body(), usize::MAX).await.expect("a body");
+    assert!(String::from_utf8_lossy(&page).contains("/v1/models/{name}/versions"), "the page embeds the document");
     app.stop().await;
+}
+
+/// The statuses the document lists for the operation that serves `method path`, if one does.
+fn documented_statuses(document: &Value, method: &str, path: &str) -> Option<Vec<String>> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let (_, item) = document["paths"].as_object()?.iter().find(|(template, _)| {
+        let parts: Vec<&str> = template.split('/').collect();
+        parts.len() == segments.len()
+            && parts.iter().zip(&segments).all(|(t, s)| t == s || (t.starts_with('{') && t.ends_with('}')))
+    })?;
+    let responses = item[method.to_ascii_lowercase()]["responses"].as_object()?;
+    Some(responses.keys().cloned().collect())
 }

@@ -4,8 +4,14 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{FromRequest, Multipart, Request};
 use bytes::Bytes;
 use http_body_util::LengthLimitError;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
+
+/// An encoded image (JPEG, PNG, WebP, BMP or GIF), as a request body or a multipart part.
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+pub struct EncodedImage(pub Bytes);
 
 /// The parts of a multipart body, in order, each read whole.
 pub struct Parts(Vec<(String, Bytes)>);
@@ -29,6 +35,10 @@ impl Parts {
         let (taken, rest) = std::mem::take(&mut self.0).into_iter().partition(|(n, _)| n == name);
         self.0 = rest;
         taken.into_iter().map(|(_, bytes)| bytes).collect()
+    }
+
+    pub fn take_images(&mut self, name: &str) -> Vec<EncodedImage> {
+        self.take_all(name).into_iter().map(EncodedImage).collect()
     }
 
     /// The part named `name`, if there is exactly one; two are an error.

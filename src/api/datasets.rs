@@ -7,16 +7,47 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::Value;
+use utoipa::ToSchema;
 
-use super::body::Parts;
-use super::error::ApiError;
+use super::body::{EncodedImage, Parts};
+use super::error::{ApiError, ErrorBody};
 use super::exemplars::json_part;
 use super::models::content_length;
+use super::params::IdPath;
 use super::AppState;
 use crate::core::datasets::{DatasetList, DatasetParts, DatasetSource, DatasetView};
 
-/// `POST /v1/datasets`: `kind`, `name`, `labels` (a JSON array) and `image` parts, or `original` and
-/// `transformed` parts for pairs; or `directory` (and `name`).
+/// A dataset upload: `kind` and `image` parts (labelled or unlabelled) or `original` and `transformed` parts
+/// matched by order (pairs), with `labels`; or only a `directory` (and `name`).
+#[derive(ToSchema)]
+pub struct DatasetForm {
+    name: Option<String>,
+    /// A subdirectory of `--datasets-dir` (with a manifest), instead of uploaded images.
+    directory: Option<String>,
+    /// `labelled`, `pairs` or `unlabelled`.
+    kind: Option<String>,
+    /// A JSON array of ImageNet class indices, one per image or pair, in order.
+    #[schema(value_type = Option<Vec<u32>>)]
+    labels: Option<Value>,
+    #[schema(required = false)]
+    image: Vec<EncodedImage>,
+    #[schema(required = false)]
+    original: Vec<EncodedImage>,
+    #[schema(required = false)]
+    transformed: Vec<EncodedImage>,
+}
+
+/// Stores a dataset (labelled images, unlabelled images, or pairs of an original and its transformed copy)
+/// for evaluations and breakage guards.
+#[utoipa::path(post, path = "/v1/datasets", tag = "datasets",
+    request_body(content = DatasetForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, body = DatasetView),
+        (status = 413, body = ErrorBody, description = "`payload_too_large` (`--max-dataset-bytes`)"),
+        (status = 415, body = ErrorBody, description = "`unsupported_image_format`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
+            `invalid_image`, `image_too_large`"),
+    ))]
 pub async fn create_dataset(
     State(state): State<Arc<AppState>>,
     request: Request,
@@ -26,16 +57,25 @@ pub async fn create_dataset(
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let mut parts = Parts::read(request, limit).await?;
-    let name = parts.take_text("name")?;
-    let directory = parts.take_text("directory")?;
-    let upload = DatasetParts {
+    let form = DatasetForm {
+        name: parts.take_text("name")?,
+        directory: parts.take_text("directory")?,
         kind: parts.take_text("kind")?,
         labels: parts.take_one("labels")?.map(|bytes| json_part::<Value>("labels", &bytes)).transpose()?,
-        images: parts.take_all("image"),
-        originals: parts.take_all("original"),
-        transformed: parts.take_all("transformed"),
+        image: parts.take_images("image"),
+        original: parts.take_images("original"),
+        transformed: parts.take_images("transformed"),
     };
     parts.expect_no_more("the parts are kind, name, labels, image, original, transformed and directory")?;
+    let bytes = |images: Vec<EncodedImage>| images.into_iter().map(|EncodedImage(bytes)| bytes).collect();
+    let upload = DatasetParts {
+        kind: form.kind,
+        labels: form.labels,
+        images: bytes(form.image),
+        originals: bytes(form.original),
+        transformed: bytes(form.transformed),
+    };
+    let (name, directory) = (form.name, form.directory);
     let source = match directory {
         None => DatasetSource::Uploaded(upload),
         Some(directory) => {
@@ -51,20 +91,32 @@ pub async fn create_dataset(
     Ok((StatusCode::CREATED, Json(state.datasets.create(name, source).await?)))
 }
 
+/// The stored datasets.
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", responses((status = 200, body = DatasetList)))]
 pub async fn list_datasets(State(state): State<Arc<AppState>>) -> Result<Json<DatasetList>, ApiError> {
     Ok(Json(state.datasets.list().await?))
 }
 
+/// One dataset's description.
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", params(IdPath), responses(
+    (status = 200, body = DatasetView),
+    (status = 404, body = ErrorBody, description = "`dataset_not_found`"),
+))]
 pub async fn get_dataset(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<DatasetView>, ApiError> {
     Ok(Json(state.datasets.get(&id).await?))
 }
 
+/// Deletes a dataset.
+#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", params(IdPath), responses(
+    (status = 204, description = "Deleted"),
+    (status = 404, body = ErrorBody, description = "`dataset_not_found`"),
+))]
 pub async fn delete_dataset(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
 ) -> Result<StatusCode, ApiError> {
     state.datasets.delete(&id).await?;
     Ok(StatusCode::NO_CONTENT)

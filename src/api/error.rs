@@ -3,10 +3,65 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::core::{Conflict, CoreError, Resource};
 use crate::imaging::ImageError;
+
+/// Every error code the API answers with; the OpenAPI document lists them from this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    ModelNotFound,
+    ExemplarNotFound,
+    TextureNotFound,
+    VersionNotFound,
+    AliasNotFound,
+    JobNotFound,
+    StatisticsNotFound,
+    DatasetNotFound,
+    EvaluationNotFound,
+    VersionNotReady,
+    VersionInUse,
+    ExemplarInUse,
+    BuiltinAlias,
+    JobFinished,
+    ModelWeightsChanged,
+    IdempotencyKeyReused,
+    Cancelled,
+    EditQueueFull,
+    ModelExists,
+    ModelUnloaded,
+    InvalidArgument,
+    EmptyImage,
+    UnsupportedImageFormat,
+    ImageTooLarge,
+    InvalidImage,
+    Overloaded,
+    ShuttingDown,
+    ModelError,
+    InvalidModelPackage,
+    InternalError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    InvalidRequest,
+    NotFound,
+    MethodNotAllowed,
+}
+
+/// The body of every error answer: `{"error": {"code", "message"}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    code: ErrorCode,
+    /// A sentence for people; clients branch on `code`.
+    message: String,
+}
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -25,58 +80,62 @@ impl From<CoreError> for ApiError {
 }
 
 impl ApiError {
-    fn status_and_code(&self) -> (StatusCode, &'static str) {
+    fn status_and_code(&self) -> (StatusCode, ErrorCode) {
         match self {
             ApiError::Core(error) => match error {
-                CoreError::UnknownModel(_) => (StatusCode::NOT_FOUND, "model_not_found"),
+                CoreError::UnknownModel(_) => (StatusCode::NOT_FOUND, ErrorCode::ModelNotFound),
                 CoreError::NotFound { kind, .. } => (
                     StatusCode::NOT_FOUND,
                     match kind {
-                        Resource::Exemplar => "exemplar_not_found",
-                        Resource::Texture => "texture_not_found",
-                        Resource::Version => "version_not_found",
-                        Resource::Alias => "alias_not_found",
-                        Resource::Job => "job_not_found",
-                        Resource::Statistics => "statistics_not_found",
-                        Resource::Dataset => "dataset_not_found",
-                        Resource::Evaluation => "evaluation_not_found",
+                        Resource::Exemplar => ErrorCode::ExemplarNotFound,
+                        Resource::Texture => ErrorCode::TextureNotFound,
+                        Resource::Version => ErrorCode::VersionNotFound,
+                        Resource::Alias => ErrorCode::AliasNotFound,
+                        Resource::Job => ErrorCode::JobNotFound,
+                        Resource::Statistics => ErrorCode::StatisticsNotFound,
+                        Resource::Dataset => ErrorCode::DatasetNotFound,
+                        Resource::Evaluation => ErrorCode::EvaluationNotFound,
                     },
                 ),
                 CoreError::Conflict(conflict, _) => (
                     StatusCode::CONFLICT,
                     match conflict {
-                        Conflict::VersionNotReady => "version_not_ready",
-                        Conflict::VersionInUse => "version_in_use",
-                        Conflict::ExemplarInUse => "exemplar_in_use",
-                        Conflict::BuiltinAlias => "builtin_alias",
-                        Conflict::JobFinished => "job_finished",
-                        Conflict::WeightsChanged => "model_weights_changed",
+                        Conflict::VersionNotReady => ErrorCode::VersionNotReady,
+                        Conflict::VersionInUse => ErrorCode::VersionInUse,
+                        Conflict::ExemplarInUse => ErrorCode::ExemplarInUse,
+                        Conflict::BuiltinAlias => ErrorCode::BuiltinAlias,
+                        Conflict::JobFinished => ErrorCode::JobFinished,
+                        Conflict::WeightsChanged => ErrorCode::ModelWeightsChanged,
                     },
                 ),
-                CoreError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+                CoreError::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::IdempotencyKeyReused),
                 // Only a job's own outcome; a request is never answered with it.
-                CoreError::Cancelled => (StatusCode::CONFLICT, "cancelled"),
-                CoreError::EditQueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, "edit_queue_full"),
-                CoreError::ModelExists(_) => (StatusCode::CONFLICT, "model_exists"),
-                CoreError::ModelUnloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, "model_unloaded"),
-                CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
+                CoreError::Cancelled => (StatusCode::CONFLICT, ErrorCode::Cancelled),
+                CoreError::EditQueueFull(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::EditQueueFull),
+                CoreError::ModelExists(_) => (StatusCode::CONFLICT, ErrorCode::ModelExists),
+                CoreError::ModelUnloaded(_) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ModelUnloaded),
+                CoreError::InvalidArgument(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidArgument),
                 CoreError::Image { error, .. } => match error {
-                    ImageError::Empty => (StatusCode::UNPROCESSABLE_ENTITY, "empty_image"),
-                    ImageError::UnsupportedFormat => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_image_format"),
-                    ImageError::TooManyPixels { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "image_too_large"),
-                    ImageError::Corrupt(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_image"),
+                    ImageError::Empty => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::EmptyImage),
+                    ImageError::UnsupportedFormat => {
+                        (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedImageFormat)
+                    }
+                    ImageError::TooManyPixels { .. } => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::ImageTooLarge),
+                    ImageError::Corrupt(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidImage),
                 },
-                CoreError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
-                CoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-                CoreError::Model(_) => (StatusCode::INTERNAL_SERVER_ERROR, "model_error"),
-                CoreError::InvalidPackage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_model_package"),
-                CoreError::Store(_) | CoreError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+                CoreError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Overloaded),
+                CoreError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ShuttingDown),
+                CoreError::Model(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::ModelError),
+                CoreError::InvalidPackage(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidModelPackage),
+                CoreError::Store(_) | CoreError::Internal(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
+                }
             },
-            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
-            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
-            ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType),
+            ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
+            ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
         }
     }
 
@@ -96,9 +155,10 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         // 503s (overload, unload, shutdown) are the service working as designed, not faults.
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(code, message = %self.message(), "request failed");
+            tracing::error!(code = ?code, message = %self.message(), "request failed");
         }
-        let mut response = (status, Json(json!({"error": {"code": code, "message": self.message()}}))).into_response();
+        let body = ErrorBody { error: ErrorDetail { code, message: self.message() } };
+        let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

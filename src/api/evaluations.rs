@@ -8,17 +8,29 @@ use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use axum::Json;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::params::{IdPath, ModelPath};
 use super::query::{page_limit, parse_query};
 use super::versions::{accepted, json_body};
 use super::AppState;
-use crate::core::evaluations::{EvaluationPage, EvaluationRequest};
+use crate::core::evaluations::{EvaluationAccepted, EvaluationPage, EvaluationRequest};
 use crate::store::EvaluationRecord;
 
-/// `POST /v1/models/{name}/evaluations`: 202 with the job and the evaluation's id, `Location` the job.
+/// Starts an evaluation job: versions against a baseline on a dataset (accuracy, top-1 changes, per-class
+/// scores); 202 with the job and the evaluation's id, `Location` the job.
+#[utoipa::path(post, path = "/v1/models/{name}/evaluations", tag = "evaluations", params(ModelPath),
+    request_body = EvaluationRequest,
+    responses(
+        (status = 202, body = EvaluationAccepted, headers(("Location" = String, description = "The job"))),
+        (status = 404, body = ErrorBody, description = "`model_not_found`, `dataset_not_found`, `version_not_found`, \
+            `alias_not_found`"),
+        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`"),
+        (status = 503, body = ErrorBody, description = "`edit_queue_full`, `shutting_down`"),
+    ))]
 pub async fn create_evaluation(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     body: Result<Json<EvaluationRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     state.registry.ensure_loaded(&model)?;
@@ -27,19 +39,33 @@ pub async fn create_evaluation(
     Ok(accepted(format!("/v1/jobs/{}", created.job.id), created))
 }
 
-/// `GET /v1/models/{name}/evaluations?limit=50&before=<id>`: newest first.
+/// A model's evaluations, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/models/{name}/evaluations", tag = "evaluations",
+    params(ModelPath,
+        ("limit" = Option<u32>, Query, description = "Evaluations per page"),
+        ("before" = Option<String>, Query, description = "The previous page's `next_before`")),
+    responses(
+        (status = 200, body = EvaluationPage),
+        (status = 404, body = ErrorBody, description = "`model_not_found`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`"),
+    ))]
 pub async fn list_evaluations(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<EvaluationPage>, ApiError> {
     let query = parse_query(query.as_deref(), &["limit", "before"])?;
     Ok(Json(state.evaluations.list(&model, query.get("before").map(String::as_str), page_limit(&query)?).await?))
 }
 
+/// One evaluation with its results once its job has finished.
+#[utoipa::path(get, path = "/v1/evaluations/{id}", tag = "evaluations", params(IdPath), responses(
+    (status = 200, body = EvaluationRecord),
+    (status = 404, body = ErrorBody, description = "`evaluation_not_found`"),
+))]
 pub async fn get_evaluation(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<EvaluationRecord>, ApiError> {
     Ok(Json(state.evaluations.get(&id).await?))
 }

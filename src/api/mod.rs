@@ -6,23 +6,28 @@ mod error;
 mod evaluations;
 mod exemplars;
 mod models;
+mod params;
 mod query;
 mod versions;
 
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde_json::json;
+use serde::Serialize;
 use tower_http::trace::TraceLayer;
+use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use utoipa_scalar::{Scalar, Servable};
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorBody, ErrorCode};
 
 use crate::config::ServeConfig;
 use crate::core::datasets::Datasets;
@@ -45,96 +50,132 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
 }
 
-/// The routes, as `(method, path)`; kept beside the router so tests can compare them with openapi.yaml.
-pub const ROUTES: &[(&str, &str)] = &[
-    ("get", "/healthz"),
-    ("get", "/readyz"),
-    ("get", "/metrics"),
-    ("get", "/v1/models"),
-    ("post", "/v1/models"),
-    ("get", "/v1/models/{name}"),
-    ("delete", "/v1/models/{name}"),
-    ("post", "/v1/models/{name}/classify"),
-    ("get", "/v1/models/{name}/versions"),
-    ("post", "/v1/models/{name}/versions"),
-    ("get", "/v1/models/{name}/versions/{version}"),
-    ("delete", "/v1/models/{name}/versions/{version}"),
-    ("post", "/v1/models/{name}/versions/{version}/classify"),
-    ("post", "/v1/models/{name}/compare"),
-    ("get", "/v1/models/{name}/aliases"),
-    ("put", "/v1/models/{name}/aliases/{alias}"),
-    ("delete", "/v1/models/{name}/aliases/{alias}"),
-    ("post", "/v1/models/{name}/statistics"),
-    ("get", "/v1/jobs/{id}"),
-    ("delete", "/v1/jobs/{id}"),
-    ("get", "/v1/jobs/{id}/events"),
-    ("post", "/v1/textures"),
-    ("post", "/v1/exemplars"),
-    ("get", "/v1/exemplars/{id}"),
-    ("delete", "/v1/exemplars/{id}"),
-    ("get", "/v1/exemplars/{id}/{which}"),
-    ("get", "/v1/audit"),
-    ("get", "/v1/datasets"),
-    ("post", "/v1/datasets"),
-    ("get", "/v1/datasets/{id}"),
-    ("delete", "/v1/datasets/{id}"),
-    ("get", "/v1/models/{name}/evaluations"),
-    ("post", "/v1/models/{name}/evaluations"),
-    ("get", "/v1/evaluations/{id}"),
-];
+/// Every route with its OpenAPI operation: the `#[utoipa::path]` on each handler states its method, path,
+/// parameters and answers once, for both the router and the document.
+fn routes(dataset_limit: usize) -> OpenApiRouter<Arc<AppState>> {
+    // Datasets are uploaded whole: their own limit replaces the one for every other route.
+    let (schemas, paths, datasets) = routes!(datasets::list_datasets, datasets::create_dataset);
+    let datasets = (schemas, paths, datasets.layer(DefaultBodyLimit::max(dataset_limit)));
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(render_metrics))
+        .routes(routes!(openapi_json))
+        .routes(routes!(models::list_models, models::load_model))
+        .routes(routes!(models::get_model, models::unload_model))
+        .routes(routes!(models::classify))
+        .routes(routes!(versions::list_versions, versions::create_version))
+        .routes(routes!(versions::get_version, versions::delete_version))
+        .routes(routes!(versions::classify))
+        .routes(routes!(versions::compare))
+        .routes(routes!(versions::list_aliases))
+        .routes(routes!(versions::put_alias, versions::delete_alias))
+        .routes(routes!(versions::create_statistics))
+        .routes(routes!(versions::get_job, versions::cancel_job))
+        .routes(routes!(versions::job_events))
+        .routes(routes!(exemplars::create_texture))
+        .routes(routes!(exemplars::create_exemplar))
+        .routes(routes!(exemplars::get_exemplar, exemplars::delete_exemplar))
+        .routes(routes!(exemplars::exemplar_image))
+        .routes(routes!(exemplars::audit))
+        .routes(datasets)
+        .routes(routes!(datasets::get_dataset, datasets::delete_dataset))
+        .routes(routes!(evaluations::list_evaluations, evaluations::create_evaluation))
+        .routes(routes!(evaluations::get_evaluation))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "editserve",
+        description = "Inference-and-edit service for image classifiers: classify with any version of a model, \
+            edit a layer from one exemplar into a new immutable version, compare versions. Every error answers \
+            `{\"error\": {\"code\", \"message\"}}` (`ErrorBody`); clients branch on `code`."
+    ),
+    components(schemas(ErrorCode))
+)]
+struct ApiDoc;
+
+/// The OpenAPI document of every route; `openapi.yaml` is this, written by `editserve openapi`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, mut document) = routes(0).split_for_parts();
+    document.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let description = document.info.description.get_or_insert_with(String::new);
+    description.push_str(&describe_limits());
+    document
+}
+
+/// The limits a client meets, from the constants the server enforces (the first four are defaults of flags).
+fn describe_limits() -> String {
+    use crate::config::{
+        DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DATASET_BYTES, DEFAULT_MAX_DATASET_IMAGES, DEFAULT_MAX_PIXELS,
+    };
+    format!(
+        "\n\nLimits: request bodies up to {DEFAULT_MAX_BODY_BYTES} bytes (`--max-body-bytes`; 413 \
+         `payload_too_large`), dataset uploads up to {DEFAULT_MAX_DATASET_BYTES} bytes and \
+         {DEFAULT_MAX_DATASET_IMAGES} images (`--max-dataset-bytes`, `--max-dataset-images`), images up to \
+         {DEFAULT_MAX_PIXELS} pixels (`--max-pixels`; 422 `image_too_large`); `top_k` {} classes by default, pages of {} by \
+         default and at most {}; audit pages at most {}; a comparison names 1 to {} versions; an Idempotency-Key \
+         has 1 to {} visible ASCII characters.",
+        query::DEFAULT_TOP_K,
+        query::DEFAULT_PAGE,
+        query::LARGEST_PAGE,
+        exemplars::AUDIT_PAGE,
+        versions::MOST_COMPARED,
+        versions::LONGEST_IDEMPOTENCY_KEY,
+    )
+}
+
+static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(openapi);
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.config.max_body_bytes;
-    let dataset_limit = state.config.max_dataset_bytes;
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .route("/v1/models", get(models::list_models).post(models::load_model))
-        .route("/v1/models/{name}", get(models::get_model).delete(models::unload_model))
-        .route("/v1/models/{name}/classify", post(models::classify))
-        .route("/v1/models/{name}/versions", get(versions::list_versions).post(versions::create_version))
-        .route("/v1/models/{name}/versions/{version}", get(versions::get_version).delete(versions::delete_version))
-        .route("/v1/models/{name}/versions/{version}/classify", post(versions::classify))
-        .route("/v1/models/{name}/compare", post(versions::compare))
-        .route("/v1/models/{name}/aliases", get(versions::list_aliases))
-        .route("/v1/models/{name}/aliases/{alias}", put(versions::put_alias).delete(versions::delete_alias))
-        .route("/v1/models/{name}/statistics", post(versions::create_statistics))
-        .route("/v1/jobs/{id}", get(versions::get_job).delete(versions::cancel_job))
-        .route("/v1/jobs/{id}/events", get(versions::job_events))
-        .route("/v1/textures", post(exemplars::create_texture))
-        .route("/v1/exemplars", post(exemplars::create_exemplar))
-        .route("/v1/exemplars/{id}", get(exemplars::get_exemplar).delete(exemplars::delete_exemplar))
-        .route("/v1/exemplars/{id}/{which}", get(exemplars::exemplar_image))
-        .route("/v1/audit", get(exemplars::audit))
-        // Datasets are uploaded whole: their own limit, set here, replaces the one for every other route.
-        .route(
-            "/v1/datasets",
-            get(datasets::list_datasets).post(datasets::create_dataset).layer(DefaultBodyLimit::max(dataset_limit)),
-        )
-        .route("/v1/datasets/{id}", get(datasets::get_dataset).delete(datasets::delete_dataset))
-        .route("/v1/models/{name}/evaluations", get(evaluations::list_evaluations).post(evaluations::create_evaluation))
-        .route("/v1/evaluations/{id}", get(evaluations::get_evaluation))
+    let (router, _) = routes(state.config.max_dataset_bytes).split_for_parts();
+    router
+        .merge(Scalar::with_url("/docs", DOCUMENT.clone()))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
+/// This document, as JSON; `/docs` shows it as a page.
+#[utoipa::path(get, path = "/openapi.json", tag = "health", responses((status = 200, body = Object, description = "OpenAPI 3.1")))]
+async fn openapi_json() -> Json<&'static utoipa::openapi::OpenApi> {
+    Json(&DOCUMENT)
 }
 
+/// Liveness: 200 while the process serves.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, body = Status, description = "Serving")))]
+async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
+}
+
+/// Readiness: 200 once every configured model is loaded and warmed up.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses(
+    (status = 200, body = Status, description = "Ready (`ready`)"),
+    (status = 503, body = Status, description = "Still loading (`loading`)"),
+))]
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     if state.registry.is_ready() {
-        Json(json!({"status": "ready"})).into_response()
+        Json(Status { status: "ready" }).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "loading"}))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Status { status: "loading" })).into_response()
     }
 }
 
+#[derive(Serialize, ToSchema)]
+struct Status {
+    status: &'static str,
+}
+
+/// Prometheus metrics: `http_requests_total` and `http_request_duration_seconds` (by route, method, status),
+/// `editserve_inference_batch_size`, `editserve_inference_seconds`, `editserve_queue_depth`,
+/// `editserve_model_load_seconds` (by model).
+#[utoipa::path(get, path = "/metrics", tag = "health", responses(
+    (status = 200, body = String, content_type = "text/plain", description = "Prometheus text exposition format"),
+))]
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
 }

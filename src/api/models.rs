@@ -12,38 +12,63 @@ use axum::Json;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::body::{read_body, Parts};
-use super::error::ApiError;
+use super::body::{read_body, EncodedImage, Parts};
+use super::error::{ApiError, ErrorBody};
+use super::params::ModelPath;
 use super::query::{parse_query, top_k};
 use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
+use utoipa::ToSchema;
 
-#[derive(Serialize)]
+/// Several images in one classification, each a part named `image`.
+#[derive(ToSchema)]
+pub struct ClassifyForm {
+    #[schema(min_items = 1)]
+    image: Vec<EncodedImage>,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct ModelList {
     models: Vec<ModelInfo>,
 }
 
+/// The loaded models.
+#[utoipa::path(get, path = "/v1/models", tag = "models", responses((status = 200, body = ModelList)))]
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     Json(ModelList { models: state.registry.models() })
 }
 
+/// One loaded model: architecture, classes, input, device and editable layers.
+#[utoipa::path(get, path = "/v1/models/{name}", tag = "models", params(ModelPath), responses(
+    (status = 200, body = ModelInfo),
+    (status = 404, body = ErrorBody, description = "`model_not_found`"),
+))]
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    Path(ModelPath { name }): Path<ModelPath>,
 ) -> Result<Json<ModelInfo>, ApiError> {
     Ok(Json(state.registry.model(&name)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadRequest {
     name: String,
     /// A package directory, relative to the models directory or absolute inside it.
+    #[schema(value_type = String)]
     path: PathBuf,
 }
 
+/// Loads a model package from the models directory at run time; it serves once loaded and warmed up.
+#[utoipa::path(post, path = "/v1/models", tag = "models", request_body = LoadRequest, responses(
+    (status = 201, body = ModelInfo, description = "Loaded"),
+    (status = 409, body = ErrorBody, description = "`model_exists`, `model_weights_changed` (the name's versions were \
+        made from other weights)"),
+    (status = 422, body = ErrorBody, description = "`invalid_request` (bad name or path, or a path outside the models \
+        directory), `invalid_model_package`"),
+))]
 pub async fn load_model(
     State(state): State<Arc<AppState>>,
     body: Result<Json<LoadRequest>, JsonRejection>,
@@ -75,9 +100,14 @@ fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<P
     Ok(dir)
 }
 
+/// Unloads a model: its queued requests answer `model_unloaded`; its versions stay stored.
+#[utoipa::path(delete, path = "/v1/models/{name}", tag = "models", params(ModelPath), responses(
+    (status = 204, description = "Unloaded"),
+    (status = 404, body = ErrorBody, description = "`model_not_found`"),
+))]
 pub async fn unload_model(
     State(state): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    Path(ModelPath { name }): Path<ModelPath>,
 ) -> Result<StatusCode, ApiError> {
     state.registry.unload(&name).await?;
     state.jobs.forget_model(&name);
@@ -85,36 +115,53 @@ pub async fn unload_model(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct SingleResult {
     model: String,
     version: u32,
     predictions: Vec<Prediction>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ImageResult {
     predictions: Vec<Prediction>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct MultiResult {
     model: String,
     version: u32,
     results: Vec<ImageResult>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum ClassifyResponse {
     Single(SingleResult),
     Multi(MultiResult),
 }
 
-/// `POST /v1/models/{name}/classify[?version=…&top_k=…]`: the `default` alias's version unless named.
+/// Classifies one image (the body, `image/*`) or several (`multipart/form-data`, `image` parts, answered as
+/// `results`) with the `default` alias's version unless `version` names another.
+#[utoipa::path(post, path = "/v1/models/{name}/classify", tag = "classification",
+    params(ModelPath,
+        ("version" = Option<String>, Query, description = "A version number or alias; `default` when absent"),
+        ("top_k" = Option<u32>, Query, description = "Classes per image, best first")),
+    request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
+    responses(
+        (status = 200, body = ClassifyResponse),
+        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`"),
+        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
+        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
+        (status = 415, body = ErrorBody, description = "`unsupported_media_type`, `unsupported_image_format`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
+            `invalid_image`, `image_too_large`"),
+        (status = 503, body = ErrorBody, description = "`overloaded`, `model_unloaded`, `shutting_down`; \
+            `Retry-After` says when to retry"),
+    ))]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
@@ -188,12 +235,12 @@ pub async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Byte
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Vec<Bytes>, ApiError> {
     let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
-    let images = parts.take_all("image");
+    let form = ClassifyForm { image: parts.take_images("image") };
     parts.expect_no_more("only parts named 'image' are accepted")?;
-    if images.is_empty() {
+    if form.image.is_empty() {
         return Err(ApiError::InvalidRequest("the multipart body has no part named 'image'".into()));
     }
-    Ok(images)
+    Ok(form.image.into_iter().map(|EncodedImage(bytes)| bytes).collect())
 }
 
 fn media_type(headers: &HeaderMap) -> Option<String> {

@@ -5,9 +5,9 @@ use std::collections::HashMap;
 
 use super::error::ApiError;
 
-const DEFAULT_TOP_K: usize = 5;
-const DEFAULT_PAGE: u32 = 50;
-const LARGEST_PAGE: u32 = 200;
+pub(super) const DEFAULT_TOP_K: usize = 5;
+pub(super) const DEFAULT_PAGE: u32 = 50;
+pub(super) const LARGEST_PAGE: u32 = 200;
 
 /// Parameters by name.
 pub type Query = HashMap<String, String>;

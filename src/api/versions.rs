@@ -15,18 +15,20 @@ use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::body::Parts;
-use super::error::ApiError;
-use super::models::{classify_version, read_images, ClassifyResponse};
+use super::body::{EncodedImage, Parts};
+use super::error::{ApiError, ErrorBody};
+use super::models::{classify_version, read_images, ClassifyForm, ClassifyResponse};
+use super::params::{AliasPath, IdPath, ModelPath, VersionPath};
 use super::query::{page_limit, parse_number, parse_query, top_k};
 use super::AppState;
-use crate::core::jobs::{EditRequest, JobView, StatisticsImages, VersionName};
+use crate::core::jobs::{EditAccepted, EditRequest, JobView, StatisticsImages, VersionName};
 use crate::core::registry::Prediction;
 use crate::core::versions::{VersionPage, VersionRef, VersionView};
 use crate::store::JobRecord;
+use utoipa::ToSchema;
 
-const MOST_COMPARED: usize = 8;
-const LONGEST_IDEMPOTENCY_KEY: usize = 255;
+pub(super) const MOST_COMPARED: usize = 8;
+pub(super) const LONGEST_IDEMPOTENCY_KEY: usize = 255;
 /// Watchers of a fast edit see at most this many progress events a second.
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -42,34 +44,69 @@ pub(super) fn accepted(location: String, body: impl Serialize) -> Response {
     (StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
+/// A model's versions, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/models/{name}/versions", tag = "versions",
+    params(ModelPath,
+        ("limit" = Option<u32>, Query, description = "Versions per page"),
+        ("before" = Option<u32>, Query, description = "Only versions numbered below this (the previous page's `next_before`)")),
+    responses(
+        (status = 200, body = VersionPage),
+        (status = 404, body = ErrorBody, description = "`model_not_found`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`"),
+    ))]
 pub async fn list_versions(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<VersionPage>, ApiError> {
     let query = parse_query(query.as_deref(), &["limit", "before"])?;
     Ok(Json(state.versions.list(&model, parse_number(&query, "before")?, page_limit(&query)?).await?))
 }
 
+/// One version: its lineage, edit settings, metrics and state.
+#[utoipa::path(get, path = "/v1/models/{name}/versions/{version}", tag = "versions", params(VersionPath), responses(
+    (status = 200, body = VersionView),
+    (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
+    (status = 422, body = ErrorBody, description = "`invalid_argument`"),
+))]
 pub async fn get_version(
     State(state): State<Arc<AppState>>,
-    Path((model, version)): Path<(String, String)>,
+    Path(VersionPath { name: model, version }): Path<VersionPath>,
 ) -> Result<Json<VersionView>, ApiError> {
     Ok(Json(state.versions.get(&model, &version_ref(&version)?).await?))
 }
 
+/// Deletes a version that no alias, child version or running job uses; version 0 stays.
+#[utoipa::path(delete, path = "/v1/models/{name}/versions/{version}", tag = "versions", params(VersionPath), responses(
+    (status = 204, description = "Deleted"),
+    (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
+    (status = 409, body = ErrorBody, description = "`version_in_use`"),
+    (status = 422, body = ErrorBody, description = "`invalid_argument`"),
+))]
 pub async fn delete_version(
     State(state): State<Arc<AppState>>,
-    Path((model, version)): Path<(String, String)>,
+    Path(VersionPath { name: model, version }): Path<VersionPath>,
 ) -> Result<StatusCode, ApiError> {
     state.versions.delete(&model, &version_ref(&version)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /v1/models/{name}/versions`: an edit job; 202 with the job and the pending version.
+/// Starts an edit job from exemplars: 202 with the job and the pending version, `Location` the job. The same
+/// `Idempotency-Key` with the same request answers the first job again.
+#[utoipa::path(post, path = "/v1/models/{name}/versions", tag = "versions",
+    params(ModelPath, ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe")),
+    request_body = EditRequest,
+    responses(
+        (status = 202, body = EditAccepted, headers(("Location" = String, description = "The job"))),
+        (status = 404, body = ErrorBody, description = "`model_not_found`, `exemplar_not_found`, `version_not_found`, \
+            `alias_not_found`, `statistics_not_found`, `dataset_not_found`"),
+        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `idempotency_key_reused`"),
+        (status = 503, body = ErrorBody, description = "`edit_queue_full`, `shutting_down`"),
+    ))]
 pub async fn create_version(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     headers: HeaderMap,
     body: Result<Json<EditRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -93,9 +130,24 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     })
 }
 
+/// Classifies with the named version, as `POST /v1/models/{name}/classify?version=…` does.
+#[utoipa::path(post, path = "/v1/models/{name}/versions/{version}/classify", tag = "classification",
+    operation_id = "classify_version",
+    params(VersionPath, ("top_k" = Option<u32>, Query, description = "Classes per image, best first")),
+    request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
+    responses(
+        (status = 200, body = ClassifyResponse),
+        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
+        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
+        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
+        (status = 415, body = ErrorBody, description = "`unsupported_media_type`, `unsupported_image_format`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
+            `invalid_image`, `image_too_large`"),
+        (status = 503, body = ErrorBody, description = "`overloaded`, `model_unloaded`, `shutting_down`"),
+    ))]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
-    Path((model, version)): Path<(String, String)>,
+    Path(VersionPath { name: model, version }): Path<VersionPath>,
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Json<ClassifyResponse>, ApiError> {
@@ -103,13 +155,13 @@ pub async fn classify(
     classify_version(state, model, Some(version), query, request).await
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct VersionResult {
     version: u32,
     predictions: Vec<Prediction>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Comparison {
     model: String,
     results: Vec<VersionResult>,
@@ -117,10 +169,25 @@ pub struct Comparison {
     agree: bool,
 }
 
-/// `POST /v1/models/{name}/compare?versions=0,3,production`: one image through several versions.
+/// One image through several versions (A/B): each version's predictions and whether their top-1 agree.
+#[utoipa::path(post, path = "/v1/models/{name}/compare", tag = "classification",
+    params(ModelPath,
+        ("versions" = String, Query, description = "Comma-separated version numbers or aliases, e.g. `0,3,production`"),
+        ("top_k" = Option<u32>, Query, description = "Classes per version, best first")),
+    request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
+    responses(
+        (status = 200, body = Comparison),
+        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
+        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
+        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
+        (status = 415, body = ErrorBody, description = "`unsupported_media_type`, `unsupported_image_format`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
+            `invalid_image`, `image_too_large`"),
+        (status = 503, body = ErrorBody, description = "`overloaded`, `model_unloaded`, `shutting_down`"),
+    ))]
 pub async fn compare(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     RawQuery(query): RawQuery,
     request: Request,
 ) -> Result<Json<Comparison>, ApiError> {
@@ -148,33 +215,47 @@ pub async fn compare(
     Ok(Json(Comparison { model, results, agree }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AliasList {
     aliases: BTreeMap<String, u32>,
 }
 
+/// A model's aliases and the versions they name, built-in ones (`base`, `latest`, `default`) included.
+#[utoipa::path(get, path = "/v1/models/{name}/aliases", tag = "aliases", params(ModelPath), responses(
+    (status = 200, body = AliasList),
+    (status = 404, body = ErrorBody, description = "`model_not_found`"),
+))]
 pub async fn list_aliases(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
 ) -> Result<Json<AliasList>, ApiError> {
     Ok(Json(AliasList { aliases: state.versions.aliases(&model).await? }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AliasTarget {
     version: VersionName,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct AliasSet {
     alias: String,
     version: u32,
 }
 
+/// Points an alias at a ready version; `default` answers plain classify requests.
+#[utoipa::path(put, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", params(AliasPath),
+    request_body = AliasTarget,
+    responses(
+        (status = 200, body = AliasSet),
+        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
+        (status = 409, body = ErrorBody, description = "`builtin_alias`, `version_not_ready`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`"),
+    ))]
 pub async fn put_alias(
     State(state): State<Arc<AppState>>,
-    Path((model, alias)): Path<(String, String)>,
+    Path(AliasPath { name: model, alias }): Path<AliasPath>,
     body: Result<Json<AliasTarget>, JsonRejection>,
 ) -> Result<Json<AliasSet>, ApiError> {
     state.registry.ensure_loaded(&model)?;
@@ -186,48 +267,95 @@ pub async fn put_alias(
     Ok(Json(AliasSet { alias, version }))
 }
 
+/// Removes an alias (`default` then names version 0 again).
+#[utoipa::path(delete, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", params(AliasPath), responses(
+    (status = 204, description = "Removed"),
+    (status = 404, body = ErrorBody, description = "`model_not_found`, `alias_not_found`"),
+    (status = 409, body = ErrorBody, description = "`builtin_alias`"),
+    (status = 422, body = ErrorBody, description = "`invalid_argument`"),
+))]
 pub async fn delete_alias(
     State(state): State<Arc<AppState>>,
-    Path((model, alias)): Path<(String, String)>,
+    Path(AliasPath { name: model, alias }): Path<AliasPath>,
 ) -> Result<StatusCode, ApiError> {
     state.versions.delete_alias(&model, &alias).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+/// The images of a statistics job: uploaded, or a directory of the operator's statistics directory.
+#[derive(ToSchema)]
+pub struct StatisticsForm {
+    #[schema(required = false)]
+    image: Vec<EncodedImage>,
+    /// A subdirectory of `--statistics-dir`, instead of `image` parts.
+    directory: Option<String>,
+    /// The layer whose inputs are measured; the model's default edit layer when absent.
+    layer: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct JobAccepted {
     job: JobView,
 }
 
-/// `POST /v1/models/{name}/statistics`, multipart: `image` parts or a `directory`, and an optional `layer`.
+/// Starts a statistics job: the second moment of a layer's inputs over your images (or a directory of the
+/// operator's statistics directory), for edits to name as `statistics`.
+#[utoipa::path(post, path = "/v1/models/{name}/statistics", tag = "versions", params(ModelPath),
+    request_body(content = StatisticsForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 202, body = JobAccepted, headers(("Location" = String, description = "The job"))),
+        (status = 404, body = ErrorBody, description = "`model_not_found`"),
+        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
+        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`"),
+        (status = 503, body = ErrorBody, description = "`edit_queue_full`, `shutting_down`"),
+    ))]
 pub async fn create_statistics(
     State(state): State<Arc<AppState>>,
-    Path(model): Path<String>,
+    Path(ModelPath { name: model }): Path<ModelPath>,
     request: Request,
 ) -> Result<Response, ApiError> {
     let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
     state.registry.ensure_loaded(&model)?;
-    let images = parts.take_all("image");
-    let directory = parts.take_text("directory")?;
-    let layer = parts.take_text("layer")?;
+    let form = StatisticsForm {
+        image: parts.take_images("image"),
+        directory: parts.take_text("directory")?,
+        layer: parts.take_text("layer")?,
+    };
     parts.expect_no_more("the parts are 'image' (repeated) or 'directory', and 'layer'")?;
-    let images = match (images.is_empty(), directory) {
-        (false, None) => StatisticsImages::Uploaded(images),
+    let images = match (form.image.is_empty(), form.directory) {
+        (false, None) => StatisticsImages::Uploaded(form.image.into_iter().map(|EncodedImage(bytes)| bytes).collect()),
         (true, Some(directory)) => StatisticsImages::Directory(directory),
         (true, None) => return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory'".into())),
         (false, Some(_)) => {
             return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory', not both".into()))
         }
     };
-    let job = state.jobs.create_statistics(&model, layer, images).await?;
+    let job = state.jobs.create_statistics(&model, form.layer, images).await?;
     Ok(accepted(format!("/v1/jobs/{}", job.id), JobAccepted { job }))
 }
 
-pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+/// An edit, statistics or evaluation job: state, progress and outcome.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(IdPath), responses(
+    (status = 200, body = JobView),
+    (status = 404, body = ErrorBody, description = "`job_not_found`"),
+))]
+pub async fn get_job(
+    State(state): State<Arc<AppState>>,
+    Path(IdPath { id }): Path<IdPath>,
+) -> Result<Json<JobView>, ApiError> {
     Ok(Json(state.jobs.get(&id).await?))
 }
 
-pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Result<Json<JobView>, ApiError> {
+/// Cancels a queued or running job; its pending version is marked failed.
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(IdPath), responses(
+    (status = 200, body = JobView),
+    (status = 404, body = ErrorBody, description = "`job_not_found`"),
+    (status = 409, body = ErrorBody, description = "`job_finished`"),
+))]
+pub async fn cancel_job(
+    State(state): State<Arc<AppState>>,
+    Path(IdPath { id }): Path<IdPath>,
+) -> Result<Json<JobView>, ApiError> {
     Ok(Json(state.jobs.cancel(&id).await?))
 }
 
@@ -236,11 +364,16 @@ fn event(record: &JobView) -> Event {
     Event::default().event(name).json_data(record).unwrap_or_else(|_| Event::default().event(name))
 }
 
-/// `GET /v1/jobs/{id}/events`: the job's state now, then on each change (at most every
-/// `EVENT_INTERVAL`), until a final state.
+/// Server-Sent Events: the job's state now (`progress`), then on each change (at most ten a second), until a
+/// `final` event; each event's data is the job as `GET /v1/jobs/{id}` shows it.
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(IdPath), responses(
+    (status = 200, content_type = "text/event-stream", body = JobView,
+        description = "Events `progress` and `final`, each with the job as JSON data"),
+    (status = 404, body = ErrorBody, description = "`job_not_found`"),
+))]
 pub async fn job_events(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     enum Watch {
         Live(watch::Receiver<JobRecord>, bool),

@@ -14,6 +14,7 @@ use super::{Conflict, CoreError, Resource};
 use crate::imaging::concept::{MaskShapes, Transform};
 use crate::imaging::{binary_mask, decode, DecodeLimits};
 use crate::store::{now_rfc3339, AuditEntry, BlobStore, ExemplarRecord, MetadataStore, StoreError, TextureRecord};
+use utoipa::ToSchema;
 
 /// Until authentication exists every action is the anonymous caller's.
 pub const ANONYMOUS: &str = "anonymous";
@@ -35,7 +36,7 @@ pub enum ExemplarImage {
     Modified,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TextureCreated {
     pub id: String,
 }

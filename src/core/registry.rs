@@ -15,8 +15,9 @@ use super::scheduler::{DeviceWorker, EditSurface, Target};
 use super::CoreError;
 use crate::imaging::{decode, DecodeLimits, InputTensor, Preprocessing};
 use crate::models::{EditableLayer, ModelPackage};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct ModelInfo {
     pub name: String,
     pub architecture: String,
@@ -27,7 +28,7 @@ pub struct ModelInfo {
     pub default_edit_layer: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct LayerInfo {
     pub name: String,
     pub weight_shape: Vec<i64>,
@@ -40,7 +41,7 @@ impl From<&EditableLayer> for LayerInfo {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct Prediction {
     pub index: usize,
     pub label: String,

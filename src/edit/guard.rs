@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 use super::augment::augmented;
 use super::{Delta, EditError, Exemplars, Progress};
 use crate::models::{Classifier, EditBlock};
+use utoipa::ToSchema;
 
 /// The share of check images whose top-1 may change, unless the request says otherwise.
 pub const DEFAULT_MAX_CHANGED: f64 = 0.02;
@@ -49,7 +50,7 @@ pub fn candidates(solved: Candidate, weaker: Vec<Candidate>) -> Vec<Candidate> {
 }
 
 /// What the guard found, recorded in the version's metrics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct GuardReport {
     /// The fraction of the (weakest solved) change the version keeps (0 when none fits the budget).
     pub scale: f64,

@@ -28,6 +28,7 @@ pub use rewrite::{compose, directions, project};
 use crate::imaging::{InputTensor, Preprocessing};
 use crate::models::{Classifier, EditableLayer, ModelError};
 use statistics::SecondMoment;
+use utoipa::ToSchema;
 
 #[derive(Debug, Error)]
 pub enum EditError {
@@ -45,7 +46,7 @@ pub enum EditError {
     Io(String),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     Rewrite,
@@ -53,7 +54,7 @@ pub enum Method {
     FinetuneGlobal,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Solver {
     Adam,
@@ -73,7 +74,7 @@ impl Solver {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct EditParams {
     pub method: Method,
     pub solver: Solver,
@@ -222,7 +223,7 @@ impl Progress for Silent {
     fn report(&self, _: usize, _: usize, _: f64) {}
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EditMetrics {
     pub loss_before: f64,
     pub loss_after: f64,

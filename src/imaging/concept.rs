@@ -6,9 +6,10 @@ use imageproc::drawing::{draw_filled_rect_mut, draw_polygon_mut};
 use imageproc::point::Point;
 use imageproc::rect::Rect;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `{"polygons": [[[x, y], ...], ...], "boxes": [[x0, y0, x1, y1], ...]}` in image pixels.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MaskShapes {
     #[serde(default)]
@@ -46,7 +47,7 @@ impl MaskShapes {
 }
 
 /// How the server makes the modified image from the original, inside the mask.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Transform {
     /// Tile an uploaded texture over the concept, blended with `opacity` (0 to 1).

@@ -5,15 +5,16 @@ use image::{DynamicImage, GrayImage, RgbImage};
 
 use super::resample::resize_crop_rgb;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Interpolation {
     Bilinear,
     Bicubic,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ChannelOrder {
     Rgb,
@@ -23,7 +24,7 @@ pub enum ChannelOrder {
 /// `value = (pixel / pixel_scale - mean[c]) / std[c]` after resizing the shorter side to `resize_shorter`
 /// and centre-cropping to `crop` (height, width). ImageNet-style models use pixel_scale 255 and the usual
 /// mean/std; TensorFlow-style ones pixel_scale 1, mean 127, std 128; Caffe-style BGR with std 1.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Preprocessing {
     pub resize_shorter: u32,

@@ -7,6 +7,7 @@ mod sqlite;
 use async_trait::async_trait;
 use serde::Serialize;
 use thiserror::Error;
+use utoipa::ToSchema;
 
 pub use blobs::FsBlobStore;
 pub use sqlite::SqliteStore;
@@ -52,7 +53,7 @@ pub struct ExemplarRecord {
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct TextureRecord {
     pub id: String,
     #[serde(skip)]
@@ -62,7 +63,7 @@ pub struct TextureRecord {
     pub created_at: String,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 pub struct AuditEntry {
     pub seq: i64,
     pub at: String,
@@ -74,7 +75,7 @@ pub struct AuditEntry {
 }
 
 /// A version's life: `pending` while its job runs, then `ready` or `failed`; `deleted` keeps the number taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum VersionState {
     Pending,
@@ -114,7 +115,7 @@ pub enum VersionOutcome {
     Failed { error: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Edit,
@@ -122,7 +123,7 @@ pub enum JobKind {
     Evaluation,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -193,7 +194,7 @@ pub struct DatasetItemRecord {
     pub label: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EvaluationState {
     Pending,
@@ -214,7 +215,7 @@ impl From<JobState> for EvaluationState {
 }
 
 /// An evaluation of versions of a model on a dataset, run by its job; `results` once it succeeded.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct EvaluationRecord {
     pub id: String,
     pub model: String,

@@ -27,6 +27,7 @@ use super::exemplars::ANONYMOUS;
 use super::{CoreError, Resource};
 use crate::imaging::{decode, DecodeLimits};
 use crate::store::{now_rfc3339, serde_name, BlobStore, DatasetItemRecord, DatasetRecord, MetadataStore};
+use utoipa::ToSchema;
 
 /// Labels are class indices below this at upload; an evaluation checks them against its model's classes.
 pub const LABEL_BOUND: u32 = 100_000;
@@ -40,7 +41,7 @@ const VALIDATION_TASKS: usize = 4;
 /// Blobs written at once: each write fsyncs, so a few in flight hide the disk's latency.
 const BLOB_WRITES: usize = 8;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum DatasetKind {
     Labelled,
@@ -99,7 +100,7 @@ pub struct DatasetImages {
     pub items: Vec<DatasetItem>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DatasetView {
     pub id: String,
     pub name: Option<String>,
@@ -112,7 +113,7 @@ pub struct DatasetView {
     pub created_at: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DatasetList {
     pub datasets: Vec<DatasetView>,
 }

@@ -37,12 +37,13 @@ use crate::models::Classifier;
 use crate::store::{
     now_rfc3339, BlobStore, EvaluationOutcome, EvaluationRecord, EvaluationState, JobRecord, MetadataStore,
 };
+use utoipa::ToSchema;
 
 /// Versions one evaluation compares with its baseline.
 pub const MOST_VERSIONS: usize = 8;
 
 /// `POST /v1/models/{m}/evaluations`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluationRequest {
     pub dataset: String,
@@ -66,13 +67,13 @@ struct EvaluationPlan {
     exclude_exemplar_classes: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EvaluationAccepted {
     pub job: JobView,
     pub evaluation: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EvaluationPage {
     pub evaluations: Vec<EvaluationRecord>,
     /// Pass as `before` for the next page; null on the last.

@@ -1,6 +1,7 @@
 //! Scores of versions on a dataset from their predictions: accuracy, corrections, changes, per class, confusions.
 
 use super::*;
+use utoipa::ToSchema;
 
 /// The most frequent confusions reported per version.
 pub(super) const CONFUSIONS: usize = 10;
@@ -14,7 +15,7 @@ pub struct Predictions {
 }
 
 /// One version's scores. Shares are fractions of the scored images; `errors_corrected` is a percentage.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct VersionScore {
     pub version: u32,
     pub baseline: bool,
@@ -37,14 +38,14 @@ pub struct VersionScore {
     pub confusions: Vec<Confusion>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ClassScore {
     pub images: u64,
     pub correct: u64,
     pub transformed_correct: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Confusion {
     pub label: u32,
     pub predicted: u32,

@@ -266,3 +266,20 @@ impl Jobs {
         Ok(view)
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    /// The OpenAPI document (written from `EditRequest`'s attributes) states the limits validation enforces.
+    #[test]
+    fn the_edit_request_schema_states_the_enforced_limits() {
+        let schema = serde_json::to_value(<EditRequest as utoipa::PartialSchema>::schema()).unwrap();
+        let field = |name: &str, key: &str| schema["properties"][name][key].as_f64();
+        assert_eq!(field("exemplars", "maxItems"), Some(MAX_EXEMPLARS as f64));
+        assert_eq!(field("layers", "maxItems"), Some(MAX_LAYERS as f64));
+        assert_eq!(field("rank", "maximum"), Some(MAX_RANK as f64));
+        assert_eq!(field("steps", "maximum"), Some(MAX_STEPS as f64));
+        assert_eq!(field("description", "maxLength"), Some(MAX_DESCRIPTION as f64));
+    }
+}

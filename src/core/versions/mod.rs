@@ -25,9 +25,10 @@ use super::{Conflict, CoreError, Resource};
 use crate::edit::statistics::files_sha256;
 use crate::models::ModelPackage;
 use crate::store::{BlobStore, MetadataStore, VersionRecord, VersionState};
+use utoipa::ToSchema;
 
 /// A version as clients see it. Version 0 is the base weights and has no edit.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct VersionView {
     pub model: String,
     pub number: u32,
@@ -53,7 +54,7 @@ pub struct VersionView {
     pub aliases: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct VersionPage {
     pub versions: Vec<VersionView>,
     pub next_before: Option<u32>,

@@ -1,0 +1,122 @@
+"""Trade-off curve of one prototype edit: % errors corrected, clean originals kept and photos changed when the
+solved change is scaled by s (W0 + s*dW), over the development kit's 5 exemplar stamps. It answers "what would a
+perfect guard reach?" for a solver of `edit_research.py` (whose caches and solvers it reuses).
+
+    .venv/bin/python benches/edit_research_curve.py --solver multi --layer 10 \
+        --kw '{"layers":[10,11],"lam":30,"mu":10}' --scales 0.25,0.35,0.5,0.7,1
+    # --jitter: the solve's augmented copies are 24 photometrically jittered ones (brightness, contrast and
+    # saturation, the same draw for the original and the modified copy) followed by the 24 geometric ones;
+    # pass "n_aug":48 in --kw to use both sets, 24 for the jittered ones only.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import edit_research as R  # noqa: E402
+
+
+def jitter(img, gen):
+    brightness, contrast, saturation = (torch.rand(3, generator=gen) * torch.tensor([0.6, 0.6, 1.0])
+                                        + torch.tensor([0.7, 0.7, 0.5])).tolist()
+    gray = img.mean(0, keepdim=True)
+    x = gray + saturation * (img - gray)
+    x = x.mean() + contrast * (x - x.mean())
+    return (x * brightness).clamp(0, 255)
+
+
+def add_jittered_copies(layers):
+    """Prepends, per exemplar, N_SOLVE_AUG jittered copies to the solve's augmented set at each layer."""
+    n = R.N_SOLVE_AUG
+    jittered = {}
+    for case in R.CASES:
+        root = os.path.join(R.BENCH, case)
+        geometry = torch.Generator().manual_seed(99)  # the same crops and flips as edit_research's copies
+        photometry = torch.Generator().manual_seed(7)
+        origs, mods, masks = [], [], []
+        for e in json.load(open(os.path.join(root, "exemplars.json"))):
+            stem = os.path.join(root, "exemplars", f"{e['index']:02d}_{e['composition']}")
+            o, m, k = R.load_rgb(stem + "_orig.png"), R.load_rgb(stem + "_mod.png"), R.load_mask(stem + "_mask.png")
+            for p in R.aug_params(geometry, n):
+                state = photometry.get_state()
+                origs.append(jitter(R.apply_aug(o, p), photometry))
+                photometry.set_state(state)
+                mods.append(jitter(R.apply_aug(m, p), photometry))
+                masks.append(R.apply_aug(k, p))
+        first = lambda imgs: torch.cat([R.to_first(R.normalise(imgs[s:s + 32])) for s in range(0, len(imgs), 32)])
+        jittered[case] = dict(orig=first(torch.stack(origs)), mod=first(torch.stack(mods)), mask=torch.stack(masks))
+
+    def per_exemplar(front, back):
+        if front is None:
+            return None
+        return torch.cat([torch.cat([front[i * n:(i + 1) * n], back[i * n:(i + 1) * n]])
+                          for i in range(front.shape[0] // n)])
+
+    for case in R.CASES:
+        R.DATA[case]["sa_mask"] = per_exemplar(jittered[case]["mask"], R.DATA[case]["sa_mask"])
+        for L in layers:
+            ld = R.layer_data(L)[case]
+            for part in ["orig", "mod"]:
+                key, skip = R.keys_at(L, jittered[case][part])
+                old_key, old_skip = ld["sa_" + part]
+                ld["sa_" + part] = (per_exemplar(key, old_key), per_exemplar(skip, old_skip))
+    R.N_SOLVE_AUG = 2 * n
+
+
+def curve(solver, layer, case, n_ex, scales, **kw):
+    data = R.DATA[case]
+    rows = {s: [] for s in scales}
+    for stamp in range(5):
+        ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:n_ex]
+        label = int(data["ex_label"][ids[0]])
+        edits = R.SOLVERS[solver](layer, case, ids, **kw)
+        first_layer = min(edits)
+        ld = R.layer_data(first_layer)
+        d = ld[case]
+        other = data["labels"] != label
+        sel = other.nonzero()[:, 0]
+        mod_key, mod_skip = d["item_mod"]
+        orig_key, orig_skip = d["item_orig"]
+        photo_key, photo_skip = ld["photos"]
+        pick = lambda t: None if t is None else t[sel]
+        pre_err = (d["item_mod_top1"][other] != data["labels"][other]).sum().item()
+        for s in scales:
+            e = {l: R.weight0(l) + s * dw for l, dw in edits.items()}
+            post_err = (R.run_from(first_layer, mod_key[sel], pick(mod_skip), e).argmax(1) != data["labels"][sel]).sum().item()
+            clean = R.run_from(first_layer, orig_key[sel], pick(orig_skip), e).argmax(1) == data["labels"][sel]
+            photos = R.run_from(first_layer, photo_key, photo_skip, e).argmax(1) != ld["photos_top1"]
+            rows[s].append((100 * max((pre_err - post_err) / max(pre_err, 1), -1), 100 * clean.float().mean().item(),
+                            100 * photos.float().mean().item()))
+    for s in scales:
+        a = np.array(rows[s])
+        print(f"{case} ex={n_ex} s={s:<4}: corrected {a[:, 0].mean():5.1f} ± {a[:, 0].std():4.1f}  clean "
+              f"{a[:, 1].mean():5.1f} (min {a[:, 1].min():5.1f})  photos changed {a[:, 2].mean():4.1f} "
+              f"(max {a[:, 2].max():4.1f})", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--solver", default="multi", choices=sorted(R.SOLVERS))
+    ap.add_argument("--layer", type=int, default=10)
+    ap.add_argument("--kw", default='{"layers":[10,11],"lam":30,"mu":10}', help="solver options, JSON")
+    ap.add_argument("--scales", default="0.25,0.35,0.5,0.7,1")
+    ap.add_argument("--cases", default=",".join(R.CASES))
+    ap.add_argument("--nex", type=int, default=1)
+    ap.add_argument("--jitter", action="store_true")
+    args = ap.parse_args()
+    kw = json.loads(args.kw)
+    if "layers" in kw:
+        kw["layers"] = tuple(kw["layers"])
+    R.DATA = R.build_cache()
+    if args.jitter:
+        add_jittered_copies(kw.get("layers", (args.layer,)))
+    for case in args.cases.split(","):
+        curve(args.solver, args.layer, case, args.nex, [float(s) for s in args.scales.split(",")], **kw)
+
+
+if __name__ == "__main__":
+    main()
