@@ -1,10 +1,12 @@
 //! HTTP transport: routes, request/response types, and the error mapping. Everything else is in `core`.
 
+mod aliases;
 mod body;
 mod datasets;
 mod error;
 mod evaluations;
 mod exemplars;
+mod jobs;
 mod models;
 mod params;
 mod query;
@@ -68,11 +70,11 @@ fn routes(dataset_limit: usize) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(versions::get_version, versions::delete_version))
         .routes(routes!(versions::classify))
         .routes(routes!(versions::compare))
-        .routes(routes!(versions::list_aliases))
-        .routes(routes!(versions::put_alias, versions::delete_alias))
-        .routes(routes!(versions::create_statistics))
-        .routes(routes!(versions::get_job, versions::cancel_job))
-        .routes(routes!(versions::job_events))
+        .routes(routes!(aliases::list_aliases))
+        .routes(routes!(aliases::put_alias, aliases::delete_alias))
+        .routes(routes!(jobs::create_statistics))
+        .routes(routes!(jobs::get_job, jobs::cancel_job))
+        .routes(routes!(jobs::job_events))
         .routes(routes!(exemplars::create_texture))
         .routes(routes!(exemplars::create_exemplar))
         .routes(routes!(exemplars::get_exemplar, exemplars::delete_exemplar))

@@ -1,38 +1,29 @@
-//! Versions, aliases, edit and statistics jobs, comparison, and job progress (JSON and Server-Sent Events).
+//! Versions: listing, reading, deleting, creating by an edit job, and classifying with one or several (A/B).
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures_util::stream::{self, Stream};
-use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use serde::Serialize;
 
-use super::body::{EncodedImage, Parts};
+use super::body::EncodedImage;
 use super::error::{ApiError, ErrorBody};
 use super::models::{classify_version, read_images, ClassifyForm, ClassifyResponse};
-use super::params::{AliasPath, IdPath, ModelPath, VersionPath};
+use super::params::{ModelPath, VersionPath};
 use super::query::{page_limit, parse_number, parse_query, top_k};
 use super::AppState;
-use crate::core::jobs::{EditAccepted, EditRequest, JobView, StatisticsImages, VersionName};
+use crate::core::jobs::{EditAccepted, EditRequest};
 use crate::core::registry::Prediction;
 use crate::core::versions::{VersionPage, VersionRef, VersionView};
-use crate::store::JobRecord;
 use utoipa::ToSchema;
 
 pub(super) const MOST_COMPARED: usize = 8;
 pub(super) const LONGEST_IDEMPOTENCY_KEY: usize = 255;
-/// Watchers of a fast edit see at most this many progress events a second.
-const EVENT_INTERVAL: Duration = Duration::from_millis(100);
 
-fn version_ref(text: &str) -> Result<VersionRef, ApiError> {
+pub(super) fn version_ref(text: &str) -> Result<VersionRef, ApiError> {
     Ok(VersionRef::parse(text)?)
 }
 
@@ -213,193 +204,4 @@ pub async fn compare(
     let agree = top1.windows(2).all(|w| w[0] == w[1]);
     let results = results.into_iter().map(|(version, predictions)| VersionResult { version, predictions }).collect();
     Ok(Json(Comparison { model, results, agree }))
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct AliasList {
-    aliases: BTreeMap<String, u32>,
-}
-
-/// A model's aliases and the versions they name, built-in ones (`base`, `latest`, `default`) included.
-#[utoipa::path(get, path = "/v1/models/{name}/aliases", tag = "aliases", params(ModelPath), responses(
-    (status = 200, body = AliasList),
-    (status = 404, body = ErrorBody, description = "`model_not_found`"),
-))]
-pub async fn list_aliases(
-    State(state): State<Arc<AppState>>,
-    Path(ModelPath { name: model }): Path<ModelPath>,
-) -> Result<Json<AliasList>, ApiError> {
-    Ok(Json(AliasList { aliases: state.versions.aliases(&model).await? }))
-}
-
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct AliasTarget {
-    version: VersionName,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct AliasSet {
-    alias: String,
-    version: u32,
-}
-
-/// Points an alias at a ready version; `default` answers plain classify requests.
-#[utoipa::path(put, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", params(AliasPath),
-    request_body = AliasTarget,
-    responses(
-        (status = 200, body = AliasSet),
-        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
-        (status = 409, body = ErrorBody, description = "`builtin_alias`, `version_not_ready`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`"),
-    ))]
-pub async fn put_alias(
-    State(state): State<Arc<AppState>>,
-    Path(AliasPath { name: model, alias }): Path<AliasPath>,
-    body: Result<Json<AliasTarget>, JsonRejection>,
-) -> Result<Json<AliasSet>, ApiError> {
-    state.registry.ensure_loaded(&model)?;
-    let target = match json_body(body)?.version {
-        VersionName::Number(n) => VersionRef::Number(n),
-        VersionName::Alias(name) => version_ref(&name)?,
-    };
-    let version = state.versions.set_alias(&model, &alias, &target).await?;
-    Ok(Json(AliasSet { alias, version }))
-}
-
-/// Removes an alias (`default` then names version 0 again).
-#[utoipa::path(delete, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", params(AliasPath), responses(
-    (status = 204, description = "Removed"),
-    (status = 404, body = ErrorBody, description = "`model_not_found`, `alias_not_found`"),
-    (status = 409, body = ErrorBody, description = "`builtin_alias`"),
-    (status = 422, body = ErrorBody, description = "`invalid_argument`"),
-))]
-pub async fn delete_alias(
-    State(state): State<Arc<AppState>>,
-    Path(AliasPath { name: model, alias }): Path<AliasPath>,
-) -> Result<StatusCode, ApiError> {
-    state.versions.delete_alias(&model, &alias).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-/// The images of a statistics job: uploaded, or a directory of the operator's statistics directory.
-#[derive(ToSchema)]
-pub struct StatisticsForm {
-    #[schema(required = false)]
-    image: Vec<EncodedImage>,
-    /// A subdirectory of `--statistics-dir`, instead of `image` parts.
-    directory: Option<String>,
-    /// The layer whose inputs are measured; the model's default edit layer when absent.
-    layer: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct JobAccepted {
-    job: JobView,
-}
-
-/// Starts a statistics job: the second moment of a layer's inputs over your images (or a directory of the
-/// operator's statistics directory), for edits to name as `statistics`.
-#[utoipa::path(post, path = "/v1/models/{name}/statistics", tag = "versions", params(ModelPath),
-    request_body(content = StatisticsForm, content_type = "multipart/form-data"),
-    responses(
-        (status = 202, body = JobAccepted, headers(("Location" = String, description = "The job"))),
-        (status = 404, body = ErrorBody, description = "`model_not_found`"),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`"),
-        (status = 503, body = ErrorBody, description = "`edit_queue_full`, `shutting_down`"),
-    ))]
-pub async fn create_statistics(
-    State(state): State<Arc<AppState>>,
-    Path(ModelPath { name: model }): Path<ModelPath>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
-    state.registry.ensure_loaded(&model)?;
-    let form = StatisticsForm {
-        image: parts.take_images("image"),
-        directory: parts.take_text("directory")?,
-        layer: parts.take_text("layer")?,
-    };
-    parts.expect_no_more("the parts are 'image' (repeated) or 'directory', and 'layer'")?;
-    let images = match (form.image.is_empty(), form.directory) {
-        (false, None) => StatisticsImages::Uploaded(form.image.into_iter().map(|EncodedImage(bytes)| bytes).collect()),
-        (true, Some(directory)) => StatisticsImages::Directory(directory),
-        (true, None) => return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory'".into())),
-        (false, Some(_)) => {
-            return Err(ApiError::InvalidRequest("give 'image' parts or a 'directory', not both".into()))
-        }
-    };
-    let job = state.jobs.create_statistics(&model, form.layer, images).await?;
-    Ok(accepted(format!("/v1/jobs/{}", job.id), JobAccepted { job }))
-}
-
-/// An edit, statistics or evaluation job: state, progress and outcome.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(IdPath), responses(
-    (status = 200, body = JobView),
-    (status = 404, body = ErrorBody, description = "`job_not_found`"),
-))]
-pub async fn get_job(
-    State(state): State<Arc<AppState>>,
-    Path(IdPath { id }): Path<IdPath>,
-) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(state.jobs.get(&id).await?))
-}
-
-/// Cancels a queued or running job; its pending version is marked failed.
-#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(IdPath), responses(
-    (status = 200, body = JobView),
-    (status = 404, body = ErrorBody, description = "`job_not_found`"),
-    (status = 409, body = ErrorBody, description = "`job_finished`"),
-))]
-pub async fn cancel_job(
-    State(state): State<Arc<AppState>>,
-    Path(IdPath { id }): Path<IdPath>,
-) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(state.jobs.cancel(&id).await?))
-}
-
-fn event(record: &JobView) -> Event {
-    let name = if record.state.is_final() { "final" } else { "progress" };
-    Event::default().event(name).json_data(record).unwrap_or_else(|_| Event::default().event(name))
-}
-
-/// Server-Sent Events: the job's state now (`progress`), then on each change (at most ten a second), until a
-/// `final` event; each event's data is the job as `GET /v1/jobs/{id}` shows it.
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(IdPath), responses(
-    (status = 200, content_type = "text/event-stream", body = JobView,
-        description = "Events `progress` and `final`, each with the job as JSON data"),
-    (status = 404, body = ErrorBody, description = "`job_not_found`"),
-))]
-pub async fn job_events(
-    State(state): State<Arc<AppState>>,
-    Path(IdPath { id }): Path<IdPath>,
-) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    enum Watch {
-        Live(watch::Receiver<JobRecord>, bool),
-        Done,
-    }
-    let start = match state.jobs.watch(&id).await? {
-        Ok(receiver) => Watch::Live(receiver, true),
-        Err(finished) => {
-            let stream = stream::iter([Ok(event(&finished))]);
-            return Ok(Sse::new(futures_util::StreamExt::boxed(stream)).keep_alive(KeepAlive::default()));
-        }
-    };
-    let stream = stream::unfold(start, |watch| async move {
-        let Watch::Live(mut receiver, first) = watch else { return None };
-        if !first {
-            tokio::time::sleep(EVENT_INTERVAL).await;
-            // A closed channel means the job ended; its last value is the final state.
-            let _ = receiver.changed().await;
-        }
-        let view = JobView::from(&*receiver.borrow_and_update());
-        let next = if view.state.is_final() { Watch::Done } else { Watch::Live(receiver, false) };
-        Some((Ok(event(&view)), next))
-    });
-    let mut stopping = state.stopping.clone();
-    let stream = futures_util::StreamExt::take_until(stream, async move {
-        let _ = stopping.wait_for(|stopping| *stopping).await;
-    });
-    Ok(Sse::new(futures_util::StreamExt::boxed(stream)).keep_alive(KeepAlive::default()))
 }

@@ -238,8 +238,9 @@ pub struct EvaluationOutcome {
     pub results: serde_json::Value,
 }
 
+/// Exemplars and the textures their transforms paste.
 #[async_trait]
-pub trait MetadataStore: Send + Sync {
+pub trait ExemplarStore: Send + Sync {
     async fn insert_texture(&self, texture: &TextureRecord) -> Result<(), StoreError>;
     async fn texture(&self, id: &str) -> Result<Option<TextureRecord>, StoreError>;
     async fn insert_exemplar(&self, exemplar: &ExemplarRecord) -> Result<(), StoreError>;
@@ -248,7 +249,11 @@ pub trait MetadataStore: Send + Sync {
     async fn delete_exemplar(&self, id: &str) -> Result<bool, StoreError>;
     /// Whether a version that is not deleted lists the exemplar.
     async fn exemplar_in_use(&self, id: &str) -> Result<bool, StoreError>;
+}
 
+/// Jobs (edit, statistics, evaluation) and what they write when they end.
+#[async_trait]
+pub trait JobStore: Send + Sync {
     /// Records a new pending version and the job that makes it, atomically; the version takes the next
     /// number of its model (deleted versions' numbers included), which is returned.
     async fn create_edit(&self, job: &JobRecord, version: &VersionRecord) -> Result<u32, StoreError>;
@@ -270,7 +275,12 @@ pub trait MetadataStore: Send + Sync {
     async fn fail_running_jobs(&self, message: &str) -> Result<u64, StoreError>;
     /// Jobs still queued, oldest first.
     async fn queued_jobs(&self) -> Result<Vec<JobRecord>, StoreError>;
+    async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError>;
+}
 
+/// Versions, aliases and the weights a model name's versions are made on.
+#[async_trait]
+pub trait VersionStore: Send + Sync {
     /// Versions that are not deleted, newest first, numbered below `before`, at most `limit`.
     async fn versions(&self, model: &str, before: Option<u32>, limit: u32) -> Result<Vec<VersionRecord>, StoreError>;
     async fn version(&self, model: &str, number: u32) -> Result<Option<VersionRecord>, StoreError>;
@@ -281,15 +291,19 @@ pub trait MetadataStore: Send + Sync {
     async fn children(&self, model: &str, number: u32) -> Result<u64, StoreError>;
     /// Marks a version deleted and forgets which exemplars it used.
     async fn delete_version(&self, model: &str, number: u32) -> Result<(), StoreError>;
-
     /// Stored aliases (custom ones and `default` when set), by name.
     async fn aliases(&self, model: &str) -> Result<Vec<(String, u32)>, StoreError>;
     async fn set_alias(&self, model: &str, alias: &str, number: u32) -> Result<(), StoreError>;
     /// Whether the alias existed.
     async fn delete_alias(&self, model: &str, alias: &str) -> Result<bool, StoreError>;
+    /// The sha256 of the weights the model name's versions are made on, once recorded.
+    async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError>;
+    async fn set_base_weights(&self, model: &str, sha256: &str) -> Result<(), StoreError>;
+}
 
-    async fn statistics(&self, id: &str) -> Result<Option<StatisticsRecord>, StoreError>;
-
+/// Datasets and the evaluations run on them.
+#[async_trait]
+pub trait DatasetStore: Send + Sync {
     /// Records a dataset and its items (in order), atomically.
     async fn create_dataset(&self, dataset: &DatasetRecord, items: &[DatasetItemRecord]) -> Result<(), StoreError>;
     async fn dataset(&self, id: &str) -> Result<Option<DatasetRecord>, StoreError>;
@@ -299,7 +313,6 @@ pub trait MetadataStore: Send + Sync {
     async fn dataset_items(&self, id: &str) -> Result<Vec<DatasetItemRecord>, StoreError>;
     /// Whether a dataset was deleted (with its items; evaluations keep their results).
     async fn delete_dataset(&self, id: &str) -> Result<bool, StoreError>;
-
     /// Records a queued evaluation job and its pending evaluation, atomically.
     async fn create_evaluation(&self, job: &JobRecord, evaluation: &EvaluationRecord) -> Result<(), StoreError>;
     async fn evaluation(&self, id: &str) -> Result<Option<EvaluationRecord>, StoreError>;
@@ -310,14 +323,11 @@ pub trait MetadataStore: Send + Sync {
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<EvaluationRecord>, StoreError>;
+}
 
-    /// The sha256 of the weights the model name's versions are made on, once recorded.
-    /// Every blob a row refers to (deleted versions' changes excepted).
-    async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, StoreError>;
-
-    async fn base_weights(&self, model: &str) -> Result<Option<String>, StoreError>;
-    async fn set_base_weights(&self, model: &str, sha256: &str) -> Result<(), StoreError>;
-
+/// The audit log, and the blobs rows refer to (for the start-up sweep).
+#[async_trait]
+pub trait AuditStore: Send + Sync {
     async fn record_audit(
         &self,
         action: &str,
@@ -327,7 +337,14 @@ pub trait MetadataStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Entries at or after `since` (RFC 3339), oldest first, at most `limit`.
     async fn audit_since(&self, since: &str, limit: u32) -> Result<Vec<AuditEntry>, StoreError>;
+    /// Every blob a row refers to (deleted versions' changes excepted).
+    async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, StoreError>;
 }
+
+/// Everything the server keeps besides blobs, one store per resource; SQLite implements them all.
+pub trait MetadataStore: ExemplarStore + JobStore + VersionStore + DatasetStore + AuditStore {}
+
+impl<T: ExemplarStore + JobStore + VersionStore + DatasetStore + AuditStore> MetadataStore for T {}
 
 #[async_trait]
 pub trait BlobStore: Send + Sync {
