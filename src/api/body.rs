@@ -4,14 +4,29 @@ use axum::body::{to_bytes, Body};
 use axum::extract::{FromRequest, Multipart, Request};
 use bytes::Bytes;
 use http_body_util::LengthLimitError;
-use utoipa::ToSchema;
+use utoipa::{IntoResponses, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 
 /// An encoded image (JPEG, PNG, WebP, BMP or GIF), as a request body or a multipart part.
 #[derive(ToSchema)]
 #[schema(value_type = String, format = Binary)]
 pub struct EncodedImage(pub Bytes);
+
+/// The refusals of every route that stores uploaded images, stated once for the OpenAPI document.
+#[derive(IntoResponses)]
+#[expect(dead_code, reason = "only documents the answers; ApiError makes the real ones")]
+pub enum UploadRefusals {
+    #[response(status = 413, description = "`payload_too_large`")]
+    TooLarge(ErrorBody),
+    #[response(status = 415, description = "`unsupported_image_format`")]
+    Unsupported(ErrorBody),
+    #[response(
+        status = 422,
+        description = "`invalid_request`, `invalid_argument`, `empty_image`, `invalid_image`, `image_too_large`"
+    )]
+    Invalid(ErrorBody),
+}
 
 /// The parts of a multipart body, in order, each read whole.
 pub struct Parts(Vec<(String, Bytes)>);

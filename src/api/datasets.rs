@@ -9,7 +9,7 @@ use axum::Json;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::body::{EncodedImage, Parts};
+use super::body::{EncodedImage, Parts, UploadRefusals};
 use super::error::{ApiError, ErrorBody};
 use super::exemplars::json_part;
 use super::models::content_length;
@@ -41,13 +41,7 @@ pub struct DatasetForm {
 /// for evaluations and breakage guards.
 #[utoipa::path(post, path = "/v1/datasets", tag = "datasets",
     request_body(content = DatasetForm, content_type = "multipart/form-data"),
-    responses(
-        (status = 201, body = DatasetView),
-        (status = 413, body = ErrorBody, description = "`payload_too_large` (`--max-dataset-bytes`)"),
-        (status = 415, body = ErrorBody, description = "`unsupported_image_format`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
-            `invalid_image`, `image_too_large`"),
-    ))]
+    responses((status = 201, body = DatasetView), UploadRefusals))]
 pub async fn create_dataset(
     State(state): State<Arc<AppState>>,
     request: Request,

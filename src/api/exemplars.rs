@@ -11,8 +11,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::body::EncodedImage;
-use super::body::Parts;
+use super::body::{EncodedImage, Parts, UploadRefusals};
 use super::error::{ApiError, ErrorBody};
 use super::params::{ExemplarImagePath, IdPath};
 use super::query::{limit_within, parse_query};
@@ -85,10 +84,7 @@ pub struct ExemplarForm {
     responses(
         (status = 201, body = ExemplarView),
         (status = 404, body = ErrorBody, description = "`texture_not_found` (a transform names an unknown texture)"),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 415, body = ErrorBody, description = "`unsupported_image_format`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
-            `invalid_image`, `image_too_large`"),
+        UploadRefusals,
     ))]
 pub async fn create_exemplar(
     State(state): State<Arc<AppState>>,
@@ -137,9 +133,7 @@ pub struct TextureForm {
     request_body(content = TextureForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, body = TextureCreated),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 415, body = ErrorBody, description = "`unsupported_image_format`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `empty_image`, `invalid_image`, `image_too_large`"),
+        UploadRefusals,
     ))]
 pub async fn create_texture(
     State(state): State<Arc<AppState>>,

@@ -20,7 +20,31 @@ use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
-use utoipa::ToSchema;
+use utoipa::{IntoResponses, ToSchema};
+
+/// The refusals of every route that classifies images, stated once for the OpenAPI document.
+#[derive(IntoResponses)]
+#[expect(dead_code, reason = "only documents the answers; ApiError makes the real ones")]
+pub enum ClassifyRefusals {
+    #[response(status = 404, description = "`model_not_found`, `version_not_found`, `alias_not_found`")]
+    NotFound(ErrorBody),
+    #[response(status = 409, description = "`version_not_ready`")]
+    NotReady(ErrorBody),
+    #[response(status = 413, description = "`payload_too_large`")]
+    TooLarge(ErrorBody),
+    #[response(status = 415, description = "`unsupported_media_type`, `unsupported_image_format`")]
+    Unsupported(ErrorBody),
+    #[response(
+        status = 422,
+        description = "`invalid_request`, `invalid_argument`, `empty_image`, `invalid_image`, `image_too_large`"
+    )]
+    Invalid(ErrorBody),
+    #[response(
+        status = 503,
+        description = "`overloaded`, `model_unloaded`, `shutting_down`; `Retry-After` says when to retry"
+    )]
+    Unavailable(ErrorBody),
+}
 
 /// Several images in one classification, each a part named `image`.
 #[derive(ToSchema)]
@@ -148,17 +172,7 @@ pub enum ClassifyResponse {
         ("version" = Option<String>, Query, description = "A version number or alias; `default` when absent"),
         ("top_k" = Option<u32>, Query, description = "Classes per image, best first")),
     request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
-    responses(
-        (status = 200, body = ClassifyResponse),
-        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`"),
-        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 415, body = ErrorBody, description = "`unsupported_media_type`, `unsupported_image_format`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
-            `invalid_image`, `image_too_large`"),
-        (status = 503, body = ErrorBody, description = "`overloaded`, `model_unloaded`, `shutting_down`; \
-            `Retry-After` says when to retry"),
-    ))]
+    responses((status = 200, body = ClassifyResponse), ClassifyRefusals))]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
     Path(ModelPath { name: model }): Path<ModelPath>,

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::body::EncodedImage;
 use super::error::{ApiError, ErrorBody};
-use super::models::{classify_version, read_images, ClassifyForm, ClassifyResponse};
+use super::models::{classify_version, read_images, ClassifyForm, ClassifyRefusals, ClassifyResponse};
 use super::params::{ModelPath, VersionPath};
 use super::query::{page_limit, parse_number, parse_query, top_k};
 use super::AppState;
@@ -126,16 +126,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     operation_id = "classify_version",
     params(VersionPath, ("top_k" = Option<u32>, Query, description = "Classes per image, best first")),
     request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
-    responses(
-        (status = 200, body = ClassifyResponse),
-        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
-        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 415, body = ErrorBody, description = "`unsupported_media_type`, `unsupported_image_format`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
-            `invalid_image`, `image_too_large`"),
-        (status = 503, body = ErrorBody, description = "`overloaded`, `model_unloaded`, `shutting_down`"),
-    ))]
+    responses((status = 200, body = ClassifyResponse), ClassifyRefusals))]
 pub async fn classify(
     State(state): State<Arc<AppState>>,
     Path(VersionPath { name: model, version }): Path<VersionPath>,
@@ -166,16 +157,7 @@ pub struct Comparison {
         ("versions" = String, Query, description = "Comma-separated version numbers or aliases, e.g. `0,3,production`"),
         ("top_k" = Option<u32>, Query, description = "Classes per version, best first")),
     request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
-    responses(
-        (status = 200, body = Comparison),
-        (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
-        (status = 409, body = ErrorBody, description = "`version_not_ready`"),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 415, body = ErrorBody, description = "`unsupported_media_type`, `unsupported_image_format`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`, `empty_image`, \
-            `invalid_image`, `image_too_large`"),
-        (status = 503, body = ErrorBody, description = "`overloaded`, `model_unloaded`, `shutting_down`"),
-    ))]
+    responses((status = 200, body = Comparison), ClassifyRefusals))]
 pub async fn compare(
     State(state): State<Arc<AppState>>,
     Path(ModelPath { name: model }): Path<ModelPath>,
