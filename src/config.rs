@@ -127,6 +127,17 @@ pub struct ServeConfig {
     /// images in one request, so `POST /v1/datasets` has this limit instead of --max-body-bytes.
     #[arg(long, env = "EDITSERVE_MAX_DATASET_BYTES", default_value_t = DEFAULT_MAX_DATASET_BYTES)]
     pub max_dataset_bytes: usize,
+    /// A file of bearer tokens, one `NAME SCOPES SECRET` per line (scopes `infer`, `edit`, `admin`; the secret
+    /// itself or `sha256:<hex>`). Without tokens (this and EDITSERVE_TOKENS unset) only loopback clients are
+    /// served.
+    #[arg(long, env = "EDITSERVE_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Tokens in the file's format (`;` may end an entry), instead of or beside --tokens-file.
+    #[arg(long, env = "EDITSERVE_TOKENS", hide_env_values = true)]
+    pub tokens: Option<String>,
+    /// `/metrics` wants a token too (any configured one); `/healthz`, `/readyz` and the docs stay open.
+    #[arg(long, env = "EDITSERVE_PROTECT_METRICS")]
+    pub protect_metrics: bool,
 }
 
 impl ServeConfig {

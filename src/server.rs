@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use axum::Router;
 use tokio::net::TcpListener;
 
-use crate::api::{router, AppState};
+use crate::api::{router, AppState, Tokens};
 use crate::config::ServeConfig;
 use crate::core::cpu_pool::CpuPool;
 use crate::core::datasets::Datasets;
@@ -39,6 +39,7 @@ pub struct App {
 
 impl App {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        let tokens = load_tokens(&config)?;
         let metrics = telemetry::prometheus().map_err(anyhow::Error::msg)?;
         let device = config.device.resolve().map_err(anyhow::Error::msg)?;
         let packages = selected_packages(&config)?;
@@ -99,7 +100,7 @@ impl App {
             config,
             metrics,
         });
-        Ok(Self { router: router(state), device, registry, versions, jobs, packages, stopping })
+        Ok(Self { router: router(state, tokens), device, registry, versions, jobs, packages, stopping })
     }
 
     /// Loads the selected packages (until then /readyz answers 503).
@@ -114,13 +115,37 @@ impl App {
     }
 }
 
+/// The tokens of --tokens-file and EDITSERVE_TOKENS together; None when neither is set.
+fn load_tokens(config: &ServeConfig) -> anyhow::Result<Option<Tokens>> {
+    let mut text = match &config.tokens_file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading the tokens file {}", path.display()))?
+        }
+        None => String::new(),
+    };
+    if let Some(inline) = &config.tokens {
+        text.push('\n');
+        text.push_str(inline);
+    }
+    if config.tokens_file.is_none() && config.tokens.is_none() {
+        let exposed =
+            if config.listen.ip().is_loopback() { "" } else { " (other peers reaching this address are refused)" };
+        tracing::warn!("no tokens configured: only loopback clients are served{exposed}; see --tokens-file");
+        return Ok(None);
+    }
+    let tokens = Tokens::parse(&text).map_err(|e| anyhow::anyhow!("tokens: {e}"))?;
+    tracing::info!(tokens = tokens.len(), "bearer tokens configured");
+    Ok(Some(tokens))
+}
+
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listen = config.listen;
     let app = App::build(config).await?;
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, device = ?app.device, "listening");
     let stopping = app.stopping.clone();
-    let server = axum::serve(listener, app.router.clone()).with_graceful_shutdown(async move {
+    let service = app.router.clone().into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
         shutdown_signal().await;
         stopping.send_replace(true);
     });

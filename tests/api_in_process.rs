@@ -5,7 +5,10 @@
 
 mod common;
 
+use std::net::SocketAddr;
+
 use axum::body::{to_bytes, Body};
+use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use clap::Parser;
 use common::{foolbox_photos, root};
@@ -32,11 +35,18 @@ async fn app(data: &std::path::Path) -> App {
     App::build(flags.serve).await.expect("build the app")
 }
 
-async fn send(app: &App, request: Request<Body>) -> (StatusCode, Value) {
-    let response = app.router.clone().oneshot(request).await.expect("the router answers");
+/// As a client on `peer` would be answered.
+async fn send_from(peer: [u8; 4], app: &App, request: Request<Body>) -> (StatusCode, Value) {
+    let router = app.router.clone().layer(MockConnectInfo(SocketAddr::from((peer, 40000))));
+    let response = router.oneshot(request).await.expect("the router answers");
     let status = response.status();
     let bytes = to_bytes(response.into_body(), usize::MAX).await.expect("a body");
     (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+/// As a loopback client would be answered (no tokens are configured here).
+async fn send(app: &App, request: Request<Body>) -> (StatusCode, Value) {
+    send_from([127, 0, 0, 1], app, request).await
 }
 
 fn get(uri: &str) -> Request<Body> {
@@ -109,6 +119,10 @@ async fn routes_answer_in_process_with_their_statuses_and_codes() {
             assert!(documented.contains(&got.as_u16().to_string()), "{what}: {got} not in {documented:?}");
         }
     }
+    // With no tokens configured, a peer that is not on loopback is refused every operation; health stays open.
+    let (status, body) = send_from([192, 0, 2, 7], &app, get("/v1/models")).await;
+    assert_eq!((status, &body["error"]["code"]), (StatusCode::FORBIDDEN, &json!("forbidden")), "{body}");
+    assert_eq!(send_from([192, 0, 2, 7], &app, get("/healthz")).await.0, StatusCode::OK);
     let docs = app.router.clone().oneshot(get("/docs")).await.expect("the router answers");
     assert_eq!(docs.status(), StatusCode::OK);
     let page = to_bytes(docs.into_body(), usize::MAX).await.expect("a body");

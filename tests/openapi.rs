@@ -23,9 +23,15 @@ fn the_document_lists_every_error_code_and_route() {
         versions["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"],
         "#/components/schemas/EditRequest"
     );
-    // Every error answer is the one error body.
+    assert_eq!(document["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    // Every error answer is the one error body; every /v1 operation needs a scope and can answer 401 and 403.
     for (path, item) in paths {
         for (method, operation) in item.as_object().unwrap() {
+            if path.starts_with("/v1/") {
+                let scopes = &operation["security"][0]["bearer"];
+                assert!(["infer", "edit", "admin"].iter().any(|s| scopes[0] == *s), "{method} {path}: {scopes}");
+                assert!(operation["responses"]["401"].is_object() && operation["responses"]["403"].is_object());
+            }
             for (status, response) in operation["responses"].as_object().unwrap() {
                 if status.starts_with('4') || status.starts_with('5') && path != "/readyz" {
                     let schema = &response["content"]["application/json"]["schema"]["$ref"];

@@ -23,7 +23,7 @@ pub struct AliasList {
 }
 
 /// A model's aliases and the versions they name, built-in ones (`base`, `latest`, `default`) included.
-#[utoipa::path(get, path = "/v1/models/{name}/aliases", tag = "aliases", params(ModelPath), responses(
+#[utoipa::path(get, path = "/v1/models/{name}/aliases", tag = "aliases", security(("bearer" = ["infer"])), params(ModelPath), responses(
     (status = 200, body = AliasList),
     (status = 404, body = ErrorBody, description = "`model_not_found`"),
 ))]
@@ -47,7 +47,7 @@ pub struct AliasSet {
 }
 
 /// Points an alias at a ready version; `default` answers plain classify requests.
-#[utoipa::path(put, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", params(AliasPath),
+#[utoipa::path(put, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", security(("bearer" = ["edit"])), params(AliasPath),
     request_body = AliasTarget,
     responses(
         (status = 200, body = AliasSet),
@@ -70,7 +70,7 @@ pub async fn put_alias(
 }
 
 /// Removes an alias (`default` then names version 0 again).
-#[utoipa::path(delete, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", params(AliasPath), responses(
+#[utoipa::path(delete, path = "/v1/models/{name}/aliases/{alias}", tag = "aliases", security(("bearer" = ["edit"])), params(AliasPath), responses(
     (status = 204, description = "Removed"),
     (status = 404, body = ErrorBody, description = "`model_not_found`, `alias_not_found`"),
     (status = 409, body = ErrorBody, description = "`builtin_alias`"),

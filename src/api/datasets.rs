@@ -39,7 +39,7 @@ pub struct DatasetForm {
 
 /// Stores a dataset (labelled images, unlabelled images, or pairs of an original and its transformed copy)
 /// for evaluations and breakage guards.
-#[utoipa::path(post, path = "/v1/datasets", tag = "datasets",
+#[utoipa::path(post, path = "/v1/datasets", tag = "datasets", security(("bearer" = ["edit"])),
     request_body(content = DatasetForm, content_type = "multipart/form-data"),
     responses((status = 201, body = DatasetView), UploadRefusals))]
 pub async fn create_dataset(
@@ -86,13 +86,13 @@ pub async fn create_dataset(
 }
 
 /// The stored datasets.
-#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", responses((status = 200, body = DatasetList)))]
+#[utoipa::path(get, path = "/v1/datasets", tag = "datasets", security(("bearer" = ["edit"])), responses((status = 200, body = DatasetList)))]
 pub async fn list_datasets(State(state): State<Arc<AppState>>) -> Result<Json<DatasetList>, ApiError> {
     Ok(Json(state.datasets.list().await?))
 }
 
 /// One dataset's description.
-#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", params(IdPath), responses(
+#[utoipa::path(get, path = "/v1/datasets/{id}", tag = "datasets", security(("bearer" = ["edit"])), params(IdPath), responses(
     (status = 200, body = DatasetView),
     (status = 404, body = ErrorBody, description = "`dataset_not_found`"),
 ))]
@@ -104,7 +104,7 @@ pub async fn get_dataset(
 }
 
 /// Deletes a dataset.
-#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", params(IdPath), responses(
+#[utoipa::path(delete, path = "/v1/datasets/{id}", tag = "datasets", security(("bearer" = ["edit"])), params(IdPath), responses(
     (status = 204, description = "Deleted"),
     (status = 404, body = ErrorBody, description = "`dataset_not_found`"),
 ))]

@@ -48,6 +48,8 @@ pub enum ErrorCode {
     InvalidRequest,
     NotFound,
     MethodNotAllowed,
+    Unauthorized,
+    Forbidden,
 }
 
 /// The body of every error answer: `{"error": {"code", "message"}}`.
@@ -66,11 +68,17 @@ pub struct ErrorDetail {
 #[derive(Debug)]
 pub enum ApiError {
     Core(CoreError),
-    PayloadTooLarge { limit: usize },
+    PayloadTooLarge {
+        limit: usize,
+    },
     UnsupportedMediaType(String),
     InvalidRequest(String),
     RouteNotFound(String),
     MethodNotAllowed,
+    /// No token, or an unknown one.
+    Unauthorized(String),
+    /// A token without the scope, or a peer the server does not serve.
+    Forbidden(String),
 }
 
 impl From<CoreError> for ApiError {
@@ -136,6 +144,8 @@ impl ApiError {
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         }
     }
 
@@ -143,7 +153,10 @@ impl ApiError {
         match self {
             ApiError::Core(error) => error.to_string(),
             ApiError::PayloadTooLarge { limit } => format!("the request body is over the limit of {limit} bytes"),
-            ApiError::UnsupportedMediaType(message) | ApiError::InvalidRequest(message) => message.clone(),
+            ApiError::UnsupportedMediaType(message)
+            | ApiError::InvalidRequest(message)
+            | ApiError::Unauthorized(message)
+            | ApiError::Forbidden(message) => message.clone(),
             ApiError::RouteNotFound(path) => format!("no route for {path}"),
             ApiError::MethodNotAllowed => "method not allowed on this route".into(),
         }
@@ -161,6 +174,9 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

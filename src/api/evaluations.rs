@@ -18,7 +18,7 @@ use crate::store::EvaluationRecord;
 
 /// Starts an evaluation job: versions against a baseline on a dataset (accuracy, top-1 changes, per-class
 /// scores); 202 with the job and the evaluation's id, `Location` the job.
-#[utoipa::path(post, path = "/v1/models/{name}/evaluations", tag = "evaluations", params(ModelPath),
+#[utoipa::path(post, path = "/v1/models/{name}/evaluations", tag = "evaluations", security(("bearer" = ["edit"])), params(ModelPath),
     request_body = EvaluationRequest,
     responses(
         (status = 202, body = EvaluationAccepted, headers(("Location" = String, description = "The job"))),
@@ -40,7 +40,7 @@ pub async fn create_evaluation(
 }
 
 /// A model's evaluations, newest first, a page at a time.
-#[utoipa::path(get, path = "/v1/models/{name}/evaluations", tag = "evaluations",
+#[utoipa::path(get, path = "/v1/models/{name}/evaluations", tag = "evaluations", security(("bearer" = ["edit"])),
     params(ModelPath,
         ("limit" = Option<u32>, Query, description = "Evaluations per page"),
         ("before" = Option<String>, Query, description = "The previous page's `next_before`")),
@@ -59,7 +59,7 @@ pub async fn list_evaluations(
 }
 
 /// One evaluation with its results once its job has finished.
-#[utoipa::path(get, path = "/v1/evaluations/{id}", tag = "evaluations", params(IdPath), responses(
+#[utoipa::path(get, path = "/v1/evaluations/{id}", tag = "evaluations", security(("bearer" = ["edit"])), params(IdPath), responses(
     (status = 200, body = EvaluationRecord),
     (status = 404, body = ErrorBody, description = "`evaluation_not_found`"),
 ))]

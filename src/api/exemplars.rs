@@ -79,7 +79,7 @@ pub struct ExemplarForm {
 
 /// Uploads an exemplar: `image`, the concept as `mask` (PNG) or `mask_json`, and `modified` (an image) or
 /// `transform` (JSON).
-#[utoipa::path(post, path = "/v1/exemplars", tag = "exemplars",
+#[utoipa::path(post, path = "/v1/exemplars", tag = "exemplars", security(("bearer" = ["edit"])),
     request_body(content = ExemplarForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, body = ExemplarView),
@@ -129,7 +129,7 @@ pub struct TextureForm {
 }
 
 /// Uploads a texture for `transform`s to paste.
-#[utoipa::path(post, path = "/v1/textures", tag = "exemplars",
+#[utoipa::path(post, path = "/v1/textures", tag = "exemplars", security(("bearer" = ["edit"])),
     request_body(content = TextureForm, content_type = "multipart/form-data"),
     responses(
         (status = 201, body = TextureCreated),
@@ -148,7 +148,7 @@ pub async fn create_texture(
 }
 
 /// One exemplar's metadata.
-#[utoipa::path(get, path = "/v1/exemplars/{id}", tag = "exemplars", params(IdPath), responses(
+#[utoipa::path(get, path = "/v1/exemplars/{id}", tag = "exemplars", security(("bearer" = ["edit"])), params(IdPath), responses(
     (status = 200, body = ExemplarView),
     (status = 404, body = ErrorBody, description = "`exemplar_not_found`"),
 ))]
@@ -160,7 +160,7 @@ pub async fn get_exemplar(
 }
 
 /// One of an exemplar's images, as PNG: `image`, `mask` or `modified`.
-#[utoipa::path(get, path = "/v1/exemplars/{id}/{which}", tag = "exemplars", params(ExemplarImagePath), responses(
+#[utoipa::path(get, path = "/v1/exemplars/{id}/{which}", tag = "exemplars", security(("bearer" = ["edit"])), params(ExemplarImagePath), responses(
     (status = 200, body = EncodedImage, content_type = "image/png"),
     (status = 404, body = ErrorBody, description = "`exemplar_not_found`, `not_found` (another `which`)"),
 ))]
@@ -179,7 +179,7 @@ pub async fn exemplar_image(
 }
 
 /// Deletes an exemplar that no version was made from.
-#[utoipa::path(delete, path = "/v1/exemplars/{id}", tag = "exemplars", params(IdPath), responses(
+#[utoipa::path(delete, path = "/v1/exemplars/{id}", tag = "exemplars", security(("bearer" = ["admin"])), params(IdPath), responses(
     (status = 204, description = "Deleted"),
     (status = 404, body = ErrorBody, description = "`exemplar_not_found`"),
     (status = 409, body = ErrorBody, description = "`exemplar_in_use`"),
@@ -193,7 +193,7 @@ pub async fn delete_exemplar(
 }
 
 /// The audit log of changes (exemplars, versions, aliases, models), oldest first.
-#[utoipa::path(get, path = "/v1/audit", tag = "audit",
+#[utoipa::path(get, path = "/v1/audit", tag = "audit", security(("bearer" = ["admin"])),
     params(
         ("since" = Option<String>, Query, description = "RFC 3339 time; entries at or after it"),
         ("limit" = Option<u32>, Query, description = "Entries per page")),

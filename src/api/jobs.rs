@@ -43,7 +43,7 @@ pub struct JobAccepted {
 
 /// Starts a statistics job: the second moment of a layer's inputs over your images (or a directory of the
 /// operator's statistics directory), for edits to name as `statistics`.
-#[utoipa::path(post, path = "/v1/models/{name}/statistics", tag = "versions", params(ModelPath),
+#[utoipa::path(post, path = "/v1/models/{name}/statistics", tag = "versions", security(("bearer" = ["edit"])), params(ModelPath),
     request_body(content = StatisticsForm, content_type = "multipart/form-data"),
     responses(
         (status = 202, body = JobAccepted, headers(("Location" = String, description = "The job"))),
@@ -78,7 +78,7 @@ pub async fn create_statistics(
 }
 
 /// An edit, statistics or evaluation job: state, progress and outcome.
-#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(IdPath), responses(
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = ["infer"])), params(IdPath), responses(
     (status = 200, body = JobView),
     (status = 404, body = ErrorBody, description = "`job_not_found`"),
 ))]
@@ -90,7 +90,7 @@ pub async fn get_job(
 }
 
 /// Cancels a queued or running job; its pending version is marked failed.
-#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", params(IdPath), responses(
+#[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs", security(("bearer" = ["edit"])), params(IdPath), responses(
     (status = 200, body = JobView),
     (status = 404, body = ErrorBody, description = "`job_not_found`"),
     (status = 409, body = ErrorBody, description = "`job_finished`"),
@@ -109,7 +109,7 @@ fn event(record: &JobView) -> Event {
 
 /// Server-Sent Events: the job's state now (`progress`), then on each change (at most ten a second), until a
 /// `final` event; each event's data is the job as `GET /v1/jobs/{id}` shows it.
-#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(IdPath), responses(
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", security(("bearer" = ["infer"])), params(IdPath), responses(
     (status = 200, content_type = "text/event-stream", body = JobView,
         description = "Events `progress` and `final`, each with the job as JSON data"),
     (status = 404, body = ErrorBody, description = "`job_not_found`"),

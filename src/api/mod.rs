@@ -1,6 +1,7 @@
 //! HTTP transport: routes, request/response types, and the error mapping. Everything else is in `core`.
 
 mod aliases;
+mod auth;
 mod body;
 mod datasets;
 mod error;
@@ -29,7 +30,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use utoipa_scalar::{Scalar, Servable};
 
+pub use auth::Tokens;
 pub use error::{ApiError, ErrorBody, ErrorCode};
+
+use auth::Access;
 
 use crate::config::ServeConfig;
 use crate::core::datasets::Datasets;
@@ -101,6 +105,7 @@ struct ApiDoc;
 /// The OpenAPI document of every route; `openapi.yaml` is this, written by `editserve openapi`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut document) = routes(0).split_for_parts();
+    utoipa::Modify::modify(&auth::BearerScheme, &mut document);
     document.info.version = env!("CARGO_PKG_VERSION").to_string();
     let description = document.info.description.get_or_insert_with(String::new);
     description.push_str(&describe_limits());
@@ -130,9 +135,12 @@ fn describe_limits() -> String {
 
 static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(openapi);
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The service's routes with the token check, the docs and the fallbacks.
+pub fn router(state: Arc<AppState>, tokens: Option<Tokens>) -> Router {
+    let access = Arc::new(Access::new(tokens, &DOCUMENT, state.config.protect_metrics));
     let (router, _) = routes(state.config.max_dataset_bytes).split_for_parts();
     router
+        .route_layer(middleware::from_fn_with_state(access, auth::authorize))
         .merge(Scalar::with_url("/docs", DOCUMENT.clone()))
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })

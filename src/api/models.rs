@@ -59,13 +59,13 @@ pub struct ModelList {
 }
 
 /// The loaded models.
-#[utoipa::path(get, path = "/v1/models", tag = "models", responses((status = 200, body = ModelList)))]
+#[utoipa::path(get, path = "/v1/models", tag = "models", security(("bearer" = ["infer"])), responses((status = 200, body = ModelList)))]
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
     Json(ModelList { models: state.registry.models() })
 }
 
 /// One loaded model: architecture, classes, input, device and editable layers.
-#[utoipa::path(get, path = "/v1/models/{name}", tag = "models", params(ModelPath), responses(
+#[utoipa::path(get, path = "/v1/models/{name}", tag = "models", security(("bearer" = ["infer"])), params(ModelPath), responses(
     (status = 200, body = ModelInfo),
     (status = 404, body = ErrorBody, description = "`model_not_found`"),
 ))]
@@ -86,7 +86,7 @@ pub struct LoadRequest {
 }
 
 /// Loads a model package from the models directory at run time; it serves once loaded and warmed up.
-#[utoipa::path(post, path = "/v1/models", tag = "models", request_body = LoadRequest, responses(
+#[utoipa::path(post, path = "/v1/models", tag = "models", security(("bearer" = ["admin"])), request_body = LoadRequest, responses(
     (status = 201, body = ModelInfo, description = "Loaded"),
     (status = 409, body = ErrorBody, description = "`model_exists`, `model_weights_changed` (the name's versions were \
         made from other weights)"),
@@ -125,7 +125,7 @@ fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<P
 }
 
 /// Unloads a model: its queued requests answer `model_unloaded`; its versions stay stored.
-#[utoipa::path(delete, path = "/v1/models/{name}", tag = "models", params(ModelPath), responses(
+#[utoipa::path(delete, path = "/v1/models/{name}", tag = "models", security(("bearer" = ["admin"])), params(ModelPath), responses(
     (status = 204, description = "Unloaded"),
     (status = 404, body = ErrorBody, description = "`model_not_found`"),
 ))]
@@ -167,7 +167,7 @@ pub enum ClassifyResponse {
 
 /// Classifies one image (the body, `image/*`) or several (`multipart/form-data`, `image` parts, answered as
 /// `results`) with the `default` alias's version unless `version` names another.
-#[utoipa::path(post, path = "/v1/models/{name}/classify", tag = "classification",
+#[utoipa::path(post, path = "/v1/models/{name}/classify", tag = "classification", security(("bearer" = ["infer"])),
     params(ModelPath,
         ("version" = Option<String>, Query, description = "A version number or alias; `default` when absent"),
         ("top_k" = Option<u32>, Query, description = "Classes per image, best first")),

@@ -36,7 +36,7 @@ pub(super) fn accepted(location: String, body: impl Serialize) -> Response {
 }
 
 /// A model's versions, newest first, a page at a time.
-#[utoipa::path(get, path = "/v1/models/{name}/versions", tag = "versions",
+#[utoipa::path(get, path = "/v1/models/{name}/versions", tag = "versions", security(("bearer" = ["infer"])),
     params(ModelPath,
         ("limit" = Option<u32>, Query, description = "Versions per page"),
         ("before" = Option<u32>, Query, description = "Only versions numbered below this (the previous page's `next_before`)")),
@@ -55,7 +55,7 @@ pub async fn list_versions(
 }
 
 /// One version: its lineage, edit settings, metrics and state.
-#[utoipa::path(get, path = "/v1/models/{name}/versions/{version}", tag = "versions", params(VersionPath), responses(
+#[utoipa::path(get, path = "/v1/models/{name}/versions/{version}", tag = "versions", security(("bearer" = ["infer"])), params(VersionPath), responses(
     (status = 200, body = VersionView),
     (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
     (status = 422, body = ErrorBody, description = "`invalid_argument`"),
@@ -68,7 +68,7 @@ pub async fn get_version(
 }
 
 /// Deletes a version that no alias, child version or running job uses; version 0 stays.
-#[utoipa::path(delete, path = "/v1/models/{name}/versions/{version}", tag = "versions", params(VersionPath), responses(
+#[utoipa::path(delete, path = "/v1/models/{name}/versions/{version}", tag = "versions", security(("bearer" = ["admin"])), params(VersionPath), responses(
     (status = 204, description = "Deleted"),
     (status = 404, body = ErrorBody, description = "`model_not_found`, `version_not_found`, `alias_not_found`"),
     (status = 409, body = ErrorBody, description = "`version_in_use`"),
@@ -84,7 +84,7 @@ pub async fn delete_version(
 
 /// Starts an edit job from exemplars: 202 with the job and the pending version, `Location` the job. The same
 /// `Idempotency-Key` with the same request answers the first job again.
-#[utoipa::path(post, path = "/v1/models/{name}/versions", tag = "versions",
+#[utoipa::path(post, path = "/v1/models/{name}/versions", tag = "versions", security(("bearer" = ["edit"])),
     params(ModelPath, ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe")),
     request_body = EditRequest,
     responses(
@@ -122,7 +122,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// Classifies with the named version, as `POST /v1/models/{name}/classify?version=…` does.
-#[utoipa::path(post, path = "/v1/models/{name}/versions/{version}/classify", tag = "classification",
+#[utoipa::path(post, path = "/v1/models/{name}/versions/{version}/classify", tag = "classification", security(("bearer" = ["infer"])),
     operation_id = "classify_version",
     params(VersionPath, ("top_k" = Option<u32>, Query, description = "Classes per image, best first")),
     request_body(content((EncodedImage = "image/*"), (ClassifyForm = "multipart/form-data"))),
@@ -152,7 +152,7 @@ pub struct Comparison {
 }
 
 /// One image through several versions (A/B): each version's predictions and whether their top-1 agree.
-#[utoipa::path(post, path = "/v1/models/{name}/compare", tag = "classification",
+#[utoipa::path(post, path = "/v1/models/{name}/compare", tag = "classification", security(("bearer" = ["infer"])),
     params(ModelPath,
         ("versions" = String, Query, description = "Comma-separated version numbers or aliases, e.g. `0,3,production`"),
         ("top_k" = Option<u32>, Query, description = "Classes per version, best first")),

@@ -9,15 +9,13 @@ use bytes::Bytes;
 use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
 use serde::Serialize;
 
+use super::caller;
 use super::cpu_pool::CpuPool;
 use super::{Conflict, CoreError, Resource};
 use crate::imaging::concept::{MaskShapes, Transform};
 use crate::imaging::{binary_mask, decode, DecodeLimits};
 use crate::store::{now_rfc3339, AuditEntry, BlobStore, ExemplarRecord, MetadataStore, StoreError, TextureRecord};
 use utoipa::ToSchema;
-
-/// Until authentication exists every action is the anonymous caller's.
-pub const ANONYMOUS: &str = "anonymous";
 
 pub enum MaskInput {
     Png(Bytes),
@@ -108,7 +106,7 @@ impl Exemplars {
             created_at: now_rfc3339(),
         };
         self.metadata.insert_texture(&record).await?;
-        self.metadata.record_audit("texture.create", &record.id, ANONYMOUS, None).await?;
+        self.metadata.record_audit("texture.create", &record.id, &caller::current(), None).await?;
         Ok(TextureCreated { id: record.id })
     }
 
@@ -145,7 +143,7 @@ impl Exemplars {
         // Blobs first, then the row: a crash in between leaves an unreferenced blob, never a row
         // pointing at a missing one.
         self.metadata.insert_exemplar(&record).await?;
-        self.metadata.record_audit("exemplar.create", &record.id, ANONYMOUS, None).await?;
+        self.metadata.record_audit("exemplar.create", &record.id, &caller::current(), None).await?;
         Ok(record)
     }
 
@@ -191,7 +189,7 @@ impl Exemplars {
         if !deleted {
             return Err(CoreError::not_found(Resource::Exemplar, id));
         }
-        self.metadata.record_audit("exemplar.delete", id, ANONYMOUS, None).await?;
+        self.metadata.record_audit("exemplar.delete", id, &caller::current(), None).await?;
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! aliases, the jobs that edit models on the per-device edit worker, and the datasets and evaluations that
 //! score versions.
 
+pub mod caller;
 pub mod cpu_pool;
 pub mod datasets;
 pub mod directories;

@@ -163,9 +163,21 @@ impl TestServer {
 
     /// A server on `models_dir` and `data_dir` (which outlives it, for restart tests).
     pub async fn start_with(models_dir: &Path, data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::spawn("127.0.0.1", models_dir, data_dir, extra_args).await
+    }
+
+    /// A server listening on every interface (the default models, a fresh data directory).
+    pub async fn start_exposed(extra_args: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut server = Self::spawn("0.0.0.0", &root().join("models"), data.path(), extra_args).await;
+        server._data = Some(data);
+        server
+    }
+
+    async fn spawn(host: &str, models_dir: &Path, data_dir: &Path, extra_args: &[&str]) -> Self {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_editserve"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--models-dir"])
+            .args(["serve", "--listen", &format!("{host}:{port}"), "--models-dir"])
             .arg(models_dir)
             .arg("--data-dir")
             .arg(data_dir)
@@ -192,6 +204,10 @@ impl TestServer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("server not ready after {timeout:?}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.base.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port")
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -21,9 +21,9 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::caller;
 use super::cpu_pool::CpuPool;
 use super::directories::{blocking, file_inside, files, subdirectory};
-use super::exemplars::ANONYMOUS;
 use super::{CoreError, Resource};
 use crate::imaging::{decode, DecodeLimits};
 use crate::store::{now_rfc3339, serde_name, BlobStore, DatasetItemRecord, DatasetRecord, MetadataStore};
@@ -228,7 +228,7 @@ impl Datasets {
         // Blobs first, then the rows: a crash in between leaves unreferenced blobs, never a row without its image.
         self.metadata.create_dataset(&record, &rows).await?;
         let detail = json!({"kind": kind, "images": record.images, "name": record.name});
-        self.metadata.record_audit("dataset.create", &record.id, ANONYMOUS, Some(detail)).await?;
+        self.metadata.record_audit("dataset.create", &record.id, &caller::current(), Some(detail)).await?;
         view(record)
     }
 
@@ -276,7 +276,7 @@ impl Datasets {
         if !self.metadata.delete_dataset(id).await? {
             return Err(CoreError::not_found(Resource::Dataset, id));
         }
-        self.metadata.record_audit("dataset.delete", id, ANONYMOUS, None).await?;
+        self.metadata.record_audit("dataset.delete", id, &caller::current(), None).await?;
         Ok(())
     }
 }

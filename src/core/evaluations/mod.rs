@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use super::caller;
 use super::datasets::{load_images, DatasetImages, DatasetKind};
 use super::edit_worker::input_batch;
-use super::exemplars::ANONYMOUS;
 use super::jobs::{plan_of, JobView, Jobs, VersionName};
 use super::registry::Registry;
 use super::scheduler::Lineage;
@@ -177,7 +177,7 @@ impl Evaluations {
         let job = self.jobs.create_evaluation(model, plan, dataset.images as usize, record).await?;
         let detail =
             json!({"model": model, "dataset": dataset.id, "baseline": baseline, "versions": versions, "job": job.id});
-        self.metadata.record_audit("evaluation.create", &id, ANONYMOUS, Some(detail)).await?;
+        self.metadata.record_audit("evaluation.create", &id, &caller::current(), Some(detail)).await?;
         Ok(EvaluationAccepted { job, evaluation: id })
     }
 

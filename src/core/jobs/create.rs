@@ -58,7 +58,7 @@ impl Jobs {
             .record_audit(
                 "edit.create",
                 &job.id,
-                ANONYMOUS,
+                &caller::current(),
                 Some(json!({"model": model, "version": number, "parent": plan.parent})),
             )
             .await?;
@@ -114,7 +114,12 @@ impl Jobs {
         let job = queued_job(JobKind::Statistics, model, request, sha, None, total, &now_rfc3339());
         self.metadata.create_job(&job).await?;
         self.metadata
-            .record_audit("statistics.create", &job.id, ANONYMOUS, Some(json!({"model": model, "layer": plan.layer})))
+            .record_audit(
+                "statistics.create",
+                &job.id,
+                &caller::current(),
+                Some(json!({"model": model, "layer": plan.layer})),
+            )
             .await?;
         let view = JobView::from(&job);
         self.enqueue(job, uploaded, permit);

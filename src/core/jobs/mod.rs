@@ -14,11 +14,11 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 
+use super::caller;
 use super::datasets::load_images;
 use super::directories::{blocking, files, subdirectory};
 use super::edit_worker::{EditWorker, ExemplarPngs, GuardPlan, Outcome, Work};
 use super::evaluations::evaluation_work;
-use super::exemplars::ANONYMOUS;
 use super::registry::Registry;
 use super::versions::{VersionRef, Versions};
 use super::{Conflict, CoreError, Resource};
@@ -262,7 +262,7 @@ impl Jobs {
             Some(view) => view,
             None => self.get(id).await?,
         };
-        self.metadata.record_audit("job.cancel", id, ANONYMOUS, Some(json!({"state": view.state}))).await?;
+        self.metadata.record_audit("job.cancel", id, &caller::current(), Some(json!({"state": view.state}))).await?;
         Ok(view)
     }
 }

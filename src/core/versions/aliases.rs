@@ -36,7 +36,12 @@ impl Versions {
         let number = self.ready(model, target).await?;
         self.metadata.set_alias(model, alias, number).await?;
         self.metadata
-            .record_audit("alias.set", &format!("{model}/{alias}"), ANONYMOUS, Some(json!({ "version": number })))
+            .record_audit(
+                "alias.set",
+                &format!("{model}/{alias}"),
+                &caller::current(),
+                Some(json!({ "version": number })),
+            )
             .await?;
         Ok(number)
     }
@@ -52,7 +57,7 @@ impl Versions {
                 message: format!("model '{model}' has no alias '{alias}'"),
             });
         }
-        self.metadata.record_audit("alias.delete", &format!("{model}/{alias}"), ANONYMOUS, None).await?;
+        self.metadata.record_audit("alias.delete", &format!("{model}/{alias}"), &caller::current(), None).await?;
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use lru::LruCache;
 use serde::Serialize;
 use serde_json::json;
 
-use super::exemplars::ANONYMOUS;
+use super::caller;
 use super::registry::{ModelInfo, Prediction, Registry};
 use super::scheduler::{Lineage, Target};
 use super::{Conflict, CoreError, Resource};
@@ -277,7 +277,7 @@ impl Versions {
         self.lineages.lock().unwrap_or_else(|p| p.into_inner()).remove(&(model.to_string(), number));
         // Best effort: a deleted version is unreachable, and a full queue only delays its eviction.
         let _ = self.registry.worker().forget(model, number);
-        self.metadata.record_audit("version.delete", &format!("{model}/{number}"), ANONYMOUS, None).await?;
+        self.metadata.record_audit("version.delete", &format!("{model}/{number}"), &caller::current(), None).await?;
         Ok(number)
     }
 
@@ -326,7 +326,7 @@ impl Versions {
         model: &str,
         detail: Option<serde_json::Value>,
     ) -> Result<(), CoreError> {
-        Ok(self.metadata.record_audit(action, model, ANONYMOUS, detail).await?)
+        Ok(self.metadata.record_audit(action, model, &caller::current(), detail).await?)
     }
 
     /// Classifies with the version `reference` names (the `default` alias when None); returns its number.

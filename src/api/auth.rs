@@ -1,0 +1,272 @@
+//! Who may call what: bearer tokens with scopes, checked before a route's handler runs. The scope each
+//! operation needs is its `security` in the OpenAPI document (the `#[utoipa::path]` attribute), so the
+//! document and the check cannot disagree. With no tokens configured only loopback peers are served.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::rejection::ExtensionRejection;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
+
+use super::error::ApiError;
+use crate::core::caller;
+
+/// The name of the security scheme in the OpenAPI document.
+pub const BEARER: &str = "bearer";
+
+/// What a token may do; an operation names the one it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Classify, compare, read models, versions, aliases and jobs.
+    Infer,
+    /// Exemplars, textures, datasets, edits, statistics, evaluations, aliases.
+    Edit,
+    /// Load and unload models, delete versions and exemplars, read the audit log.
+    Admin,
+}
+
+impl Scope {
+    const ALL: [Scope; 3] = [Scope::Infer, Scope::Edit, Scope::Admin];
+
+    fn name(self) -> &'static str {
+        match self {
+            Scope::Infer => "infer",
+            Scope::Edit => "edit",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        Scope::ALL.into_iter().find(|scope| scope.name() == text)
+    }
+}
+
+struct Token {
+    name: String,
+    scopes: Vec<Scope>,
+    /// The token's sha256: the secret itself is not kept.
+    digest: [u8; 32],
+}
+
+/// The configured tokens. Each line of the file (or of `EDITSERVE_TOKENS`, where `;` also ends a line) is
+/// `NAME SCOPES SECRET`: SCOPES comma-separated from `infer`, `edit`, `admin`; SECRET the token itself or
+/// `sha256:` and its digest in hex, so that the file need not hold secrets. `#` starts a comment.
+pub struct Tokens(Vec<Token>);
+
+impl Tokens {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut tokens = Vec::new();
+        for (number, line) in text.split(['\n', ';']).enumerate() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [name, scopes, secret] = fields[..] else {
+                return Err(format!("token entry {}: expected NAME SCOPES SECRET", number + 1));
+            };
+            let scopes = scopes
+                .split(',')
+                .map(|s| Scope::parse(s).ok_or_else(|| format!("token '{name}': unknown scope '{s}'")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let digest = match secret.strip_prefix("sha256:") {
+                Some(hex) => parse_digest(hex).ok_or_else(|| format!("token '{name}': sha256: wants 64 hex digits"))?,
+                None => Sha256::digest(secret.as_bytes()).into(),
+            };
+            if tokens.iter().any(|t: &Token| t.name == name) {
+                return Err(format!("token '{name}' is configured twice"));
+            }
+            tokens.push(Token { name: name.to_string(), scopes, digest });
+        }
+        if tokens.is_empty() {
+            return Err("no tokens in the token configuration".into());
+        }
+        Ok(Self(tokens))
+    }
+
+    /// The token whose secret this is. Every configured digest is compared, in constant time.
+    fn find(&self, secret: &str) -> Option<&Token> {
+        let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let mut found = None;
+        for token in &self.0 {
+            if bool::from(token.digest.ct_eq(&digest)) {
+                found = Some(token);
+            }
+        }
+        found
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+fn parse_digest(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut digest = [0u8; 32];
+    for (i, byte) in digest.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// The check every routed request passes.
+pub struct Access {
+    /// None: no tokens, loopback peers only.
+    tokens: Option<Tokens>,
+    /// The scope of each protected operation, by method and route template.
+    needs: HashMap<(Method, String), Scope>,
+    /// Whether `/metrics` wants a token (any configured one).
+    protect_metrics: bool,
+}
+
+impl Access {
+    pub fn new(tokens: Option<Tokens>, document: &OpenApi, protect_metrics: bool) -> Self {
+        let mut needs = HashMap::new();
+        for (path, item) in &document.paths.paths {
+            let operations = [
+                (Method::GET, &item.get),
+                (Method::POST, &item.post),
+                (Method::PUT, &item.put),
+                (Method::DELETE, &item.delete),
+                (Method::PATCH, &item.patch),
+            ];
+            for (method, operation) in operations {
+                let requirements = operation.as_ref().and_then(|o| o.security.as_ref());
+                let scope = requirements.into_iter().flatten().find_map(|requirement| {
+                    let value = serde_json::to_value(requirement).ok()?;
+                    value.get(BEARER)?.as_array()?.iter().find_map(|s| Scope::parse(s.as_str()?))
+                });
+                if let Some(scope) = scope {
+                    needs.insert((method, path.clone()), scope);
+                }
+            }
+        }
+        Self { tokens, needs, protect_metrics }
+    }
+
+    fn check(&self, request: &Request, peer: Option<IpAddr>) -> Result<Option<String>, ApiError> {
+        let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or_default();
+        let need = self.needs.get(&(request.method().clone(), route.to_string())).copied();
+        let metrics = self.protect_metrics && route == "/metrics";
+        if need.is_none() && !metrics {
+            return Ok(None);
+        }
+        let Some(tokens) = &self.tokens else {
+            return match peer {
+                Some(ip) if ip.is_loopback() => Ok(None),
+                _ => Err(ApiError::Forbidden(
+                    "this server has no tokens configured and serves only loopback clients (see --tokens-file)".into(),
+                )),
+            };
+        };
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim);
+        let Some(presented) = presented else {
+            return Err(ApiError::Unauthorized("send 'Authorization: Bearer <token>'".into()));
+        };
+        let token = tokens.find(presented).ok_or_else(|| ApiError::Unauthorized("unknown token".into()))?;
+        if let Some(need) = need {
+            if !token.scopes.contains(&need) {
+                return Err(ApiError::Forbidden(format!(
+                    "token '{}' lacks the scope '{}' this operation needs",
+                    token.name,
+                    need.name()
+                )));
+            }
+        }
+        Ok(Some(token.name.clone()))
+    }
+}
+
+/// Refuses what the caller may not do; runs the rest with the token's name as the caller the audit log
+/// records.
+pub async fn authorize(
+    State(access): State<Arc<Access>>,
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use axum::response::IntoResponse;
+    // Without the peer's address (a router used without a socket) the loopback rule refuses.
+    let peer = peer.ok().map(|ConnectInfo(address)| address.ip());
+    match access.check(&request, peer) {
+        Ok(Some(name)) => caller::scope(name, next.run(request)).await,
+        Ok(None) => next.run(request).await,
+        Err(refusal) => refusal.into_response(),
+    }
+}
+
+/// The `bearer` security scheme in the document's components.
+pub struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, document: &mut OpenApi) {
+        let components = document.components.get_or_insert_with(Default::default);
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .description(Some(
+                "A token from --tokens-file or EDITSERVE_TOKENS; the scope an operation needs is its requirement. \
+                 With no tokens configured, loopback clients need none and other peers are refused.",
+            ))
+            .build();
+        components.add_security_scheme(BEARER, SecurityScheme::Http(scheme));
+        // Every protected operation can be refused before its handler runs.
+        let refusals = [
+            ("401", "`unauthorized`: no token or an unknown one (`WWW-Authenticate: Bearer`)"),
+            ("403", "`forbidden`: the token lacks the scope, or a non-loopback peer while no tokens are configured"),
+        ];
+        for item in document.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch];
+            for operation in operations.into_iter().flatten() {
+                if operation.security.is_none() {
+                    continue;
+                }
+                for (status, description) in refusals {
+                    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+                    let response = ResponseBuilder::new().description(description).content("application/json", content);
+                    operation.responses.responses.insert(status.to_string(), response.build().into());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_plain_and_hashed_secrets_and_refuse_bad_entries() {
+        let hashed = format!("{:x}", Sha256::digest(b"s3cret"));
+        let tokens =
+            Tokens::parse(&format!("# ops\nci infer,edit abc\nops admin sha256:{hashed}; viewer infer xyz")).unwrap();
+        assert_eq!(tokens.len(), 3);
+        assert_eq!(tokens.find("abc").map(|t| t.name.as_str()), Some("ci"));
+        assert_eq!(tokens.find("s3cret").map(|t| t.scopes.clone()), Some(vec![Scope::Admin]));
+        assert!(tokens.find("abd").is_none());
+        assert!(Tokens::parse("ci root abc").is_err(), "unknown scope");
+        assert!(Tokens::parse("ci infer").is_err(), "missing secret");
+        assert!(Tokens::parse("ci infer sha256:12").is_err(), "short digest");
+        assert!(Tokens::parse("a infer x\na edit y").is_err(), "a name twice");
+        assert!(Tokens::parse("# nothing").is_err());
+    }
+}
