@@ -78,6 +78,7 @@ async fn routes_answer_in_process_with_their_statuses_and_codes() {
 
     let versions = "/v1/models/efficientnet-lite0/versions";
     let edit = |body: Value| post(versions, "application/json", body.to_string());
+    let load = |body: Value| post("/v1/models", "application/json", body.to_string());
     // (request, status, error code)
     let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
         (get("/v1/models/nope"), StatusCode::NOT_FOUND, "model_not_found"),
@@ -104,6 +105,23 @@ async fn routes_answer_in_process_with_their_statuses_and_codes() {
         ),
         (get("/v1/jobs/00000000-0000-0000-0000-000000000000"), StatusCode::NOT_FOUND, "job_not_found"),
         (get("/v1/datasets/00000000-0000-0000-0000-000000000000"), StatusCode::NOT_FOUND, "dataset_not_found"),
+        // Found by an outside probe (issue 13), each fixed:
+        // a JSON body over the limit is 413 like any other, not a parse error;
+        (
+            post(versions, "application/json", format!("{{\"description\": \"{}\"}}", "x".repeat(17 << 20))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        // `before` past u32 is out of range, not "negative";
+        (get(&format!("{versions}?before=4294967296")), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        // no model named "..";
+        (
+            load(json!({"name": "..", "path": "efficientnet-lite0"})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        // a package path outside the models directory is refused alike whether it exists or not.
+        (load(json!({"name": "x", "path": "/etc"})), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
     ];
     let (status, document) = send(&app, get("/openapi.json")).await;
     assert_eq!(status, StatusCode::OK);
@@ -119,6 +137,18 @@ async fn routes_answer_in_process_with_their_statuses_and_codes() {
             assert!(documented.contains(&got.as_u16().to_string()), "{what}: {got} not in {documented:?}");
         }
     }
+    let (_, range) = send(&app, get(&format!("{versions}?before=4294967296"))).await;
+    assert!(range["error"]["message"].as_str().unwrap().contains("4294967295"), "{range}");
+    let (_, existing) = send(&app, load(json!({"name": "x", "path": "/etc"}))).await;
+    let (_, missing) = send(&app, load(json!({"name": "x", "path": "/no/such/dir"}))).await;
+    let message = |body: &Value, path: &str| body["error"]["message"].as_str().unwrap().replace(path, "P");
+    assert_eq!(message(&existing, "/etc"), message(&missing, "/no/such/dir"), "the answer tells nothing of the disk");
+    assert!(!message(&existing, "/etc").contains(root().to_str().unwrap()), "no absolute server path: {existing}");
+
+    // A top-down BMP (negative height in its header) is an ordinary 2x2 image.
+    let (status, body) = send(&app, post("/v1/models/efficientnet-lite0/classify", "image/bmp", top_down_bmp())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
     // With no tokens configured, a peer that is not on loopback is refused every operation; health stays open.
     let (status, body) = send_from([192, 0, 2, 7], &app, get("/v1/models")).await;
     assert_eq!((status, &body["error"]["code"]), (StatusCode::FORBIDDEN, &json!("forbidden")), "{body}");
@@ -140,4 +170,22 @@ fn documented_statuses(document: &Value, method: &str, path: &str) -> Option<Vec
     })?;
     let responses = item[method.to_ascii_lowercase()]["responses"].as_object()?;
     Some(responses.keys().cloned().collect())
+}
+
+/// A 2x2 24-bit BMP stored top-down (negative height), as some encoders write them.
+fn top_down_bmp() -> Vec<u8> {
+    let row = [0u8, 0, 255, 0, 255, 0, 0, 0]; // two BGR pixels, padded to 4 bytes
+    let pixels: Vec<u8> = [row, row].concat();
+    let mut bmp = b"BM".to_vec();
+    bmp.extend((54 + pixels.len() as u32).to_le_bytes());
+    bmp.extend([0u8; 4]);
+    bmp.extend(54u32.to_le_bytes());
+    bmp.extend(40u32.to_le_bytes()); // BITMAPINFOHEADER
+    bmp.extend(2i32.to_le_bytes());
+    bmp.extend((-2i32).to_le_bytes());
+    bmp.extend(1u16.to_le_bytes());
+    bmp.extend(24u16.to_le_bytes());
+    bmp.extend([0u8; 24]); // no compression, sizes, resolution, palette
+    bmp.extend(pixels);
+    bmp
 }

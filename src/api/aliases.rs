@@ -61,7 +61,7 @@ pub async fn put_alias(
     body: Result<Json<AliasTarget>, JsonRejection>,
 ) -> Result<Json<AliasSet>, ApiError> {
     state.registry.ensure_loaded(&model)?;
-    let target = match json_body(body)?.version {
+    let target = match json_body(body, state.config.max_body_bytes)?.version {
         VersionName::Number(n) => VersionRef::Number(n),
         VersionName::Alias(name) => version_ref(&name)?,
     };

@@ -14,9 +14,9 @@ use axum::response::Response;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
+use utoipa::openapi::OpenApi;
 
-use super::error::ApiError;
+use super::error::{documented_refusal, ApiError};
 use crate::core::caller;
 
 /// The name of the security scheme in the OpenAPI document.
@@ -234,17 +234,9 @@ impl utoipa::Modify for BearerScheme {
             ("401", "`unauthorized`: no token or an unknown one (`WWW-Authenticate: Bearer`)"),
             ("403", "`forbidden`: the token lacks the scope, or a non-loopback peer while no tokens are configured"),
         ];
-        for item in document.paths.paths.values_mut() {
-            let operations = [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch];
-            for operation in operations.into_iter().flatten() {
-                if operation.security.is_none() {
-                    continue;
-                }
-                for (status, description) in refusals {
-                    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
-                    let response = ResponseBuilder::new().description(description).content("application/json", content);
-                    operation.responses.responses.insert(status.to_string(), response.build().into());
-                }
+        for operation in super::operations_mut(document).filter(|o| o.security.is_some()) {
+            for (status, description) in refusals {
+                operation.responses.responses.insert(status.to_string(), documented_refusal(description));
             }
         }
     }

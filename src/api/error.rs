@@ -4,6 +4,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::ToSchema;
 
 use crate::core::{Conflict, CoreError, Resource};
@@ -63,6 +64,12 @@ pub struct ErrorDetail {
     code: ErrorCode,
     /// A sentence for people; clients branch on `code`.
     message: String,
+}
+
+/// An error answer as the OpenAPI document shows it, for refusals that many operations share.
+pub fn documented_refusal(description: &str) -> RefOr<utoipa::openapi::Response> {
+    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+    ResponseBuilder::new().description(description).content("application/json", content).build().into()
 }
 
 #[derive(Debug)]

@@ -34,7 +34,7 @@ pub async fn create_evaluation(
     body: Result<Json<EvaluationRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     state.registry.ensure_loaded(&model)?;
-    let request = json_body(body)?;
+    let request = json_body(body, state.config.max_body_bytes)?;
     let created = state.evaluations.create(&model, request).await?;
     Ok(accepted(format!("/v1/jobs/{}", created.job.id), created))
 }

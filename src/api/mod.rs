@@ -33,6 +33,8 @@ use utoipa_scalar::{Scalar, Servable};
 pub use auth::Tokens;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 
+use error::documented_refusal;
+
 use auth::Access;
 
 use crate::config::ServeConfig;
@@ -106,10 +108,27 @@ struct ApiDoc;
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut document) = routes(0).split_for_parts();
     utoipa::Modify::modify(&auth::BearerScheme, &mut document);
+    document_body_limit(&mut document);
     document.info.version = env!("CARGO_PKG_VERSION").to_string();
     let description = document.info.description.get_or_insert_with(String::new);
     description.push_str(&describe_limits());
     document
+}
+
+/// Every operation that reads a body can answer 413 (the body limit applies before its handler runs).
+fn document_body_limit(document: &mut utoipa::openapi::OpenApi) {
+    for operation in operations_mut(document).filter(|o| o.request_body.is_some()) {
+        operation.responses.responses.entry("413".into()).or_insert_with(|| documented_refusal("`payload_too_large`"));
+    }
+}
+
+/// Every operation of the document, to add what many share.
+fn operations_mut(
+    document: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    document.paths.paths.values_mut().flat_map(|item| {
+        [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch].into_iter().flatten()
+    })
 }
 
 /// The limits a client meets, from the constants the server enforces (the first four are defaults of flags).

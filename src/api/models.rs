@@ -16,6 +16,7 @@ use super::body::{read_body, EncodedImage, Parts};
 use super::error::{ApiError, ErrorBody};
 use super::params::ModelPath;
 use super::query::{parse_query, top_k};
+use super::versions::json_body;
 use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
@@ -97,7 +98,7 @@ pub async fn load_model(
     State(state): State<Arc<AppState>>,
     body: Result<Json<LoadRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
-    let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let request = json_body(body, state.config.max_body_bytes)?;
     let dir = package_dir(&state.config.models_dir, &request.path)?;
     let info = state.versions.load_model(&request.name, &dir).await?;
     let detail = serde_json::json!({"path": request.path, "architecture": info.architecture});
@@ -107,19 +108,21 @@ pub async fn load_model(
 
 /// Packages load only from inside the models directory: a client must not make the server read
 /// arbitrary paths.
+/// The answer is the same whether a path outside exists or not, and names only what the client sent.
 fn package_dir(models_dir: &std::path::Path, path: &std::path::Path) -> Result<PathBuf, ApiError> {
-    let root = models_dir
-        .canonicalize()
-        .map_err(|e| ApiError::Core(CoreError::Internal(format!("models directory {}: {e}", models_dir.display()))))?;
-    let dir = root
-        .join(path)
-        .canonicalize()
-        .map_err(|_| ApiError::InvalidRequest(format!("no model package at '{}'", path.display())))?;
-    if !dir.starts_with(&root) {
-        return Err(ApiError::InvalidRequest(format!(
-            "'{}' is outside the models directory; packages load only from there",
+    let refused = || {
+        ApiError::InvalidRequest(format!(
+            "no model package at '{}' in the models directory (a path relative to it)",
             path.display()
-        )));
+        ))
+    };
+    let root = models_dir.canonicalize().map_err(|e| {
+        tracing::error!(directory = %models_dir.display(), error = %e, "the models directory cannot be read");
+        ApiError::Core(CoreError::Internal("the models directory cannot be read".into()))
+    })?;
+    let dir = root.join(path).canonicalize().map_err(|_| refused())?;
+    if !dir.starts_with(&root) {
+        return Err(refused());
     }
     Ok(dir)
 }

@@ -43,7 +43,9 @@ pub fn parse_number(query: &Query, key: &str) -> Result<Option<u32>, ApiError> {
     query
         .get(key)
         .map(|v| {
-            v.parse().map_err(|_| ApiError::InvalidRequest(format!("{key} must be a non-negative integer, got '{v}'")))
+            v.parse().map_err(|_| {
+                ApiError::InvalidRequest(format!("{key} must be an integer from 0 to {}, got '{v}'", u32::MAX))
+            })
         })
         .transpose()
 }

@@ -27,8 +27,12 @@ pub(super) fn version_ref(text: &str) -> Result<VersionRef, ApiError> {
     Ok(VersionRef::parse(text)?)
 }
 
-pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(value)| value).map_err(|e| ApiError::InvalidRequest(e.body_text()))
+/// A JSON body, or the refusal: 413 when it is over the body limit, else 422 with the parser's reason.
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>, limit: usize) -> Result<T, ApiError> {
+    body.map(|Json(value)| value).map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit },
+        _ => ApiError::InvalidRequest(e.body_text()),
+    })
 }
 
 pub(super) fn accepted(location: String, body: impl Serialize) -> Response {
@@ -103,7 +107,7 @@ pub async fn create_version(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(&headers)?;
     state.registry.ensure_loaded(&model)?;
-    let request = json_body(body)?;
+    let request = json_body(body, state.config.max_body_bytes)?;
     let created = state.jobs.create_edit(&model, request, key).await?;
     Ok(accepted(format!("/v1/jobs/{}", created.job.id), created))
 }

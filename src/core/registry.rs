@@ -113,12 +113,13 @@ impl Registry {
 
     /// Whether a model may be loaded under `name`: a valid name no loaded model has.
     pub fn check_new_name(&self, name: &str) -> Result<(), CoreError> {
-        let valid = !name.is_empty()
-            && name.len() <= 64
+        // A letter or digit first: names appear in paths and URLs, where "." and ".." mean something else.
+        let valid = name.len() <= 64
+            && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if !valid {
             return Err(CoreError::InvalidArgument(format!(
-                "model names are 1 to 64 letters, digits, '-', '_' or '.', got '{name}'"
+                "model names are a letter or digit, then up to 63 letters, digits, '-', '_' or '.', got '{name}'"
             )));
         }
         if self.read_models().contains_key(name) {

@@ -41,8 +41,12 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, ImageE
     let format = reader.format().ok_or(ImageError::UnsupportedFormat)?;
     // Read the size from the header alone first: the decoders need more than the header (a PNG's first
     // data chunk, say) before they report it, and a bomb must be refused without touching its pixels.
-    if let Ok(size) = imagesize::blob_size(bytes) {
-        check_pixels(size.width as u64, size.height as u64, limits)?;
+    // Not for BMP: `imagesize` reads a top-down BMP's negative height as a huge one, and the BMP decoder
+    // reads only the header before it reports the size anyway.
+    if format != ImageFormat::Bmp {
+        if let Ok(size) = imagesize::blob_size(bytes) {
+            check_pixels(size.width as u64, size.height as u64, limits)?;
+        }
     }
     let mut decoder = reader.into_decoder().map_err(classify_decode_error)?;
     let (width, height) = decoder.dimensions();
