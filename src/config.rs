@@ -11,6 +11,8 @@ use crate::imaging::DecodeLimits;
 // Request limits' defaults, named so that the OpenAPI document states the same numbers.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
+pub const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 64;
+pub const DEFAULT_MAX_REQUEST_PIXELS: u64 = 100_000_000;
 pub const DEFAULT_MAX_DATASET_IMAGES: usize = 5000;
 pub const DEFAULT_MAX_DATASET_BYTES: usize = 256 * 1024 * 1024;
 
@@ -94,6 +96,13 @@ pub struct ServeConfig {
     /// Largest accepted image, in pixels (width x height, read from the header before decoding).
     #[arg(long, env = "EDITSERVE_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// Most images one classification or comparison request may carry.
+    #[arg(long, env = "EDITSERVE_MAX_IMAGES_PER_REQUEST", default_value_t = DEFAULT_MAX_IMAGES_PER_REQUEST)]
+    pub max_images_per_request: usize,
+    /// Most pixels (width x height, from the headers) of all the images of one such request together: what
+    /// bounds the memory a request can make the server decode into.
+    #[arg(long, env = "EDITSERVE_MAX_REQUEST_PIXELS", default_value_t = DEFAULT_MAX_REQUEST_PIXELS)]
+    pub max_request_pixels: u64,
     /// Materialised versions kept on the device beside the base weights; the least recently used leave.
     #[arg(long, env = "EDITSERVE_MAX_RESIDENT_VERSIONS", default_value_t = std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN))]
     pub max_resident_versions: std::num::NonZeroUsize,

@@ -145,6 +145,37 @@ async fn routes_answer_in_process_with_their_statuses_and_codes() {
     assert_eq!(message(&existing, "/etc"), message(&missing, "/no/such/dir"), "the answer tells nothing of the disk");
     assert!(!message(&existing, "/etc").contains(root().to_str().unwrap()), "no absolute server path: {existing}");
 
+    // One request is bounded: at most 64 images (the 65th part is refused, not decoded), and at most 100
+    // million pixels together by their headers (two 10,000 x 10,000 headers refused before any decoding).
+    let tiny = top_down_bmp();
+    let (content_type, body) = multipart(&vec![("image", tiny.as_slice()); 65]);
+    let (status, body) = send(&app, post("/v1/models/efficientnet-lite0/classify", &content_type, body)).await;
+    assert_eq!((status, &body["error"]["code"]), (StatusCode::PAYLOAD_TOO_LARGE, &json!("payload_too_large")));
+    assert!(body["error"]["message"].as_str().unwrap().contains("at most 64"), "{body}");
+    let (content_type, body) = multipart(&vec![("image", tiny.as_slice()); 64]);
+    let (status, body) = send(&app, post("/v1/models/efficientnet-lite0/classify", &content_type, body)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["results"].as_array().map(Vec::len), Some(64));
+    let huge = png_header(10_000, 10_000);
+    let (content_type, body) = multipart(&[("image", huge.as_slice()), ("image", huge.as_slice())]);
+    let (status, body) = send(&app, post("/v1/models/efficientnet-lite0/classify", &content_type, body)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("200000000 pixels"), "{body}");
+
+    // A statistics job's images are checked when it is asked for, not when it runs.
+    let statistics = "/v1/models/efficientnet-lite0/statistics";
+    let (content_type, body) = multipart(&[("image", tiny.as_slice()), ("image", b"not an image".as_slice())]);
+    let (status, body) = send(&app, post(statistics, &content_type, body)).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, &json!("unsupported_image_format"))
+    );
+    assert!(body["error"]["message"].as_str().unwrap().starts_with("image 1"), "{body}");
+    let claims = png_header(100_000, 100_000);
+    let (content_type, body) = multipart(&[("image", claims.as_slice())]);
+    let (status, body) = send(&app, post(statistics, &content_type, body)).await;
+    assert_eq!((status, &body["error"]["code"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("image_too_large")));
+
     // A top-down BMP (negative height in its header) is an ordinary 2x2 image.
     let (status, body) = send(&app, post("/v1/models/efficientnet-lite0/classify", "image/bmp", top_down_bmp())).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -188,4 +219,31 @@ fn top_down_bmp() -> Vec<u8> {
     bmp.extend([0u8; 24]); // no compression, sizes, resolution, palette
     bmp.extend(pixels);
     bmp
+}
+
+/// The start of a PNG that claims `width` x `height` pixels: signature, header, an empty data chunk, end.
+fn png_header(width: u32, height: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(kind);
+        crc.update(data);
+        [&(data.len() as u32).to_be_bytes()[..], kind, data, &crc.finalize().to_be_bytes()].concat()
+    };
+    let header = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 2, 0, 0, 0]].concat();
+    [&b"\x89PNG\r\n\x1a\n"[..], &chunk(b"IHDR", &header), &chunk(b"IDAT", &[]), &chunk(b"IEND", &[])].concat()
+}
+
+/// A multipart/form-data body of `parts` (name, bytes), and its content type.
+fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "editserve-test-boundary";
+    let mut body = Vec::new();
+    for (name, bytes) in parts {
+        body.extend(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"f\"\r\n\r\n").bytes(),
+        );
+        body.extend(*bytes);
+        body.extend(b"\r\n");
+    }
+    body.extend(format!("--{boundary}--\r\n").bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
 }

@@ -34,14 +34,26 @@ pub struct Parts(Vec<(String, Bytes)>);
 impl Parts {
     /// Reads every part, also after one that will be refused, so that the error reaches a client that
     /// is still sending.
-    pub async fn read(request: Request, limit: usize) -> Result<Self, ApiError> {
+    /// At most `most_parts` are kept; the rest are read and dropped, and the request is refused.
+    pub async fn read(request: Request, limit: usize, most_parts: usize) -> Result<Self, ApiError> {
         let mut multipart = Multipart::from_request(request, &())
             .await
             .map_err(|e| ApiError::InvalidRequest(format!("invalid multipart body: {}", e.body_text())))?;
-        let mut parts = Vec::new();
+        let (mut parts, mut extra) = (Vec::new(), 0usize);
         while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, limit))? {
             let name = field.name().unwrap_or_default().to_string();
-            parts.push((name, field.bytes().await.map_err(|e| multipart_error(e, limit))?));
+            let bytes = field.bytes().await.map_err(|e| multipart_error(e, limit))?;
+            if parts.len() < most_parts {
+                parts.push((name, bytes));
+            } else {
+                extra += 1;
+            }
+        }
+        if extra > 0 {
+            return Err(ApiError::TooMany(format!(
+                "{} multipart parts where this route takes at most {most_parts}",
+                most_parts + extra
+            )));
         }
         Ok(Self(parts))
     }

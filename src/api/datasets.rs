@@ -50,7 +50,9 @@ pub async fn create_dataset(
     if content_length(request.headers()).is_some_and(|length| length > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let mut parts = Parts::read(request, limit).await?;
+    // Two images per item (pairs), and name, directory, kind and labels.
+    let most_parts = 2 * state.config.max_dataset_images + 4;
+    let mut parts = Parts::read(request, limit, most_parts).await?;
     let form = DatasetForm {
         name: parts.take_text("name")?,
         directory: parts.take_text("directory")?,

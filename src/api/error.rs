@@ -78,6 +78,8 @@ pub enum ApiError {
     PayloadTooLarge {
         limit: usize,
     },
+    /// More images, parts or pixels in one request than the server takes.
+    TooMany(String),
     UnsupportedMediaType(String),
     InvalidRequest(String),
     RouteNotFound(String),
@@ -146,7 +148,9 @@ impl ApiError {
                     (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::InternalError)
                 }
             },
-            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge),
+            ApiError::PayloadTooLarge { .. } | ApiError::TooMany(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge)
+            }
             ApiError::UnsupportedMediaType(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::UnsupportedMediaType),
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
@@ -161,6 +165,7 @@ impl ApiError {
             ApiError::Core(error) => error.to_string(),
             ApiError::PayloadTooLarge { limit } => format!("the request body is over the limit of {limit} bytes"),
             ApiError::UnsupportedMediaType(message)
+            | ApiError::TooMany(message)
             | ApiError::InvalidRequest(message)
             | ApiError::Unauthorized(message)
             | ApiError::Forbidden(message) => message.clone(),

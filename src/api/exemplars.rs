@@ -21,6 +21,8 @@ use crate::imaging::concept::{MaskShapes, Transform};
 use crate::store::{normalize_rfc3339, AuditEntry, ExemplarRecord};
 use utoipa::ToSchema;
 
+/// The parts of `ExemplarForm`.
+const EXEMPLAR_PARTS: usize = 5;
 pub(super) const AUDIT_PAGE: u32 = 1000;
 
 #[derive(Serialize, ToSchema)]
@@ -90,7 +92,7 @@ pub async fn create_exemplar(
     State(state): State<Arc<AppState>>,
     request: Request,
 ) -> Result<(StatusCode, Json<ExemplarView>), ApiError> {
-    let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
+    let mut parts = Parts::read(request, state.config.max_body_bytes, EXEMPLAR_PARTS).await?;
     let form = ExemplarForm {
         image: parts.take_one("image")?,
         mask: parts.take_one("mask")?,
@@ -139,7 +141,7 @@ pub async fn create_texture(
     State(state): State<Arc<AppState>>,
     request: Request,
 ) -> Result<(StatusCode, Json<TextureCreated>), ApiError> {
-    let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
+    let mut parts = Parts::read(request, state.config.max_body_bytes, 1).await?;
     let form = TextureForm { image: parts.take_one("image")?.map(EncodedImage) };
     parts.expect_no_more("the only part is 'image'")?;
     let EncodedImage(image) =

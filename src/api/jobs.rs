@@ -14,12 +14,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
-use super::body::{EncodedImage, Parts};
+use super::body::{EncodedImage, Parts, UploadRefusals};
 use super::error::{ApiError, ErrorBody};
 use super::params::{IdPath, ModelPath};
 use super::versions::accepted;
 use super::AppState;
-use crate::core::jobs::{JobView, StatisticsImages};
+use crate::core::jobs::{JobView, StatisticsImages, MAX_STATISTICS_IMAGES};
 use crate::store::JobRecord;
 
 /// Watchers of a fast edit see at most this many progress events a second.
@@ -48,8 +48,7 @@ pub struct JobAccepted {
     responses(
         (status = 202, body = JobAccepted, headers(("Location" = String, description = "The job"))),
         (status = 404, body = ErrorBody, description = "`model_not_found`"),
-        (status = 413, body = ErrorBody, description = "`payload_too_large`"),
-        (status = 422, body = ErrorBody, description = "`invalid_request`, `invalid_argument`"),
+        UploadRefusals,
         (status = 503, body = ErrorBody, description = "`edit_queue_full`, `shutting_down`"),
     ))]
 pub async fn create_statistics(
@@ -57,7 +56,7 @@ pub async fn create_statistics(
     Path(ModelPath { name: model }): Path<ModelPath>,
     request: Request,
 ) -> Result<Response, ApiError> {
-    let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
+    let mut parts = Parts::read(request, state.config.max_body_bytes, MAX_STATISTICS_IMAGES + 2).await?;
     state.registry.ensure_loaded(&model)?;
     let form = StatisticsForm {
         image: parts.take_images("image"),

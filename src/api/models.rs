@@ -21,6 +21,7 @@ use super::AppState;
 use crate::core::registry::{ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
+use crate::imaging::header_pixels;
 use utoipa::{IntoResponses, ToSchema};
 
 /// The refusals of every route that classifies images, stated once for the OpenAPI document.
@@ -229,29 +230,37 @@ pub async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Byte
             return Err(ApiError::PayloadTooLarge { limit });
         }
     }
-    match content_type.as_deref() {
-        Some("multipart/form-data") => Ok((read_multipart(state, request).await?, true)),
+    let (images, multipart) = match content_type.as_deref() {
+        Some("multipart/form-data") => (read_multipart(state, request).await?, true),
         Some(t) if t.starts_with("image/") || t == "application/octet-stream" => {
             let body = read_body(request.into_body(), limit).await?;
             if body.is_empty() {
                 return Err(ApiError::InvalidRequest("the request body is empty: send the image bytes".into()));
             }
-            Ok((vec![body], false))
+            (vec![body], false)
         }
         other => {
             read_body(request.into_body(), limit).await?;
-            Err(ApiError::UnsupportedMediaType(match other {
+            return Err(ApiError::UnsupportedMediaType(match other {
                 Some(t) => format!(
                     "Content-Type '{t}' is not supported: send an image (image/*) or multipart/form-data with 'image' parts"
                 ),
                 None => "the Content-Type header is missing: send an image (image/*) or multipart/form-data".into(),
-            }))
+            }));
         }
+    };
+    let pixels: u64 = images.iter().filter_map(|image| header_pixels(image)).sum();
+    let most = state.config.max_request_pixels;
+    if pixels > most {
+        return Err(ApiError::TooMany(format!(
+            "the images hold {pixels} pixels together where one request may hold {most} (--max-request-pixels)"
+        )));
     }
+    Ok((images, multipart))
 }
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Vec<Bytes>, ApiError> {
-    let mut parts = Parts::read(request, state.config.max_body_bytes).await?;
+    let mut parts = Parts::read(request, state.config.max_body_bytes, state.config.max_images_per_request).await?;
     let form = ClassifyForm { image: parts.take_images("image") };
     parts.expect_no_more("only parts named 'image' are accepted")?;
     if form.image.is_empty() {

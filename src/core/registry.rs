@@ -95,6 +95,11 @@ pub fn device_name(device: Device) -> String {
 }
 
 impl Registry {
+    /// The limits every decoded image is held to.
+    pub fn decode_limits(&self) -> DecodeLimits {
+        self.limits
+    }
+
     pub fn new(worker: DeviceWorker, cpu_pool: Arc<CpuPool>, limits: DecodeLimits) -> Self {
         Self {
             worker,

@@ -60,6 +60,30 @@ pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<DynamicImage, ImageE
     Ok(image)
 }
 
+/// Width x height from the image's header alone, when its format is known and the header readable.
+pub fn header_pixels(bytes: &[u8]) -> Option<u64> {
+    header_dimensions(bytes).ok().map(|(width, height)| u64::from(width) * u64::from(height))
+}
+
+/// Whether `bytes` start like an image `decode` would take, judged from the header alone (for work that
+/// decodes later, so that a request with something else is refused at once).
+pub fn check_header(bytes: &[u8], limits: DecodeLimits) -> Result<(), ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let (width, height) = header_dimensions(bytes)?;
+    check_pixels(u64::from(width), u64::from(height), limits)
+}
+
+fn header_dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageError> {
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(ImageError::UnsupportedFormat);
+    }
+    reader.into_dimensions().map_err(classify_decode_error)
+}
+
 /// A concept mask from a mask image: where alpha is over 0 for images with alpha, else where the grey
 /// value is over 127. Returns 0 or 255 per pixel.
 pub fn binary_mask(image: &DynamicImage) -> GrayImage {

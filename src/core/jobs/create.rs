@@ -93,6 +93,11 @@ impl Jobs {
                 return Err(invalid("give at least one 'image' part"))
             }
             StatisticsImages::Uploaded(images) => {
+                // The job decodes them later: what is not an image (or is too large) is refused now, not then.
+                let limits = self.registry.decode_limits();
+                for (index, image) in images.iter().enumerate() {
+                    check_header(image, limits).map_err(|e| CoreError::image(index, &e))?;
+                }
                 let total = images.len();
                 (None, Some(images), total)
             }

@@ -24,6 +24,7 @@ use super::versions::{VersionRef, Versions};
 use super::{Conflict, CoreError, Resource};
 use crate::edit::guard::DEFAULT_MAX_CHANGED;
 use crate::edit::{EditParams, Method, Progress, Solver};
+use crate::imaging::check_header;
 use crate::store::{
     now_rfc3339, serde_name, BlobStore, EvaluationRecord, JobKind, JobRecord, JobState, MetadataStore,
     StatisticsRecord, VersionOutcome, VersionRecord, VersionState,
@@ -49,7 +50,8 @@ const MAX_STEPS: usize = 100_000;
 
 const MAX_DESCRIPTION: usize = 1000;
 
-const MAX_STATISTICS_IMAGES: usize = 100_000;
+/// Images one statistics job reads (uploaded or listed).
+pub const MAX_STATISTICS_IMAGES: usize = 100_000;
 
 /// How long cancelling a running job waits for it to stop.
 const CANCEL_WAIT: Duration = Duration::from_secs(60);
