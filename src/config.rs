@@ -96,6 +96,14 @@ pub struct ServeConfig {
     /// Largest accepted image, in pixels (width x height, read from the header before decoding).
     #[arg(long, env = "EDITSERVE_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// Seconds a client has to send a request's head (also between requests on a kept-alive connection);
+    /// a connection that sends nothing, or too slowly, is closed.
+    #[arg(long, env = "EDITSERVE_HEADER_TIMEOUT_SECS", default_value_t = 30)]
+    pub header_timeout_secs: u64,
+    /// Seconds a request may take, reading its body included, before it is answered 504 `deadline_exceeded`
+    /// (an event stream counts only until its first event).
+    #[arg(long, env = "EDITSERVE_REQUEST_TIMEOUT_SECS", default_value_t = 120)]
+    pub request_timeout_secs: u64,
     /// Most images one classification or comparison request may carry.
     #[arg(long, env = "EDITSERVE_MAX_IMAGES_PER_REQUEST", default_value_t = DEFAULT_MAX_IMAGES_PER_REQUEST)]
     pub max_images_per_request: usize,

@@ -1,6 +1,5 @@
 //! Wires the layers together for `editserve serve`: device worker, registry, HTTP server, shutdown.
 
-use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -140,16 +139,17 @@ fn load_tokens(config: &ServeConfig) -> anyhow::Result<Option<Tokens>> {
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listen = config.listen;
+    let config_header_timeout = config.header_timeout_secs;
     let app = App::build(config).await?;
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, device = ?app.device, "listening");
     let stopping = app.stopping.clone();
-    let service = app.router.clone().into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(async move {
+    let header_timeout = std::time::Duration::from_secs(config_header_timeout);
+    let server = serve_connections(listener, app.router.clone(), header_timeout, async move {
         shutdown_signal().await;
         stopping.send_replace(true);
     });
-    let mut server = std::pin::pin!(server.into_future());
+    let mut server = std::pin::pin!(server);
     // Serve /healthz and a 503 /readyz while the models load; a model that fails to load stops the server.
     tokio::select! {
         loaded = app.load_models() => {
@@ -161,6 +161,53 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     server.await.context("server failed")?;
     app.stop().await;
     tracing::info!("drained in-flight requests; stopping");
+    Ok(())
+}
+
+/// Accepts connections until `shutdown`, then lets each finish what it is answering (idle ones close) and
+/// waits for them. Each request carries its peer's address (`ConnectInfo`). A client gets
+/// `header_timeout` to send a request's head, also on a kept-alive connection waiting for its next
+/// request, so silent and slow-header connections do not pile up.
+async fn serve_connections(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: std::time::Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // HTTP/1 only: protocol detection would wait for a silent client's first bytes with no timeout.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(connection) => connection,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            tower::ServiceExt::oneshot(router.clone(), request.map(axum::body::Body::new))
+        });
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
     Ok(())
 }
 

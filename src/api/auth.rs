@@ -132,10 +132,12 @@ pub struct Access {
     needs: HashMap<(Method, String), Scope>,
     /// Whether `/metrics` wants a token (any configured one).
     protect_metrics: bool,
+    /// How much of a refused request's body is read before the answer.
+    drain_limit: usize,
 }
 
 impl Access {
-    pub fn new(tokens: Option<Tokens>, document: &OpenApi, protect_metrics: bool) -> Self {
+    pub fn new(tokens: Option<Tokens>, document: &OpenApi, protect_metrics: bool, drain_limit: usize) -> Self {
         let mut needs = HashMap::new();
         for (path, item) in &document.paths.paths {
             let operations = [
@@ -156,7 +158,7 @@ impl Access {
                 }
             }
         }
-        Self { tokens, needs, protect_metrics }
+        Self { tokens, needs, protect_metrics, drain_limit }
     }
 
     fn check(&self, request: &Request, peer: Option<IpAddr>) -> Result<Option<String>, ApiError> {
@@ -211,7 +213,12 @@ pub async fn authorize(
     match access.check(&request, peer) {
         Ok(Some(name)) => caller::scope(name, next.run(request)).await,
         Ok(None) => next.run(request).await,
-        Err(refusal) => refusal.into_response(),
+        Err(refusal) => {
+            // Read what the client is still sending (within the body limit): answering and closing while it
+            // sends makes it see a reset instead of the refusal.
+            let _ = axum::body::to_bytes(request.into_body(), access.drain_limit).await;
+            refusal.into_response()
+        }
     }
 }
 

@@ -51,6 +51,7 @@ pub enum ErrorCode {
     MethodNotAllowed,
     Unauthorized,
     Forbidden,
+    DeadlineExceeded,
 }
 
 /// The body of every error answer: `{"error": {"code", "message"}}`.
@@ -84,6 +85,10 @@ pub enum ApiError {
     InvalidRequest(String),
     RouteNotFound(String),
     MethodNotAllowed,
+    /// The request took longer than the request timeout.
+    DeadlineExceeded {
+        seconds: u64,
+    },
     /// No token, or an unknown one.
     Unauthorized(String),
     /// A token without the scope, or a peer the server does not serve.
@@ -155,6 +160,7 @@ impl ApiError {
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, ErrorCode::InvalidRequest),
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
+            ApiError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::DeadlineExceeded),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         }
@@ -171,6 +177,9 @@ impl ApiError {
             | ApiError::Forbidden(message) => message.clone(),
             ApiError::RouteNotFound(path) => format!("no route for {path}"),
             ApiError::MethodNotAllowed => "method not allowed on this route".into(),
+            ApiError::DeadlineExceeded { seconds } => {
+                format!("the request took longer than {seconds} s (--request-timeout-secs) and was abandoned")
+            }
         }
     }
 }

@@ -108,17 +108,22 @@ struct ApiDoc;
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let (_, mut document) = routes(0).split_for_parts();
     utoipa::Modify::modify(&auth::BearerScheme, &mut document);
-    document_body_limit(&mut document);
+    document_transport_refusals(&mut document);
     document.info.version = env!("CARGO_PKG_VERSION").to_string();
     let description = document.info.description.get_or_insert_with(String::new);
     description.push_str(&describe_limits());
     document
 }
 
-/// Every operation that reads a body can answer 413 (the body limit applies before its handler runs).
-fn document_body_limit(document: &mut utoipa::openapi::OpenApi) {
-    for operation in operations_mut(document).filter(|o| o.request_body.is_some()) {
-        operation.responses.responses.entry("413".into()).or_insert_with(|| documented_refusal("`payload_too_large`"));
+/// What the transport may answer before or instead of a handler: 413 for every operation that reads a body
+/// (the body limit), 504 for every operation (the request timeout).
+fn document_transport_refusals(document: &mut utoipa::openapi::OpenApi) {
+    for operation in operations_mut(document) {
+        let responses = &mut operation.responses.responses;
+        if operation.request_body.is_some() {
+            responses.entry("413".into()).or_insert_with(|| documented_refusal("`payload_too_large`"));
+        }
+        responses.insert("504".into(), documented_refusal("`deadline_exceeded`: over --request-timeout-secs"));
     }
 }
 
@@ -159,7 +164,7 @@ static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(openapi);
 
 /// The service's routes with the token check, the docs and the fallbacks.
 pub fn router(state: Arc<AppState>, tokens: Option<Tokens>) -> Router {
-    let access = Arc::new(Access::new(tokens, &DOCUMENT, state.config.protect_metrics));
+    let access = Arc::new(Access::new(tokens, &DOCUMENT, state.config.protect_metrics, state.config.max_body_bytes));
     let (router, _) = routes(state.config.max_dataset_bytes).split_for_parts();
     router
         .route_layer(middleware::from_fn_with_state(access, auth::authorize))
@@ -167,6 +172,7 @@ pub fn router(state: Arc<AppState>, tokens: Option<Tokens>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .fallback(|uri: Uri| async move { ApiError::RouteNotFound(uri.path().to_string()) })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.config.request_timeout_secs, enforce_deadline))
         .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http().on_failure(()))
         .with_state(state)
@@ -210,6 +216,15 @@ struct Status {
 ))]
 async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()).into_response()
+}
+
+/// Abandons a request that takes longer than the request timeout (its work is dropped, as when a client
+/// goes away) and answers 504 instead.
+async fn enforce_deadline(State(seconds): State<u64>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(std::time::Duration::from_secs(seconds), next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::DeadlineExceeded { seconds }.into_response(),
+    }
 }
 
 /// Request count and latency by route template (not raw path, to keep label cardinality bounded).
