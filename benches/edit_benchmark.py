@@ -48,6 +48,8 @@ CONFIGS = {
     "least_squares_b9_10_11": {"solver": "least_squares",
                                "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv",
                                           "_blocks.11._project_conv"]},
+    "least_squares_b10_11_head": {"solver": "least_squares",
+                                  "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv", "_conv_head"]},
     "least_squares_b10": {"solver": "least_squares", "layer": "_blocks.10._project_conv"},
     "least_squares_b10_unguarded": {"solver": "least_squares", "layer": "_blocks.10._project_conv",
                                     "guard": {"max_changed": 1.0}},
