@@ -152,6 +152,9 @@ pub struct ServeConfig {
     /// Tokens in the file's format (`;` may end an entry), instead of or beside --tokens-file.
     #[arg(long, env = "EDITSERVE_TOKENS", hide_env_values = true)]
     pub tokens: Option<String>,
+    /// Requests one token may have in flight (an event stream counts while it lasts); beyond, 429.
+    #[arg(long, env = "EDITSERVE_MAX_CONCURRENT_PER_TOKEN", default_value_t = 64)]
+    pub max_concurrent_per_token: usize,
     /// `/metrics` wants a token too (any configured one); `/healthz`, `/readyz` and the docs stay open.
     #[arg(long, env = "EDITSERVE_PROTECT_METRICS")]
     pub protect_metrics: bool,

@@ -89,3 +89,35 @@ async fn without_tokens_only_loopback_peers_are_served() {
     assert_eq!(client.get(format!("{outside}/healthz")).send().await.unwrap().status(), 200);
     api.send(client.get(server.url("/v1/models"))).await.ok(200, "loopback");
 }
+
+#[tokio::test]
+async fn a_token_has_a_bounded_number_of_requests_in_flight() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start(&["--tokens", TOKENS, "--max-concurrent-per-token", "1"]).await;
+    let api = Api::new(&server);
+    let client = reqwest::Client::new();
+    // The reader's one request in flight: a classification whose body is still arriving.
+    let mut slow = tokio::net::TcpStream::connect(format!("127.0.0.1:{}", server.port())).await.unwrap();
+    let head = "POST /v1/models/efficientnet-lite0/classify HTTP/1.1\r\nHost: editserve\r\n\
+                Authorization: Bearer r-secret\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&[0xFF, 0xD8]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let refused = api.send(client.get(server.url("/v1/models")).bearer_auth("r-secret")).await;
+    refused.expect_error(429, "too_many_requests", "a second request of the reader");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    api.send(client.get(server.url("/v1/models")).bearer_auth("e-secret")).await.ok(200, "another token");
+
+    // When the first request ends (its client goes away), the reader may send again.
+    drop(slow);
+    let mut status = 0;
+    for _ in 0..50 {
+        status = client.get(server.url("/v1/models")).bearer_auth("r-secret").send().await.unwrap().status().as_u16();
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "the reader's slot came back");
+}

@@ -6,13 +6,16 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::rejection::ExtensionRejection;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{header, Method};
 use axum::middleware::Next;
 use axum::response::Response;
+use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tokio::sync::Semaphore;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi;
 
@@ -134,10 +137,20 @@ pub struct Access {
     protect_metrics: bool,
     /// How much of a refused request's body is read before the answer.
     drain_limit: usize,
+    /// Each token's requests in flight (until their answer's body ends, so event streams count too).
+    in_flight: HashMap<String, Arc<Semaphore>>,
+    concurrent_per_token: usize,
+}
+
+/// What `Access::new` needs besides the tokens and the document.
+pub struct AccessLimits {
+    pub protect_metrics: bool,
+    pub drain_limit: usize,
+    pub concurrent_per_token: usize,
 }
 
 impl Access {
-    pub fn new(tokens: Option<Tokens>, document: &OpenApi, protect_metrics: bool, drain_limit: usize) -> Self {
+    pub fn new(tokens: Option<Tokens>, document: &OpenApi, limits: AccessLimits) -> Self {
         let mut needs = HashMap::new();
         for (path, item) in &document.paths.paths {
             let operations = [
@@ -158,7 +171,16 @@ impl Access {
                 }
             }
         }
-        Self { tokens, needs, protect_metrics, drain_limit }
+        let in_flight = tokens.iter().flat_map(|tokens| &tokens.0);
+        let in_flight = in_flight.map(|t| (t.name.clone(), Arc::new(Semaphore::new(limits.concurrent_per_token))));
+        Self {
+            in_flight: in_flight.collect(),
+            tokens,
+            needs,
+            protect_metrics: limits.protect_metrics,
+            drain_limit: limits.drain_limit,
+            concurrent_per_token: limits.concurrent_per_token,
+        }
     }
 
     fn check(&self, request: &Request, peer: Option<IpAddr>) -> Result<Option<String>, ApiError> {
@@ -210,16 +232,32 @@ pub async fn authorize(
     use axum::response::IntoResponse;
     // Without the peer's address (a router used without a socket) the loopback rule refuses.
     let peer = peer.ok().map(|ConnectInfo(address)| address.ip());
-    match access.check(&request, peer) {
-        Ok(Some(name)) => caller::scope(name, next.run(request)).await,
-        Ok(None) => next.run(request).await,
-        Err(refusal) => {
-            // Read what the client is still sending (within the body limit): answering and closing while it
-            // sends makes it see a reset instead of the refusal.
-            let _ = axum::body::to_bytes(request.into_body(), access.drain_limit).await;
-            refusal.into_response()
-        }
-    }
+    let refusal = match access.check(&request, peer) {
+        Ok(None) => return next.run(request).await,
+        Ok(Some(name)) => match access.in_flight.get(&name).map(|s| Arc::clone(s).try_acquire_owned()) {
+            Some(Ok(permit)) => {
+                let response = caller::scope(name, next.run(request)).await;
+                // The permit goes when the body has been sent (or dropped): a stream holds it while it lasts.
+                return response.map(|body| {
+                    let stream = body.into_data_stream().map(move |chunk| {
+                        let _held = &permit;
+                        chunk
+                    });
+                    Body::from_stream(stream)
+                });
+            }
+            _ => ApiError::TooManyRequests(format!(
+                "token '{name}' has {} requests in flight, the most it may (--max-concurrent-per-token); retry \
+                 when one ends",
+                access.concurrent_per_token
+            )),
+        },
+        Err(refusal) => refusal,
+    };
+    // Read what the client is still sending (within the body limit): answering and closing while it sends
+    // makes it see a reset instead of the refusal.
+    let _ = axum::body::to_bytes(request.into_body(), access.drain_limit).await;
+    refusal.into_response()
 }
 
 /// The `bearer` security scheme in the document's components.
@@ -240,6 +278,7 @@ impl utoipa::Modify for BearerScheme {
         let refusals = [
             ("401", "`unauthorized`: no token or an unknown one (`WWW-Authenticate: Bearer`)"),
             ("403", "`forbidden`: the token lacks the scope, or a non-loopback peer while no tokens are configured"),
+            ("429", "`too_many_requests`: the token's requests in flight are at the limit (`Retry-After`)"),
         ];
         for operation in super::operations_mut(document).filter(|o| o.security.is_some()) {
             for (status, description) in refusals {

@@ -52,6 +52,7 @@ pub enum ErrorCode {
     Unauthorized,
     Forbidden,
     DeadlineExceeded,
+    TooManyRequests,
 }
 
 /// The body of every error answer: `{"error": {"code", "message"}}`.
@@ -85,6 +86,8 @@ pub enum ApiError {
     InvalidRequest(String),
     RouteNotFound(String),
     MethodNotAllowed,
+    /// The caller has as many requests in flight as it may.
+    TooManyRequests(String),
     /// The request took longer than the request timeout.
     DeadlineExceeded {
         seconds: u64,
@@ -161,6 +164,7 @@ impl ApiError {
             ApiError::RouteNotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed),
             ApiError::DeadlineExceeded { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::DeadlineExceeded),
+            ApiError::TooManyRequests(_) => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         }
@@ -172,6 +176,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { limit } => format!("the request body is over the limit of {limit} bytes"),
             ApiError::UnsupportedMediaType(message)
             | ApiError::TooMany(message)
+            | ApiError::TooManyRequests(message)
             | ApiError::InvalidRequest(message)
             | ApiError::Unauthorized(message)
             | ApiError::Forbidden(message) => message.clone(),
@@ -193,7 +198,7 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorBody { error: ErrorDetail { code, message: self.message() } };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {

@@ -35,7 +35,7 @@ pub use error::{ApiError, ErrorBody, ErrorCode};
 
 use error::documented_refusal;
 
-use auth::Access;
+use auth::{Access, AccessLimits};
 
 use crate::config::ServeConfig;
 use crate::core::datasets::Datasets;
@@ -164,7 +164,12 @@ static DOCUMENT: LazyLock<utoipa::openapi::OpenApi> = LazyLock::new(openapi);
 
 /// The service's routes with the token check, the docs and the fallbacks.
 pub fn router(state: Arc<AppState>, tokens: Option<Tokens>) -> Router {
-    let access = Arc::new(Access::new(tokens, &DOCUMENT, state.config.protect_metrics, state.config.max_body_bytes));
+    let limits = AccessLimits {
+        protect_metrics: state.config.protect_metrics,
+        drain_limit: state.config.max_body_bytes,
+        concurrent_per_token: state.config.max_concurrent_per_token,
+    };
+    let access = Arc::new(Access::new(tokens, &DOCUMENT, limits));
     let (router, _) = routes(state.config.max_dataset_bytes).split_for_parts();
     router
         .route_layer(middleware::from_fn_with_state(access, auth::authorize))
