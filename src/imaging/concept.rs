@@ -8,7 +8,8 @@ use imageproc::rect::Rect;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// `{"polygons": [[[x, y], ...], ...], "boxes": [[x0, y0, x1, y1], ...]}` in image pixels.
+/// `{"polygons": [[[x, y], ...], ...], "boxes": [[x0, y0, x1, y1], ...]}` in image pixels; at most 10,000
+/// points together (`MOST_SHAPE_POINTS`; a box counts 2).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MaskShapes {
@@ -18,9 +19,17 @@ pub struct MaskShapes {
     pub boxes: Vec<[f32; 4]>,
 }
 
+/// Points of all the polygons and boxes of one mask.
+pub const MOST_SHAPE_POINTS: usize = 10_000;
+
 impl MaskShapes {
     /// The mask (0 or 255) of a `width` x `height` image.
     pub fn rasterize(&self, width: u32, height: u32) -> Result<GrayImage, String> {
+        // Drawing costs grow with the points: a request must not buy unbounded work with a few bytes each.
+        let points = self.polygons.iter().map(Vec::len).sum::<usize>() + 2 * self.boxes.len();
+        if points > MOST_SHAPE_POINTS {
+            return Err(format!("the shapes have {points} points; at most {MOST_SHAPE_POINTS} (a box counts 2)"));
+        }
         let mut mask = GrayImage::new(width, height);
         for polygon in &self.polygons {
             if polygon.len() < 3 {
@@ -125,6 +134,11 @@ mod tests {
         assert_eq!(mask.get_pixel(5, 15).0[0], 0);
         assert!(MaskShapes { polygons: vec![vec![[0.0, 0.0], [1.0, 1.0]]], boxes: vec![] }.rasterize(4, 4).is_err());
         assert!(MaskShapes { polygons: vec![], boxes: vec![[3.0, 0.0, 1.0, 2.0]] }.rasterize(4, 4).is_err());
+        let square = vec![[0.0, 0.0], [3.0, 0.0], [3.0, 3.0], [0.0, 3.0]];
+        let many = MaskShapes { polygons: vec![square; MOST_SHAPE_POINTS / 4], boxes: vec![] };
+        assert!(many.rasterize(4, 4).is_ok(), "exactly the limit");
+        let too_many = MaskShapes { boxes: vec![[0.0, 0.0, 1.0, 1.0]], ..many };
+        assert!(too_many.rasterize(4, 4).unwrap_err().contains("at most 10000"));
     }
 
     #[test]
