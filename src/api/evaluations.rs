@@ -42,7 +42,7 @@ pub async fn create_evaluation(
 /// A model's evaluations, newest first, a page at a time.
 #[utoipa::path(get, path = "/v1/models/{name}/evaluations", tag = "evaluations", security(("bearer" = ["edit"])),
     params(ModelPath,
-        ("limit" = Option<u32>, Query, description = "Evaluations per page"),
+        ("limit" = Option<u32>, Query, description = "Evaluations per page", minimum = 1, maximum = 200),
         ("before" = Option<String>, Query, description = "The previous page's `next_before`")),
     responses(
         (status = 200, body = EvaluationPage),

@@ -127,6 +127,7 @@ pub async fn create_exemplar(
 /// A texture image (part `image`) that `transform`s of kind `texture` can paste into a concept mask.
 #[derive(ToSchema)]
 pub struct TextureForm {
+    #[schema(required = true)]
     image: Option<EncodedImage>,
 }
 
@@ -197,8 +198,8 @@ pub async fn delete_exemplar(
 /// The audit log of changes (exemplars, versions, aliases, models), oldest first.
 #[utoipa::path(get, path = "/v1/audit", tag = "audit", security(("bearer" = ["admin"])),
     params(
-        ("since" = Option<String>, Query, description = "RFC 3339 time; entries at or after it"),
-        ("limit" = Option<u32>, Query, description = "Entries per page")),
+        ("since" = Option<String>, Query, format = DateTime, description = "RFC 3339 time; entries at or after it"),
+        ("limit" = Option<u32>, Query, description = "Entries per page", minimum = 1, maximum = 1000)),
     responses(
         (status = 200, body = AuditLog),
         (status = 422, body = ErrorBody, description = "`invalid_request`"),

@@ -245,3 +245,30 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     metrics::histogram!("http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The limits written as literals in `#[utoipa::path]` attributes are those the handlers enforce.
+    #[test]
+    fn the_documented_limits_are_the_enforced_ones() {
+        let document = serde_json::to_value(openapi()).unwrap();
+        let parameter = |path: &str, method: &str, name: &str| {
+            let parameters = document["paths"][path][method]["parameters"].as_array().unwrap().clone();
+            parameters.into_iter().find(|p| p["name"] == name).unwrap()["schema"].clone()
+        };
+        let largest = |schema: serde_json::Value, key: &str| schema[key].as_f64().unwrap() as u64;
+        assert_eq!(
+            largest(parameter("/v1/models/{name}/versions", "get", "limit"), "maximum"),
+            u64::from(query::LARGEST_PAGE)
+        );
+        let evaluations = parameter("/v1/models/{name}/evaluations", "get", "limit");
+        assert_eq!(largest(evaluations, "maximum"), u64::from(query::LARGEST_PAGE));
+        assert_eq!(largest(parameter("/v1/audit", "get", "limit"), "maximum"), u64::from(exemplars::AUDIT_PAGE));
+        let key = parameter("/v1/models/{name}/versions", "post", "Idempotency-Key");
+        assert_eq!(largest(key, "maxLength"), versions::LONGEST_IDEMPOTENCY_KEY as u64);
+        let request = &document["components"]["schemas"]["EvaluationRequest"]["properties"]["versions"];
+        assert_eq!(request["maxItems"].as_u64(), Some(crate::core::evaluations::MOST_VERSIONS as u64));
+    }
+}

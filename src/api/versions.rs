@@ -42,7 +42,7 @@ pub(super) fn accepted(location: String, body: impl Serialize) -> Response {
 /// A model's versions, newest first, a page at a time.
 #[utoipa::path(get, path = "/v1/models/{name}/versions", tag = "versions", security(("bearer" = ["infer"])),
     params(ModelPath,
-        ("limit" = Option<u32>, Query, description = "Versions per page"),
+        ("limit" = Option<u32>, Query, description = "Versions per page", minimum = 1, maximum = 200),
         ("before" = Option<u32>, Query, description = "Only versions numbered below this (the previous page's `next_before`)")),
     responses(
         (status = 200, body = VersionPage),
@@ -89,7 +89,8 @@ pub async fn delete_version(
 /// Starts an edit job from exemplars: 202 with the job and the pending version, `Location` the job. The same
 /// `Idempotency-Key` with the same request answers the first job again.
 #[utoipa::path(post, path = "/v1/models/{name}/versions", tag = "versions", security(("bearer" = ["edit"])),
-    params(ModelPath, ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe")),
+    params(ModelPath, ("Idempotency-Key" = Option<String>, Header, description = "Makes a retried request safe",
+        min_length = 1, max_length = 255, pattern = "^[!-~]+$")),
     request_body = EditRequest,
     responses(
         (status = 202, body = EditAccepted, headers(("Location" = String, description = "The job"))),

@@ -47,6 +47,7 @@ pub const MOST_VERSIONS: usize = 8;
 #[serde(deny_unknown_fields)]
 pub struct EvaluationRequest {
     pub dataset: String,
+    #[schema(min_items = 1, max_items = 8)]
     pub versions: Vec<VersionName>,
     /// Version 0 when None.
     pub baseline: Option<VersionName>,
