@@ -35,6 +35,8 @@ async fn tokens_and_scopes_guard_every_operation() {
         "unauthorized",
         "unknown",
     );
+    let head = client.head(server.url("/v1/audit")).send().await.unwrap();
+    assert_eq!(head.status(), 401, "HEAD runs the GET handler, so it needs GET's token");
 
     // infer: read and classify, nothing else.
     api.send(as_token(client.get(server.url("/v1/models")), "r-secret")).await.ok(200, "reader lists models");

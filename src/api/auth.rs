@@ -152,23 +152,13 @@ pub struct AccessLimits {
 impl Access {
     pub fn new(tokens: Option<Tokens>, document: &OpenApi, limits: AccessLimits) -> Self {
         let mut needs = HashMap::new();
-        for (path, item) in &document.paths.paths {
-            let operations = [
-                (Method::GET, &item.get),
-                (Method::POST, &item.post),
-                (Method::PUT, &item.put),
-                (Method::DELETE, &item.delete),
-                (Method::PATCH, &item.patch),
-            ];
-            for (method, operation) in operations {
-                let requirements = operation.as_ref().and_then(|o| o.security.as_ref());
-                let scope = requirements.into_iter().flatten().find_map(|requirement| {
-                    let value = serde_json::to_value(requirement).ok()?;
-                    value.get(BEARER)?.as_array()?.iter().find_map(|s| Scope::parse(s.as_str()?))
-                });
-                if let Some(scope) = scope {
-                    needs.insert((method, path.clone()), scope);
-                }
+        for (method, path, operation) in super::operations(document) {
+            let scope = operation.security.iter().flatten().find_map(|requirement| {
+                let value = serde_json::to_value(requirement).ok()?;
+                value.get(BEARER)?.as_array()?.iter().find_map(|s| Scope::parse(s.as_str()?))
+            });
+            if let Some(scope) = scope {
+                needs.insert((method, path.to_string()), scope);
             }
         }
         let in_flight = tokens.iter().flat_map(|tokens| &tokens.0);
@@ -185,7 +175,9 @@ impl Access {
 
     fn check(&self, request: &Request, peer: Option<IpAddr>) -> Result<Option<String>, ApiError> {
         let route = request.extensions().get::<MatchedPath>().map(MatchedPath::as_str).unwrap_or_default();
-        let need = self.needs.get(&(request.method().clone(), route.to_string())).copied();
+        // HEAD runs the GET handler (axum drops the body): it needs what GET needs.
+        let method = if request.method() == Method::HEAD { Method::GET } else { request.method().clone() };
+        let need = self.needs.get(&(method, route.to_string())).copied();
         let metrics = self.protect_metrics && route == "/metrics";
         if need.is_none() && !metrics {
             return Ok(None);

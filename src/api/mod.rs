@@ -127,6 +127,23 @@ fn document_transport_refusals(document: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// Every operation of the document with its method and path.
+fn operations(
+    document: &utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = (axum::http::Method, &str, &utoipa::openapi::path::Operation)> {
+    use axum::http::Method;
+    document.paths.paths.iter().flat_map(|(path, item)| {
+        let operations = [
+            (Method::GET, &item.get),
+            (Method::POST, &item.post),
+            (Method::PUT, &item.put),
+            (Method::DELETE, &item.delete),
+            (Method::PATCH, &item.patch),
+        ];
+        operations.into_iter().filter_map(move |(method, operation)| Some((method, path.as_str(), operation.as_ref()?)))
+    })
+}
+
 /// Every operation of the document, to add what many share.
 fn operations_mut(
     document: &mut utoipa::openapi::OpenApi,
