@@ -139,12 +139,11 @@ fn load_tokens(config: &ServeConfig) -> anyhow::Result<Option<Tokens>> {
 
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let listen = config.listen;
-    let config_header_timeout = config.header_timeout_secs;
+    let header_timeout = std::time::Duration::from_secs(config.header_timeout_secs);
     let app = App::build(config).await?;
     let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(address = %listener.local_addr()?, device = ?app.device, "listening");
     let stopping = app.stopping.clone();
-    let header_timeout = std::time::Duration::from_secs(config_header_timeout);
     let server = serve_connections(listener, app.router.clone(), header_timeout, async move {
         shutdown_signal().await;
         stopping.send_replace(true);
