@@ -247,3 +247,93 @@ fn multipart(parts: &[(&str, &[u8])]) -> (String, Vec<u8>) {
     body.extend(format!("--{boundary}--\r\n").bytes());
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
+
+/// The Open Inference Protocol's routes in-process: an inference in JSON (base64 images in, numbers and the
+/// classification extension out), and each refusal with its status, code and the protocol's error shape.
+#[tokio::test]
+async fn open_inference_answers_and_refusals() {
+    use base64::Engine;
+    let data = tempfile::tempdir().unwrap();
+    let app = app(data.path()).await;
+    assert_eq!(send(&app, get("/v2/health/ready")).await.0, StatusCode::BAD_REQUEST, "the protocol's not ready");
+    app.load_models().await.expect("load the model");
+    assert_eq!(send(&app, get("/v2/health/ready")).await, (StatusCode::OK, json!({"ready": true})));
+
+    let (photo, label) = foolbox_photos().remove(0);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&photo).unwrap());
+    let images = |count: usize, element: &str| json!({"name": "images", "shape": [count], "datatype": "BYTES", "data": vec![element; count]});
+    let infer = "/v2/models/efficientnet-lite0/infer";
+    let request = json!({"id": "r1", "inputs": [images(1, &encoded)],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]});
+    let (status, body) = send(&app, post(infer, "application/json", request.to_string())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!((&body["id"], &body["model_version"]), (&json!("r1"), &json!("0")));
+    let best = body["outputs"][0]["data"][0].as_str().unwrap();
+    assert_eq!(best.split(':').nth(1), Some(label.to_string().as_str()), "{body}");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 2]));
+    let request = json!({"inputs": [images(1, &encoded)]});
+    let (status, body) = send(&app, post(infer, "application/json", request.to_string())).await;
+    assert_eq!((status, &body["outputs"][0]["shape"]), (StatusCode::OK, &json!([1, 1000])), "{body}");
+
+    let tiny = base64::engine::general_purpose::STANDARD.encode(top_down_bmp());
+    let with_header = |length: &str, body: &str| {
+        Request::post(infer).header("inference-header-content-length", length).body(Body::from(body.to_string()))
+    };
+    let pixels = json!({"name": "pixels", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": vec![0.0; 192]});
+    let output = |parameters: Value| json!({"inputs": [images(1, &tiny)], "outputs": [{"name": "probabilities", "parameters": parameters}]});
+    let json_post = |uri: &str, body: Value| post(uri, "application/json", body.to_string());
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (json_post(infer, json!({"inputs": []})), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            json_post(infer, json!({"inputs": [images(1, &tiny), images(1, &tiny)]})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (json_post(infer, json!({"inputs": [images(65, &tiny)]})), StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        (
+            json_post(infer, json!({"inputs": [images(1, "not base64!")]})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (
+            json_post(
+                infer,
+                json!({"inputs": [{"name": "images", "shape": [1, 2], "datatype": "BYTES", "data": [&tiny, &tiny]}]}),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (json_post(infer, json!({"inputs": [pixels]})), StatusCode::UNPROCESSABLE_ENTITY, "invalid_argument"),
+        (
+            json_post(infer, json!({"inputs": [images(1, &tiny)], "outputs": [{"name": "logits"}]})),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+        ),
+        (json_post(infer, output(json!({"classification": "x"}))), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (
+            json_post(infer, output(json!({"classification": 1001}))),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_argument",
+        ),
+        (with_header("abc", "{}").unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (with_header("99", "{}").unwrap(), StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+        (get("/v2/models/nope/ready"), StatusCode::NOT_FOUND, "model_not_found"),
+        (get("/v2/models/efficientnet-lite0/versions/99"), StatusCode::NOT_FOUND, "version_not_found"),
+        (
+            json_post("/v2/models/efficientnet-lite0/versions/99/infer", json!({"inputs": [images(1, &tiny)]})),
+            StatusCode::NOT_FOUND,
+            "version_not_found",
+        ),
+    ];
+    let (_, document) = send(&app, get("/openapi.json")).await;
+    for (request, status, code) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let documented = documented_statuses(&document, request.method().as_str(), request.uri().path());
+        let (got, body) = send(&app, request).await;
+        assert_eq!((got, &body["code"]), (status, &json!(code)), "{what}: {body}");
+        assert!(body["error"].is_string(), "the protocol's error is a message: {body}");
+        let documented = documented.unwrap_or_default();
+        assert!(documented.contains(&got.as_u16().to_string()), "{what}: {got} not in {documented:?}");
+    }
+    app.stop().await;
+}

@@ -16,7 +16,7 @@ fn the_document_lists_every_error_code_and_route() {
         assert!(codes.as_array().unwrap().iter().any(|c| c == code), "{code} missing from {codes}");
     }
     let paths = document["paths"].as_object().unwrap();
-    assert_eq!(paths.len(), 25, "{:?}", paths.keys().collect::<Vec<_>>());
+    assert_eq!(paths.len(), 34, "{:?}", paths.keys().collect::<Vec<_>>());
     let versions = &paths["/v1/models/{name}/versions"];
     assert!(versions["post"]["responses"]["202"].is_object());
     assert_eq!(
@@ -24,18 +24,26 @@ fn the_document_lists_every_error_code_and_route() {
         "#/components/schemas/EditRequest"
     );
     assert_eq!(document["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
-    // Every error answer is the one error body; every /v1 operation needs a scope and can answer 401 and 403.
+    // Every error answer is the one error body (the Open Inference Protocol's own shape for what its handlers
+    // refuse); every /v1 and /v2 operation but health needs a scope and can answer 401 and 403.
+    let transport = ["401", "403", "429", "504"];
     for (path, item) in paths {
+        let health = path.starts_with("/v2/health/") || path == "/readyz";
         for (method, operation) in item.as_object().unwrap() {
-            if path.starts_with("/v1/") {
+            if (path.starts_with("/v1/") || path.starts_with("/v2")) && !health {
                 let scopes = &operation["security"][0]["bearer"];
                 assert!(["infer", "edit", "admin"].iter().any(|s| scopes[0] == *s), "{method} {path}: {scopes}");
                 assert!(operation["responses"]["401"].is_object() && operation["responses"]["403"].is_object());
             }
             for (status, response) in operation["responses"].as_object().unwrap() {
-                if status.starts_with('4') || status.starts_with('5') && path != "/readyz" {
+                if (status.starts_with('4') || status.starts_with('5')) && !health {
+                    let body = if path.starts_with("/v2") && !transport.contains(&status.as_str()) {
+                        "ProtocolErrorBody"
+                    } else {
+                        "ErrorBody"
+                    };
                     let schema = &response["content"]["application/json"]["schema"]["$ref"];
-                    assert_eq!(schema, "#/components/schemas/ErrorBody", "{method} {path} {status}");
+                    assert_eq!(schema, &format!("#/components/schemas/{body}"), "{method} {path} {status}");
                 }
             }
         }

@@ -189,15 +189,15 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// The answer with its status and headers; `body` writes the code and message in a protocol's shape.
+    fn respond<B: Serialize>(self, body: impl FnOnce(ErrorCode, String) -> B) -> Response {
         let (status, code) = self.status_and_code();
         // 503s (overload, unload, shutdown) are the service working as designed, not faults.
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(code = ?code, message = %self.message(), "request failed");
         }
-        let body = ErrorBody { error: ErrorDetail { code, message: self.message() } };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(body(code, self.message()))).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
@@ -205,5 +205,35 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.respond(|code, message| ErrorBody { error: ErrorDetail { code, message } })
+    }
+}
+
+/// An error answered in the Open Inference Protocol's shape, `{"error": message}` (with `code` beside it),
+/// at the status `ApiError` maps it to.
+#[derive(Debug)]
+pub struct ProtocolError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for ProtocolError {
+    fn from(error: E) -> Self {
+        ProtocolError(error.into())
+    }
+}
+
+/// The body of an Open Inference Protocol error.
+#[derive(Serialize, ToSchema)]
+pub struct ProtocolErrorBody {
+    error: String,
+    code: ErrorCode,
+}
+
+impl IntoResponse for ProtocolError {
+    fn into_response(self) -> Response {
+        self.0.respond(|code, error| ProtocolErrorBody { error, code })
     }
 }

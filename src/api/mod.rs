@@ -7,6 +7,7 @@ mod datasets;
 mod error;
 mod evaluations;
 mod exemplars;
+mod inference_protocol;
 mod jobs;
 mod models;
 mod params;
@@ -90,6 +91,15 @@ fn routes(dataset_limit: usize) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(datasets::get_dataset, datasets::delete_dataset))
         .routes(routes!(evaluations::list_evaluations, evaluations::create_evaluation))
         .routes(routes!(evaluations::get_evaluation))
+        .routes(routes!(inference_protocol::live))
+        .routes(routes!(inference_protocol::ready))
+        .routes(routes!(inference_protocol::server_metadata))
+        .routes(routes!(inference_protocol::model_metadata))
+        .routes(routes!(inference_protocol::version_metadata))
+        .routes(routes!(inference_protocol::model_ready))
+        .routes(routes!(inference_protocol::version_ready))
+        .routes(routes!(inference_protocol::infer_default))
+        .routes(routes!(inference_protocol::infer_version))
 }
 
 #[derive(OpenApi)]

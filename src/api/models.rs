@@ -249,6 +249,12 @@ pub async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Byte
             }));
         }
     };
+    check_request_pixels(state, &images)?;
+    Ok((images, multipart))
+}
+
+/// Refuses images whose headers claim more pixels together than one request may decode.
+pub(super) fn check_request_pixels(state: &AppState, images: &[Bytes]) -> Result<(), ApiError> {
     let pixels: u64 = images.iter().filter_map(|image| header_pixels(image)).sum();
     let most = state.config.max_request_pixels;
     if pixels > most {
@@ -256,7 +262,7 @@ pub async fn read_images(state: &AppState, request: Request) -> Result<(Vec<Byte
             "the images hold {pixels} pixels together where one request may hold {most} (--max-request-pixels)"
         )));
     }
-    Ok((images, multipart))
+    Ok(())
 }
 
 async fn read_multipart(state: &AppState, request: Request) -> Result<Vec<Bytes>, ApiError> {

@@ -11,7 +11,7 @@ use serde::Serialize;
 use tch::Device;
 
 use super::cpu_pool::CpuPool;
-use super::scheduler::{DeviceWorker, EditSurface, Target};
+use super::scheduler::{DeviceWorker, EditSurface, Probabilities, Target};
 use super::CoreError;
 use crate::imaging::{decode, DecodeLimits, InputTensor, Preprocessing};
 use crate::models::{EditableLayer, ModelPackage};
@@ -56,6 +56,13 @@ struct ModelEntry {
     surface: EditSurface,
     labels: Vec<String>,
     preprocessing: Preprocessing,
+}
+
+/// What a classification runs on: encoded images (decoded and preprocessed as the model's package says),
+/// or tensors a client preprocessed itself (3 x H x W at the model's input size).
+pub enum ModelInput {
+    Encoded(Vec<Bytes>),
+    Preprocessed(Vec<InputTensor>),
 }
 
 /// A loaded model's package as an edit needs it.
@@ -233,15 +240,9 @@ impl Registry {
     ) -> Result<Vec<Vec<Vec<Prediction>>>, CoreError> {
         let model = targets.first().map(|t| t.model.clone()).unwrap_or_default();
         let entry = self.entry(&model)?;
-        let classes = entry.info.num_classes as usize;
-        if top_k == 0 || top_k > classes {
-            return Err(CoreError::InvalidArgument(format!("top_k must be between 1 and {classes}, got {top_k}")));
-        }
-        if images.is_empty() {
-            return Err(CoreError::InvalidArgument("no image given".into()));
-        }
+        check_top_k(top_k, entry.info.num_classes)?;
         let incoming: Vec<_> = targets.iter().map(|_| self.worker.announce()).collect();
-        let inputs = self.preprocess(Arc::clone(&entry), images).await?;
+        let inputs = self.inputs(Arc::clone(&entry), ModelInput::Encoded(images)).await?;
         // One copy of the inputs per target beyond the first; a single classification copies nothing.
         let copies = std::iter::repeat_n(inputs, targets.len());
         let runs = targets
@@ -256,7 +257,47 @@ impl Registry {
         Ok(results)
     }
 
-    async fn preprocess(&self, entry: Arc<ModelEntry>, images: Vec<Bytes>) -> Result<Vec<InputTensor>, CoreError> {
+    /// Every class's probability for each input under `target`, in order.
+    pub async fn probabilities(&self, target: Target, input: ModelInput) -> Result<Probabilities, CoreError> {
+        let entry = self.entry(&target.model)?;
+        let incoming = self.worker.announce();
+        let inputs = self.inputs(entry, input).await?;
+        self.worker.classify(target, inputs, incoming).await
+    }
+
+    /// The `top_k` most probable classes of one input's probabilities (as `probabilities` gives them).
+    pub fn rank(&self, model: &str, probabilities: &[f32], top_k: usize) -> Result<Vec<Prediction>, CoreError> {
+        let entry = self.entry(model)?;
+        check_top_k(top_k, entry.info.num_classes)?;
+        Ok(top_predictions(probabilities, top_k, &entry.labels))
+    }
+
+    /// The network's inputs: encoded images decoded and preprocessed off the runtime, or tensors already
+    /// preprocessed, checked against the model's input size.
+    async fn inputs(&self, entry: Arc<ModelEntry>, input: ModelInput) -> Result<Vec<InputTensor>, CoreError> {
+        let count = match &input {
+            ModelInput::Encoded(images) => images.len(),
+            ModelInput::Preprocessed(tensors) => tensors.len(),
+        };
+        if count == 0 {
+            return Err(CoreError::InvalidArgument("no image given".into()));
+        }
+        let images = match input {
+            ModelInput::Encoded(images) => images,
+            ModelInput::Preprocessed(tensors) => {
+                let [height, width] = entry.info.input_size;
+                let expected = 3 * height as usize * width as usize;
+                if let Some(i) =
+                    tensors.iter().position(|t| [t.height, t.width] != [height, width] || t.data.len() != expected)
+                {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "input {i} is not a 3 x {height} x {width} tensor, the size model '{}' takes",
+                        entry.info.name
+                    )));
+                }
+                return Ok(tensors);
+            }
+        };
         let limits = self.limits;
         self.cpu_pool
             .run(move || {
@@ -283,6 +324,14 @@ impl Registry {
     fn write_models(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<ModelEntry>>> {
         self.models.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+}
+
+fn check_top_k(top_k: usize, num_classes: i64) -> Result<(), CoreError> {
+    let classes = num_classes as usize;
+    if top_k == 0 || top_k > classes {
+        return Err(CoreError::InvalidArgument(format!("top_k must be between 1 and {classes}, got {top_k}")));
+    }
+    Ok(())
 }
 
 fn top_predictions(probabilities: &[f32], k: usize, labels: &[String]) -> Vec<Prediction> {

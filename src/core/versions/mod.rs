@@ -19,8 +19,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::caller;
-use super::registry::{ModelInfo, Prediction, Registry};
-use super::scheduler::{Lineage, Target};
+use super::registry::{ModelInfo, ModelInput, Prediction, Registry};
+use super::scheduler::{Lineage, Probabilities, Target};
 use super::{Conflict, CoreError, Resource};
 use crate::edit::statistics::files_sha256;
 use crate::models::ModelPackage;
@@ -340,6 +340,18 @@ impl Versions {
         let target = self.target(model, reference.unwrap_or(&VersionRef::default_alias())).await?;
         let number = target.version;
         Ok((number, self.registry.classify(target, images, top_k).await?))
+    }
+
+    /// Every class's probability for each input under the version `reference` names; returns its number.
+    pub async fn probabilities(
+        &self,
+        model: &str,
+        reference: &VersionRef,
+        input: ModelInput,
+    ) -> Result<(u32, Probabilities), CoreError> {
+        let target = self.target(model, reference).await?;
+        let number = target.version;
+        Ok((number, self.registry.probabilities(target, input).await?))
     }
 
     /// One image through several versions: `(number, predictions)` in the order asked.
