@@ -34,7 +34,7 @@ use utoipa_scalar::{Scalar, Servable};
 pub use auth::Tokens;
 pub use error::{ApiError, ErrorBody, ErrorCode};
 
-use error::documented_refusal;
+use error::{documented_refusal, ProtocolErrorBody};
 
 use auth::{Access, AccessLimits};
 
@@ -110,7 +110,7 @@ fn routes(dataset_limit: usize) -> OpenApiRouter<Arc<AppState>> {
             edit a layer from one exemplar into a new immutable version, compare versions. Every error answers \
             `{\"error\": {\"code\", \"message\"}}` (`ErrorBody`); clients branch on `code`."
     ),
-    components(schemas(ErrorCode))
+    components(schemas(ErrorCode, ProtocolErrorBody))
 )]
 struct ApiDoc;
 

@@ -81,6 +81,7 @@ pub async fn get_model(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoadRequest {
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
     name: String,
     /// A package directory, relative to the models directory or absolute inside it.
     #[schema(value_type = String)]

@@ -21,7 +21,7 @@ pub struct InferRequest {
     /// Echoed in the response.
     pub id: Option<String>,
     /// `binary_data_output` (bool): every output as binary data unless it says otherwise.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, ParameterValue>>)]
     pub parameters: Option<Map<String, Value>>,
     #[schema(min_items = 1, max_items = 1)]
     pub inputs: Vec<RequestInput>,
@@ -30,23 +30,28 @@ pub struct InferRequest {
 
 #[derive(Deserialize, ToSchema)]
 pub struct RequestInput {
+    #[schema(pattern = "^(images|pixels)$")]
     pub name: String,
+    /// `[N]` or `[N, 1]` for images, `[N, 3, H, W]` for pixels.
+    #[schema(min_items = 1, max_items = 4)]
     pub shape: Vec<i64>,
+    #[schema(pattern = "^(BYTES|FP32)$")]
     pub datatype: String,
     /// `binary_data_size`: the tensor's bytes follow the JSON header instead of `data`.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, ParameterValue>>)]
     pub parameters: Option<Map<String, Value>>,
     /// The elements in row-major order, flat or nested: numbers for FP32, base64 strings for BYTES.
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(value_type = Option<Vec<TensorElement>>)]
     pub data: Option<Value>,
 }
 
 #[derive(Deserialize, ToSchema)]
 pub struct RequestOutput {
+    #[schema(pattern = "^probabilities$")]
     pub name: String,
     /// `binary_data` (bool); `classification` (integer k): the k best classes as BYTES `"score:index:label"`
     /// instead of every probability.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, ParameterValue>>)]
     pub parameters: Option<Map<String, Value>>,
 }
 
@@ -66,12 +71,33 @@ pub struct ResponseOutput {
     pub shape: Vec<usize>,
     /// `binary_data_size` when the data follows the JSON header.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<HashMap<String, ParameterValue>>)]
     pub parameters: Option<Map<String, Value>>,
     /// The elements, flat in row-major order (absent when sent as binary data).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
+    #[schema(value_type = Option<Vec<TensorElement>>)]
     pub data: Option<Value>,
+}
+
+/// A parameter's value: the protocol's parameters are scalars.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[expect(dead_code, reason = "only documents the parameters; they are read from serde_json values")]
+pub enum ParameterValue {
+    Flag(bool),
+    Integer(i64),
+    Number(f64),
+    Text(String),
+}
+
+/// One element of a tensor's `data`: a number (FP32) or a string (BYTES: base64 in a request). A request's
+/// data may also nest arrays by the shape; it is read in row-major order.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+#[expect(dead_code, reason = "only documents the elements; tensors are read from serde_json values")]
+pub enum TensorElement {
+    Number(f64),
+    Text(String),
 }
 
 /// A tensor's elements as the client sent them.
