@@ -13,6 +13,7 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_PIXELS: u64 = 40_000_000;
 pub const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 64;
 pub const DEFAULT_MAX_REQUEST_PIXELS: u64 = 100_000_000;
+pub const DEFAULT_MAX_IMAGES_IN_FLIGHT: usize = 512;
 pub const DEFAULT_MAX_DATASET_IMAGES: usize = 5000;
 pub const DEFAULT_MAX_DATASET_BYTES: usize = 256 * 1024 * 1024;
 
@@ -111,6 +112,11 @@ pub struct ServeConfig {
     /// bounds the memory a request can make the server decode into.
     #[arg(long, env = "EDITSERVE_MAX_REQUEST_PIXELS", default_value_t = DEFAULT_MAX_REQUEST_PIXELS)]
     pub max_request_pixels: u64,
+    /// Most images the server holds decoded at once, over every classification in flight (a request waits
+    /// for room before decoding): what bounds memory under many concurrent requests (about 0.6 MB per image
+    /// at 224 x 224). At least --max-images-per-request.
+    #[arg(long, env = "EDITSERVE_MAX_IMAGES_IN_FLIGHT", default_value_t = DEFAULT_MAX_IMAGES_IN_FLIGHT)]
+    pub max_images_in_flight: usize,
     /// Materialised versions kept on the device beside the base weights; the least recently used leave.
     #[arg(long, env = "EDITSERVE_MAX_RESIDENT_VERSIONS", default_value_t = std::num::NonZeroUsize::new(4).unwrap_or(std::num::NonZeroUsize::MIN))]
     pub max_resident_versions: std::num::NonZeroUsize,

@@ -38,6 +38,9 @@ pub struct App {
 
 impl App {
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        if config.max_images_in_flight < config.max_images_per_request {
+            bail!("--max-images-in-flight must be at least --max-images-per-request: one request must fit");
+        }
         let tokens = load_tokens(&config)?;
         let metrics = telemetry::prometheus().map_err(anyhow::Error::msg)?;
         let device = config.device.resolve().map_err(anyhow::Error::msg)?;
@@ -46,7 +49,8 @@ impl App {
         let edits = EditActivity::default();
         let worker = DeviceWorker::spawn(device, batching, config.max_resident_versions, Arc::clone(&edits))?;
         let cpu_pool = Arc::new(CpuPool::new(available_cores(), batching.queue_capacity)?);
-        let registry = Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits()));
+        let registry =
+            Arc::new(Registry::new(worker, Arc::clone(&cpu_pool), config.decode_limits(), config.max_images_in_flight));
         let metadata: Arc<dyn MetadataStore> =
             Arc::new(SqliteStore::open(&config.data_dir.join("editserve.db")).await.context("opening the database")?);
         let blobs: Arc<dyn BlobStore> = Arc::new(FsBlobStore::open(&config.data_dir.join("blobs"))?);

@@ -24,15 +24,20 @@ struct Flags {
 }
 
 async fn app(data: &std::path::Path) -> App {
+    app_with(data, &[]).await.expect("build the app")
+}
+
+async fn app_with(data: &std::path::Path, extra: &[&str]) -> anyhow::Result<App> {
     let models = root().join("models");
     let args = ["test", "--device", "cpu", "--models", "efficientnet-lite0", "--models-dir"];
-    let flags = Flags::try_parse_from(args.iter().map(|a| a.to_string()).chain([
-        models.display().to_string(),
-        "--data-dir".into(),
-        data.display().to_string(),
-    ]))
+    let flags = Flags::try_parse_from(
+        args.iter()
+            .map(|a| a.to_string())
+            .chain([models.display().to_string(), "--data-dir".into(), data.display().to_string()])
+            .chain(extra.iter().map(|a| a.to_string())),
+    )
     .expect("flags");
-    App::build(flags.serve).await.expect("build the app")
+    App::build(flags.serve).await
 }
 
 /// As a client on `peer` would be answered.
@@ -334,6 +339,26 @@ async fn open_inference_answers_and_refusals() {
         assert!(body["error"].is_string(), "the protocol's error is a message: {body}");
         let documented = documented.unwrap_or_default();
         assert!(documented.contains(&got.as_u16().to_string()), "{what}: {got} not in {documented:?}");
+    }
+    app.stop().await;
+}
+
+/// The images held decoded at once are bounded server-wide: requests beyond the room wait for it (and are
+/// all answered), and a room smaller than one request is refused at start-up.
+#[tokio::test]
+async fn requests_wait_for_room_to_decode() {
+    let data = tempfile::tempdir().unwrap();
+    let refused = app_with(data.path(), &["--max-images-in-flight", "8"]).await;
+    assert!(refused.err().is_some_and(|e| e.to_string().contains("--max-images-in-flight")));
+    let app = app_with(data.path(), &["--max-images-in-flight", "64"]).await.expect("build the app");
+    app.load_models().await.expect("load the model");
+    let tiny = top_down_bmp();
+    let (content_type, body) = multipart(&vec![("image", tiny.as_slice()); 64]);
+    let request = || post("/v1/models/efficientnet-lite0/classify", &content_type, body.clone());
+    let answers = futures::future::join_all((0..4).map(|_| send(&app, request()))).await;
+    for (status, body) in answers {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["results"].as_array().map(Vec::len), Some(64));
     }
     app.stop().await;
 }

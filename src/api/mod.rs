@@ -166,8 +166,8 @@ fn operations_mut(
 /// The limits a client meets, from the constants the server enforces (the first four are defaults of flags).
 fn describe_limits() -> String {
     use crate::config::{
-        DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DATASET_BYTES, DEFAULT_MAX_DATASET_IMAGES, DEFAULT_MAX_IMAGES_PER_REQUEST,
-        DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS,
+        DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_DATASET_BYTES, DEFAULT_MAX_DATASET_IMAGES, DEFAULT_MAX_IMAGES_IN_FLIGHT,
+        DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS,
     };
     format!(
         "\n\nLimits: request bodies up to {DEFAULT_MAX_BODY_BYTES} bytes (`--max-body-bytes`; 413 \
@@ -175,7 +175,9 @@ fn describe_limits() -> String {
          {DEFAULT_MAX_DATASET_IMAGES} images (`--max-dataset-bytes`, `--max-dataset-images`), images up to \
          {DEFAULT_MAX_PIXELS} pixels (`--max-pixels`; 422 `image_too_large`); a classification at most \
          {DEFAULT_MAX_IMAGES_PER_REQUEST} images of {DEFAULT_MAX_REQUEST_PIXELS} pixels together \
-         (`--max-images-per-request`, `--max-request-pixels`; 413); `top_k` {} classes by default, pages of {} by \
+         (`--max-images-per-request`, `--max-request-pixels`; 413), and the server holds at most \
+         {DEFAULT_MAX_IMAGES_IN_FLIGHT} images decoded at once (`--max-images-in-flight`: a request waits for room); \
+         `top_k` {} classes by default, pages of {} by \
          default and at most {}; audit pages at most {}; a comparison names 1 to {} versions; an Idempotency-Key \
          has 1 to {} visible ASCII characters.",
         query::DEFAULT_TOP_K,

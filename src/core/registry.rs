@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use serde::Serialize;
 use tch::Device;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::cpu_pool::CpuPool;
 use super::scheduler::{DeviceWorker, EditSurface, Probabilities, Target};
@@ -65,6 +66,15 @@ pub enum ModelInput {
     Preprocessed(Vec<InputTensor>),
 }
 
+impl ModelInput {
+    fn len(&self) -> usize {
+        match self {
+            ModelInput::Encoded(images) => images.len(),
+            ModelInput::Preprocessed(tensors) => tensors.len(),
+        }
+    }
+}
+
 /// A loaded model's package as an edit needs it.
 #[derive(Debug, Clone)]
 pub struct LoadedPackage {
@@ -81,6 +91,10 @@ pub struct Registry {
     /// Whether the models given at start-up are loaded.
     ready: tokio::sync::watch::Sender<bool>,
     limits: DecodeLimits,
+    /// One permit per image held decoded (inputs on their way through the worker), so that memory is
+    /// bounded however many requests arrive: a request waits for room before decoding.
+    room: Arc<Semaphore>,
+    room_size: usize,
 }
 
 /// Every subdirectory of `dir` that holds a `config.json`, sorted by name.
@@ -107,10 +121,13 @@ impl Registry {
         self.limits
     }
 
-    pub fn new(worker: DeviceWorker, cpu_pool: Arc<CpuPool>, limits: DecodeLimits) -> Self {
+    /// `images_in_flight`: the most images held decoded at once over every classification.
+    pub fn new(worker: DeviceWorker, cpu_pool: Arc<CpuPool>, limits: DecodeLimits, images_in_flight: usize) -> Self {
         Self {
             worker,
             cpu_pool,
+            room: Arc::new(Semaphore::new(images_in_flight)),
+            room_size: images_in_flight,
             models: RwLock::new(HashMap::new()),
             generations: std::sync::atomic::AtomicU64::new(0),
             ready: tokio::sync::watch::Sender::new(false),
@@ -241,6 +258,8 @@ impl Registry {
         let model = targets.first().map(|t| t.model.clone()).unwrap_or_default();
         let entry = self.entry(&model)?;
         check_top_k(top_k, entry.info.num_classes)?;
+        // Each target gets its own copy of the inputs.
+        let _room = self.room(images.len() * targets.len()).await?;
         let incoming: Vec<_> = targets.iter().map(|_| self.worker.announce()).collect();
         let inputs = self.inputs(Arc::clone(&entry), ModelInput::Encoded(images)).await?;
         // One copy of the inputs per target beyond the first; a single classification copies nothing.
@@ -260,9 +279,21 @@ impl Registry {
     /// Every class's probability for each input under `target`, in order.
     pub async fn probabilities(&self, target: Target, input: ModelInput) -> Result<Probabilities, CoreError> {
         let entry = self.entry(&target.model)?;
+        let _room = self.room(input.len()).await?;
         let incoming = self.worker.announce();
         let inputs = self.inputs(entry, input).await?;
         self.worker.classify(target, inputs, incoming).await
+    }
+
+    /// Waits until `images` more can be held decoded.
+    async fn room(&self, images: usize) -> Result<OwnedSemaphorePermit, CoreError> {
+        let permits = u32::try_from(images).ok().filter(|&n| n as usize <= self.room_size);
+        let permits = permits.ok_or_else(|| {
+            CoreError::InvalidArgument(format!(
+                "{images} images at once is more than the server holds decoded (--max-images-in-flight)"
+            ))
+        })?;
+        Arc::clone(&self.room).acquire_many_owned(permits).await.map_err(|_| CoreError::ShuttingDown)
     }
 
     /// The `top_k` most probable classes of one input's probabilities (as `probabilities` gives them).
@@ -275,11 +306,7 @@ impl Registry {
     /// The network's inputs: encoded images decoded and preprocessed off the runtime, or tensors already
     /// preprocessed, checked against the model's input size.
     async fn inputs(&self, entry: Arc<ModelEntry>, input: ModelInput) -> Result<Vec<InputTensor>, CoreError> {
-        let count = match &input {
-            ModelInput::Encoded(images) => images.len(),
-            ModelInput::Preprocessed(tensors) => tensors.len(),
-        };
-        if count == 0 {
+        if input.len() == 0 {
             return Err(CoreError::InvalidArgument("no image given".into()));
         }
         let images = match input {
