@@ -47,6 +47,7 @@ N_GUARD_AUG = 32
 N_SOLVE_AUG = 24
 CONF = 0.5
 HEAD = 16  # layer index of _conv_head; 0..15 are _blocks.i._project_conv
+FC = 17  # the classifier (_fc) on the pooled features, as a 1x1 "conv" on an N x 1280 x 1 x 1 key
 FIRST = 8  # activations are cached at the input of this block
 
 sys.path.insert(0, os.path.join(MAIN, "tools"))
@@ -137,12 +138,16 @@ def block_pre(i, x):
 
 
 def affine(L):
+    if L == FC:
+        return torch.ones(MODEL._fc.out_features), MODEL._fc.bias
     bn = MODEL._bn1 if L == HEAD else BLOCKS[L]._bn2
     a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     return a, bn.bias - a * bn.running_mean
 
 
 def weight0(L):
+    if L == FC:
+        return MODEL._fc.weight
     conv = MODEL._conv_head if L == HEAD else BLOCKS[L]._project_conv
     return conv.weight[:, :, 0, 0]
 
@@ -161,12 +166,12 @@ def run_from(L, key, skip, edits, batch=64):
     for s in range(0, key.shape[0], batch):
         k = key[s:s + batch]
         sk = None if skip is None else skip[s:s + batch]
-        x = block_post(L, k, sk, edits.get(L, weight0(L)))
+        x = k if L == FC else block_post(L, k, sk, edits.get(L, weight0(L)))
         for j in range(L + 1, HEAD + 1):
             kj, sj = (x, None) if j == HEAD else block_pre(j, x)
             x = block_post(j, kj, sj, edits.get(j, weight0(j)))
         x = x.mean((2, 3))
-        outs.append(MODEL._fc(x))
+        outs.append(F.linear(x, edits.get(FC, weight0(FC)), MODEL._fc.bias))
     return torch.cat(outs)
 
 
@@ -177,7 +182,9 @@ def keys_at(L, x_first, batch=64):
         h = x_first[s:s + batch]
         for j in range(FIRST, min(L, HEAD)):
             h = BLOCKS[j](h)
-        if L == HEAD:
+        if L == FC:
+            k, sk = block_post(HEAD, h, None, weight0(HEAD)).mean((2, 3), keepdim=True), None
+        elif L == HEAD:
             k, sk = h, None
         else:
             k, sk = block_pre(L, h)
@@ -408,10 +415,13 @@ def keys_from(L, key, skip, edits, Lt, batch=64):
     ks, ss = [], []
     for s0 in range(0, key.shape[0], batch):
         x = block_post(L, key[s0:s0 + batch], None if skip is None else skip[s0:s0 + batch], edits.get(L, weight0(L)))
-        for j in range(L + 1, Lt):
+        for j in range(L + 1, min(Lt, HEAD)):
             kj, sj = block_pre(j, x)
             x = block_post(j, kj, sj, edits.get(j, weight0(j)))
-        k, sk = (x, None) if Lt == HEAD else block_pre(Lt, x)
+        if Lt == FC:
+            k, sk = block_post(HEAD, x, None, edits.get(HEAD, weight0(HEAD))).mean((2, 3), keepdim=True), None
+        else:
+            k, sk = (x, None) if Lt == HEAD else block_pre(Lt, x)
         ks.append(k)
         if sk is not None:
             ss.append(sk)
