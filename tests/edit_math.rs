@@ -42,14 +42,8 @@ impl Classifier for LinearToy {
         let ones = Tensor::ones([C], (Kind::Float, Device::Cpu));
         Ok(Some(LinearForm { scale: ones.shallow_clone(), shift: ones.zeros_like(), activation: Activation::Identity }))
     }
-    fn parameter_slot(&self, _: &str) -> Option<&Tensor> {
-        Some(&self.weight)
-    }
-    fn parameter_slot_mut(&mut self, _: &str) -> Option<&mut Tensor> {
-        Some(&mut self.weight)
-    }
-    fn parameters_after(&self, _: &str) -> Result<Vec<String>, ModelError> {
-        Ok(vec!["conv.weight".into()])
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        vec![("conv.weight".into(), &mut self.weight)]
     }
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(LinearToy { weight: copy(&self.weight) })

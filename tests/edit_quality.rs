@@ -367,11 +367,9 @@ impl Classifier for SmallResNet {
         Self::block(layer)?;
         Ok(Some(self.tensors.linear_form(layer)))
     }
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.tensors.get(name)
-    }
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.tensors.tensors.get_mut(name)
+    /// Every tensor, BatchNorm's too, in no order: `parameters_after` says which come after a layer.
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.tensors.tensors.iter_mut().map(|(name, tensor)| (name.clone(), tensor)).collect()
     }
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
         let mut names = vec![format!("{layer}.weight")];
@@ -482,11 +480,9 @@ impl Classifier for SmallVgg {
         Self::position(layer)?;
         Ok((!VGG_POOLED.contains(&layer)).then(|| self.tensors.linear_form(layer)))
     }
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        self.tensors.tensors.get(name)
-    }
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        self.tensors.tensors.get_mut(name)
+    /// Every tensor, BatchNorm's too, in no order: `parameters_after` says which come after a layer.
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.tensors.tensors.iter_mut().map(|(name, tensor)| (name.clone(), tensor)).collect()
     }
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
         let convs = VGG_CONVS[Self::position(layer)?..].iter().map(|&(name, ..)| format!("{name}.weight"));

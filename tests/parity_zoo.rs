@@ -63,6 +63,12 @@ fn check_editable_layers(model: &dyn Classifier, count: usize, default_layer: &s
         }
         let after = model.parameters_after(name).unwrap();
         assert_eq!(after[0], format!("{name}.weight"));
+        // A conv that runs beside the edited one (the other expand of a fire module, the edited block's
+        // downsample) is not reached by its change.
+        let module = name.rsplit_once('.').map_or(name, |(module, _)| module);
+        let beside = if name.ends_with(".expand1x1") { "expand3x3" } else { "downsample" };
+        let beside = format!("{module}.{beside}.");
+        assert!(after.iter().all(|p| !p.starts_with(&beside)), "{name} reaches {beside}: {after:?}");
         for parameter in &after {
             if let Err(error) = model.parameter(parameter) {
                 panic!("{name}: parameters_after names {parameter}: {error}");

@@ -4,7 +4,7 @@
 
 use tch::Tensor;
 
-use super::layers::{BatchNorm, Conv, Weights};
+use super::layers::{BatchNorm, Conv, Linear, Weights};
 use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 
 /// One MBConv stage of the base network: (repeats, kernel, stride, expand ratio, in, out).
@@ -21,6 +21,7 @@ const STEM_CHANNELS: i64 = 32;
 const HEAD_CHANNELS: i64 = 1280;
 const BN_EPS: f64 = 1e-3;
 const DEPTH_DIVISOR: f64 = 8.0;
+const CLASSIFIER: &str = "_fc";
 
 /// Width/depth coefficients and native resolution of the published variants.
 pub fn variant_coefficients(variant: u32) -> Option<(f64, f64, i64)> {
@@ -98,8 +99,7 @@ pub struct EfficientNetLite {
     blocks: Vec<MbConv>,
     head: Conv,
     bn1: BatchNorm,
-    fc_weight: Tensor,
-    fc_bias: Tensor,
+    fc: Linear,
     /// The project conv of the last block at stride 16 (the block before the last stride-2 block):
     /// `_blocks.10._project_conv` in Lite0. On the concept-shift benchmark (README, "Edit quality") the
     /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first.
@@ -153,12 +153,10 @@ impl EfficientNetLite {
         let last_channels = round_filters(BASE_STAGES[last_stage].5, width);
         let head = Conv::load(weights, "_conv_head", [HEAD_CHANNELS, last_channels, 1, 1], 1, 1, false)?;
         let bn1 = BatchNorm::load(weights, "_bn1", HEAD_CHANNELS, BN_EPS)?;
-        let fc_weight = weights.take("_fc.weight", None)?;
-        let num_classes = fc_weight.size().first().copied().unwrap_or(0);
-        let fc_weight = weights.check_shape("_fc.weight", fc_weight, &[num_classes, HEAD_CHANNELS])?;
-        let fc_bias = weights.take("_fc.bias", Some(&[num_classes]))?;
-        let default_layer = format!("_blocks.{}._project_conv", last_downsampling.saturating_sub(1));
-        Ok(Self { stem, bn0, blocks, head, bn1, fc_weight, fc_bias, default_layer })
+        let num_classes = weights.leading_dim(&format!("{CLASSIFIER}.weight"))?;
+        let fc = Linear::load(weights, CLASSIFIER, num_classes, HEAD_CHANNELS)?;
+        let default_layer = blocks[last_downsampling.saturating_sub(1)].project.name().to_string();
+        Ok(Self { stem, bn0, blocks, head, bn1, fc, default_layer })
     }
 
     fn stem(&self, x: &Tensor) -> Tensor {
@@ -170,20 +168,19 @@ impl EfficientNetLite {
     }
 
     fn classify_features(&self, features: &Tensor) -> Tensor {
-        features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).linear(&self.fc_weight, Some(&self.fc_bias))
+        self.fc.forward(&features.adaptive_avg_pool2d([1, 1]).flatten(1, -1))
     }
 
     fn head(&self, x: &Tensor, weight: &Tensor) -> Tensor {
         self.bn1.forward(&self.head.forward_with(x, weight)).relu6()
     }
 
-    /// Layer names: `_blocks.{i}._project_conv` for every block, then `_conv_head`.
+    /// Editable layers: every block's project conv, then the head conv.
     fn parse_layer(&self, name: &str) -> Option<LayerRef> {
-        if name == "_conv_head" {
+        if name == self.head.name() {
             return Some(LayerRef::Head);
         }
-        let index = name.strip_prefix("_blocks.")?.strip_suffix("._project_conv")?.parse::<usize>().ok()?;
-        (index < self.blocks.len()).then_some(LayerRef::Project(index))
+        self.blocks.iter().position(|b| b.project.name() == name).map(LayerRef::Project)
     }
 }
 
@@ -199,22 +196,21 @@ impl Classifier for EfficientNetLite {
     }
 
     fn num_classes(&self) -> i64 {
-        self.fc_bias.size()[0]
+        self.fc.out_features()
     }
 
     fn editable_layers(&self) -> Vec<EditableLayer> {
         let mut layers: Vec<EditableLayer> = self
             .blocks
             .iter()
-            .enumerate()
-            .map(|(i, b)| EditableLayer {
-                name: format!("_blocks.{i}._project_conv"),
+            .map(|b| EditableLayer {
+                name: b.project.name().to_string(),
                 weight_shape: b.project.weight.size(),
                 has_skip: b.has_skip,
             })
             .collect();
         layers.push(EditableLayer {
-            name: "_conv_head".into(),
+            name: self.head.name().to_string(),
             weight_shape: self.head.weight.size(),
             has_skip: false,
         });
@@ -270,62 +266,18 @@ impl Classifier for EfficientNetLite {
         Ok(Some(LinearForm { scale, shift, activation }))
     }
 
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        Some(match name {
-            "_conv_stem.weight" => &self.stem.weight,
-            "_conv_head.weight" => &self.head.weight,
-            "_fc.weight" => &self.fc_weight,
-            "_fc.bias" => &self.fc_bias,
-            _ => {
-                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
-                let block = self.blocks.get(index.parse::<usize>().ok()?)?;
-                match conv {
-                    "_expand_conv" => &block.expand.as_ref()?.0.weight,
-                    "_depthwise_conv" => &block.depthwise.weight,
-                    "_project_conv" => &block.project.weight,
-                    _ => return None,
-                }
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut all = self.stem.parameters_mut();
+        for block in &mut self.blocks {
+            if let Some((conv, _)) = &mut block.expand {
+                all.extend(conv.parameters_mut());
             }
-        })
-    }
-
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        Some(match name {
-            "_conv_stem.weight" => &mut self.stem.weight,
-            "_conv_head.weight" => &mut self.head.weight,
-            "_fc.weight" => &mut self.fc_weight,
-            "_fc.bias" => &mut self.fc_bias,
-            _ => {
-                let (index, conv) = name.strip_prefix("_blocks.")?.strip_suffix(".weight")?.split_once('.')?;
-                let block = self.blocks.get_mut(index.parse::<usize>().ok()?)?;
-                match conv {
-                    "_expand_conv" => &mut block.expand.as_mut()?.0.weight,
-                    "_depthwise_conv" => &mut block.depthwise.weight,
-                    "_project_conv" => &mut block.project.weight,
-                    _ => return None,
-                }
-            }
-        })
-    }
-
-    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
-        let mut names = Vec::new();
-        let first_block = match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
-            LayerRef::Head => self.blocks.len(),
-            LayerRef::Project(i) => {
-                names.push(format!("{layer}.weight"));
-                i + 1
-            }
-        };
-        for (i, block) in self.blocks.iter().enumerate().skip(first_block) {
-            if block.expand.is_some() {
-                names.push(format!("_blocks.{i}._expand_conv.weight"));
-            }
-            names.push(format!("_blocks.{i}._depthwise_conv.weight"));
-            names.push(format!("_blocks.{i}._project_conv.weight"));
+            all.extend(block.depthwise.parameters_mut());
+            all.extend(block.project.parameters_mut());
         }
-        names.extend(["_conv_head.weight".to_string(), "_fc.weight".to_string(), "_fc.bias".to_string()]);
-        Ok(names)
+        all.extend(self.head.parameters_mut());
+        all.extend(self.fc.parameters_mut());
+        all
     }
 
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
@@ -335,8 +287,7 @@ impl Classifier for EfficientNetLite {
             blocks: self.blocks.iter().map(|block| block.duplicate(copy)).collect(),
             head: self.head.duplicate(copy),
             bn1: self.bn1.duplicate(copy),
-            fc_weight: copy(&self.fc_weight),
-            fc_bias: copy(&self.fc_bias),
+            fc: self.fc.duplicate(copy),
             default_layer: self.default_layer.clone(),
         })
     }

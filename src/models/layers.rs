@@ -61,6 +61,8 @@ impl Weights {
 
 /// A bias-free or biased 2-D convolution, padded as the checkpoint's framework padded it in training.
 pub struct Conv {
+    /// Its state-dict prefix (`_blocks.3._project_conv`): the one place an architecture spells it.
+    name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     stride: i64,
@@ -89,7 +91,7 @@ impl Conv {
     ) -> Result<Self, ModelError> {
         let weight = weights.take(&format!("{prefix}.weight"), Some(&shape))?;
         let bias = if bias { Some(weights.take(&format!("{prefix}.bias"), Some(&[shape[0]]))?) } else { None };
-        Ok(Self { weight, bias, stride, groups, padding: Padding::TfSame })
+        Ok(Self { name: prefix.to_string(), weight, bias, stride, groups, padding: Padding::TfSame })
     }
 
     /// An ungrouped convolution with `padding` zeros on every side, as `torch.nn.Conv2d`.
@@ -133,21 +135,16 @@ impl Conv {
         }
     }
 
-    /// The weight or the bias (where there is one) by its state-dict suffix, `weight` or `bias`.
-    pub fn tensor(&self, suffix: &str) -> Option<&Tensor> {
-        match suffix {
-            "weight" => Some(&self.weight),
-            "bias" => self.bias.as_ref(),
-            _ => None,
-        }
+    /// Its state-dict prefix, the name of an edit at this convolution.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
-    pub fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
-        match suffix {
-            "weight" => Some(&mut self.weight),
-            "bias" => self.bias.as_mut(),
-            _ => None,
-        }
+    /// The weight and the bias (where there is one) by state-dict name.
+    pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut all = vec![(format!("{}.weight", self.name), &mut self.weight)];
+        all.extend(self.bias.as_mut().map(|bias| (format!("{}.bias", self.name), bias)));
+        all
     }
 
     /// `(scale, shift)` per output channel with `bn(self.forward_with(x, w)) == conv(x, w) * scale + shift`
@@ -169,6 +166,7 @@ impl Conv {
 
     pub fn duplicate(&self, copy: TensorCopy) -> Self {
         Self {
+            name: self.name.clone(),
             weight: copy(&self.weight),
             bias: self.bias.as_ref().map(copy),
             stride: self.stride,
@@ -229,6 +227,8 @@ impl BatchNorm {
 
 /// A fully connected layer with bias, as `torch.nn.Linear`.
 pub struct Linear {
+    /// Its state-dict prefix.
+    name: String,
     pub weight: Tensor,
     pub bias: Tensor,
 }
@@ -236,6 +236,7 @@ pub struct Linear {
 impl Linear {
     pub fn load(weights: &mut Weights, prefix: &str, out_features: i64, in_features: i64) -> Result<Self, ModelError> {
         Ok(Self {
+            name: prefix.to_string(),
             weight: weights.take(&format!("{prefix}.weight"), Some(&[out_features, in_features]))?,
             bias: weights.take(&format!("{prefix}.bias"), Some(&[out_features]))?,
         })
@@ -245,21 +246,9 @@ impl Linear {
         x.linear(&self.weight, Some(&self.bias))
     }
 
-    /// The weight or the bias by its state-dict suffix, `weight` or `bias`.
-    pub fn tensor(&self, suffix: &str) -> Option<&Tensor> {
-        match suffix {
-            "weight" => Some(&self.weight),
-            "bias" => Some(&self.bias),
-            _ => None,
-        }
-    }
-
-    pub fn tensor_mut(&mut self, suffix: &str) -> Option<&mut Tensor> {
-        match suffix {
-            "weight" => Some(&mut self.weight),
-            "bias" => Some(&mut self.bias),
-            _ => None,
-        }
+    /// The weight and the bias by state-dict name.
+    pub fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        vec![(format!("{}.weight", self.name), &mut self.weight), (format!("{}.bias", self.name), &mut self.bias)]
     }
 
     pub fn out_features(&self) -> i64 {
@@ -267,7 +256,7 @@ impl Linear {
     }
 
     pub fn duplicate(&self, copy: TensorCopy) -> Self {
-        Self { weight: copy(&self.weight), bias: copy(&self.bias) }
+        Self { name: self.name.clone(), weight: copy(&self.weight), bias: copy(&self.bias) }
     }
 }
 

@@ -87,18 +87,26 @@ pub trait Classifier: Send {
     fn forward_from(&self, layer: &str, value: &Tensor) -> Result<Tensor, ModelError>;
     /// The block of `layer` in closed form, where it has one (a conv, eval BatchNorm, skip, activation).
     fn linear_form(&self, layer: &str) -> Result<Option<LinearForm>, ModelError>;
-    /// A trainable tensor by state-dict name (conv and linear weights and biases; BatchNorm stays frozen).
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor>;
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor>;
+    /// The trainable tensors (conv and linear weights and biases; BatchNorm stays frozen) by state-dict name,
+    /// in forward order, a block's side branch (a downsample) before the path it runs beside: the one list of
+    /// them an architecture writes, from the names its layers were loaded under.
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// A trainable tensor by state-dict name (sharing its storage).
     fn parameter(&self, name: &str) -> Result<Tensor, ModelError> {
-        self.parameter_slot(name).map(Tensor::shallow_clone).ok_or_else(|| ModelError::MissingKey(name.to_string()))
+        // The list is written once, for mutable access; a copy sharing every tensor lends it for reading.
+        let mut shared = self.share();
+        let found = shared.parameters_mut().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
+        found.ok_or_else(|| ModelError::MissingKey(name.to_string()))
     }
     fn set_parameter(&mut self, name: &str, value: Tensor) -> Result<(), ModelError> {
-        let slot = self.parameter_slot_mut(name).ok_or_else(|| ModelError::MissingKey(name.to_string()))?;
-        replace_checked(slot, name, value)
+        let slot = self.parameters_mut().into_iter().find(|(n, _)| n == name).map(|(_, t)| t);
+        replace_checked(slot.ok_or_else(|| ModelError::MissingKey(name.to_string()))?, name, value)
     }
-    /// The names of the trainable tensors from `layer`'s conv to the output, in forward order.
-    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError>;
+    /// The names of the trainable tensors from `layer`'s conv to the output, in forward order: what a change
+    /// at `layer` can reach (fine-tuning's set; what a lineage must leave alone to share statistics).
+    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
+        parameters_from(self, layer)
+    }
     /// A model of the same architecture whose every tensor is `copy` of this one's.
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier>;
     /// A deep copy whose tensors share nothing with this model.
@@ -111,6 +119,17 @@ pub trait Classifier: Send {
     fn share(&self) -> Box<dyn Classifier> {
         self.clone_with(Tensor::shallow_clone)
     }
+}
+
+/// The trainable tensors' names from the editable `layer`'s weight onward, in `parameters_mut`'s order.
+pub fn parameters_from<C: Classifier + ?Sized>(model: &C, layer: &str) -> Result<Vec<String>, ModelError> {
+    let unknown = || ModelError::UnknownLayer(layer.to_string());
+    if !model.editable_layers().iter().any(|l| l.name == layer) {
+        return Err(unknown());
+    }
+    let names: Vec<String> = model.share().parameters_mut().into_iter().map(|(name, _)| name).collect();
+    let start = names.iter().position(|name| *name == format!("{layer}.weight")).ok_or_else(unknown)?;
+    Ok(names[start..].to_vec())
 }
 
 /// How [`Classifier::clone_with`] copies each tensor.

@@ -65,8 +65,6 @@ fn conv_bn(
 /// `relu(bn_last(conv_last(h)) + shortcut(x))` where `h` is `x` through the other convs, each followed by
 /// BN and ReLU. The last conv (`conv2` of a basic block, `conv3` of a bottleneck) is the editable one.
 struct ResidualBlock {
-    /// `layer{stage}.{index}`.
-    prefix: String,
     /// `conv1`/`bn1`, `conv2`/`bn2`, ... in order; never empty.
     convs: Vec<(Conv, BatchNorm)>,
     /// `downsample.0`/`downsample.1`, where the block changes the resolution or the channels.
@@ -103,7 +101,7 @@ impl ResidualBlock {
         } else {
             None
         };
-        Ok(Self { prefix, convs, downsample })
+        Ok(Self { convs, downsample })
     }
 
     fn edited(&self) -> &(Conv, BatchNorm) {
@@ -111,7 +109,7 @@ impl ResidualBlock {
     }
 
     fn edited_layer(&self) -> String {
-        format!("{}.conv{}", self.prefix, self.convs.len())
+        self.edited().0.name().to_string()
     }
 
     /// The input of the editable conv: the key of an edit.
@@ -137,40 +135,16 @@ impl ResidualBlock {
         self.finish(&self.edited_input(x), &self.edited().0.weight, &self.shortcut(x))
     }
 
-    /// The conv weights in forward order.
-    fn weight_names(&self) -> Vec<String> {
-        let convs = (1..=self.convs.len()).map(|n| format!("{}.conv{n}.weight", self.prefix));
-        let downsample = self.downsample.as_ref().map(|_| format!("{}.downsample.0.weight", self.prefix));
-        convs.chain(downsample).collect()
-    }
-
-    /// `conv{n}` or `downsample.0`, by its name inside the block.
-    fn conv(&self, local: &str) -> Option<&Conv> {
-        if local == "downsample.0" {
-            return self.downsample.as_ref().map(|(conv, _)| conv);
-        }
-        self.convs.get(conv_number(local)?.checked_sub(1)?).map(|(conv, _)| conv)
-    }
-
-    fn conv_mut(&mut self, local: &str) -> Option<&mut Conv> {
-        if local == "downsample.0" {
-            return self.downsample.as_mut().map(|(conv, _)| conv);
-        }
-        self.convs.get_mut(conv_number(local)?.checked_sub(1)?).map(|(conv, _)| conv)
+    /// The conv weights in forward order, the downsample (beside the main path) first.
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let side = self.downsample.iter_mut().flat_map(|(conv, _)| conv.parameters_mut());
+        side.chain(self.convs.iter_mut().flat_map(|(conv, _)| conv.parameters_mut())).collect()
     }
 
     fn duplicate(&self, copy: TensorCopy) -> Self {
         let pair = |(conv, bn): &(Conv, BatchNorm)| (conv.duplicate(copy), bn.duplicate(copy));
-        Self {
-            prefix: self.prefix.clone(),
-            convs: self.convs.iter().map(pair).collect(),
-            downsample: self.downsample.as_ref().map(pair),
-        }
+        Self { convs: self.convs.iter().map(pair).collect(), downsample: self.downsample.as_ref().map(pair) }
     }
-}
-
-fn conv_number(local: &str) -> Option<usize> {
-    local.strip_prefix("conv")?.parse().ok()
 }
 
 pub struct ResNet {
@@ -219,16 +193,6 @@ impl ResNet {
             .iter()
             .position(|b| b.edited_layer() == layer)
             .ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))
-    }
-
-    /// The block a parameter name belongs to and the name inside it (`layer2.0.downsample.0.weight` is
-    /// block `layer2.0`, `downsample.0`).
-    fn locate<'a>(&self, name: &'a str) -> Option<(usize, &'a str)> {
-        let name = name.strip_suffix(".weight")?;
-        self.blocks.iter().enumerate().find_map(|(i, block)| {
-            let local = name.strip_prefix(block.prefix.as_str())?.strip_prefix('.')?;
-            Some((i, local))
-        })
     }
 }
 
@@ -283,37 +247,11 @@ impl Classifier for ResNet {
         Ok(Some(LinearForm { scale, shift, activation: Activation::Relu }))
     }
 
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        Some(match name {
-            "conv1.weight" => &self.stem.weight,
-            "fc.weight" => &self.fc.weight,
-            "fc.bias" => &self.fc.bias,
-            _ => {
-                let (block, local) = self.locate(name)?;
-                &self.blocks[block].conv(local)?.weight
-            }
-        })
-    }
-
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        Some(match name {
-            "conv1.weight" => &mut self.stem.weight,
-            "fc.weight" => &mut self.fc.weight,
-            "fc.bias" => &mut self.fc.bias,
-            _ => {
-                let (block, local) = self.locate(name)?;
-                &mut self.blocks[block].conv_mut(local)?.weight
-            }
-        })
-    }
-
-    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
-        let index = self.block_index(layer)?;
-        // The edited block's downsample runs beside the edited conv, not after it.
-        let mut names = vec![format!("{layer}.weight")];
-        names.extend(self.blocks[index + 1..].iter().flat_map(ResidualBlock::weight_names));
-        names.extend(["fc.weight".to_string(), "fc.bias".to_string()]);
-        Ok(names)
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut all = self.stem.parameters_mut();
+        all.extend(self.blocks.iter_mut().flat_map(ResidualBlock::parameters_mut));
+        all.extend(self.fc.parameters_mut());
+        all
     }
 
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {

@@ -7,7 +7,7 @@
 use tch::Tensor;
 
 use super::layers::{Conv, Weights};
-use super::{Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
+use super::{parameters_from, Activation, Classifier, EditBlock, EditableLayer, LinearForm, ModelError, TensorCopy};
 
 pub const ARCHITECTURE: &str = "squeezenet1_1";
 const STEM_CHANNELS: i64 = 64;
@@ -93,22 +93,15 @@ impl Fire {
         self.expand(&self.squeezed(&self.squeeze_input(x), &self.squeeze.weight))
     }
 
-    fn conv(&self, name: &str) -> Option<&Conv> {
-        match name {
-            "squeeze" => Some(&self.squeeze),
-            "expand1x1" => Some(&self.expand1x1),
-            "expand3x3" => Some(&self.expand3x3),
-            _ => None,
-        }
+    fn convs(&self) -> [&Conv; 3] {
+        [&self.squeeze, &self.expand1x1, &self.expand3x3]
     }
 
-    fn conv_mut(&mut self, name: &str) -> Option<&mut Conv> {
-        match name {
-            "squeeze" => Some(&mut self.squeeze),
-            "expand1x1" => Some(&mut self.expand1x1),
-            "expand3x3" => Some(&mut self.expand3x3),
-            _ => None,
-        }
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut all = self.squeeze.parameters_mut();
+        all.extend(self.expand1x1.parameters_mut());
+        all.extend(self.expand3x3.parameters_mut());
+        all
     }
 
     fn duplicate(&self, copy: TensorCopy) -> Self {
@@ -172,22 +165,20 @@ impl SqueezeNet {
         Self::pool_class_maps(&self.class_maps(features, &self.classifier.weight))
     }
 
-    /// Layer names: `features.{i}.squeeze`, `features.{i}.expand1x1`, `features.{i}.expand3x3` of the fire
-    /// modules, and `classifier.1`.
+    /// The editable convs: the three of each fire module (`features.{i}.squeeze`, `.expand1x1`,
+    /// `.expand3x3`), and the classifier conv.
     fn parse_layer(&self, layer: &str) -> Result<LayerRef, ModelError> {
-        let unknown = || ModelError::UnknownLayer(layer.to_string());
-        if layer == CLASSIFIER_CONV {
+        if layer == self.classifier.name() {
             return Ok(LayerRef::Classifier);
         }
-        let (index, conv) =
-            layer.strip_prefix("features.").and_then(|rest| rest.split_once('.')).ok_or_else(unknown)?;
-        let position = self.fires.iter().position(|f| index.parse() == Ok(f.index)).ok_or_else(unknown)?;
-        match conv {
-            "squeeze" => Ok(LayerRef::Squeeze(position)),
-            "expand1x1" => Ok(LayerRef::Expand1x1(position)),
-            "expand3x3" => Ok(LayerRef::Expand3x3(position)),
-            _ => Err(unknown()),
-        }
+        self.fires
+            .iter()
+            .enumerate()
+            .find_map(|(i, fire)| {
+                let kinds = [LayerRef::Squeeze(i), LayerRef::Expand1x1(i), LayerRef::Expand3x3(i)];
+                fire.convs().into_iter().zip(kinds).find_map(|(conv, kind)| (conv.name() == layer).then_some(kind))
+            })
+            .ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))
     }
 
     fn layer_conv(&self, layer: LayerRef) -> &Conv {
@@ -197,31 +188,6 @@ impl SqueezeNet {
             LayerRef::Expand3x3(i) => &self.fires[i].expand3x3,
             LayerRef::Classifier => &self.classifier,
         }
-    }
-
-    /// A conv by its state-dict prefix; `features.0` is the stem.
-    fn conv(&self, module: &str) -> Option<&Conv> {
-        if module == CLASSIFIER_CONV {
-            return Some(&self.classifier);
-        }
-        let rest = module.strip_prefix("features.")?;
-        if rest == "0" {
-            return Some(&self.stem);
-        }
-        let (index, conv) = rest.split_once('.')?;
-        self.fires.iter().find(|f| index.parse() == Ok(f.index))?.conv(conv)
-    }
-
-    fn conv_mut(&mut self, module: &str) -> Option<&mut Conv> {
-        if module == CLASSIFIER_CONV {
-            return Some(&mut self.classifier);
-        }
-        let rest = module.strip_prefix("features.")?;
-        if rest == "0" {
-            return Some(&mut self.stem);
-        }
-        let (index, conv) = rest.split_once('.')?;
-        self.fires.iter_mut().find(|f| index.parse() == Ok(f.index))?.conv_mut(conv)
     }
 }
 
@@ -235,17 +201,13 @@ impl Classifier for SqueezeNet {
     }
 
     fn editable_layers(&self) -> Vec<EditableLayer> {
-        let layer =
-            |name: String, conv: &Conv| EditableLayer { name, weight_shape: conv.weight.size(), has_skip: false };
-        let mut layers = Vec::new();
-        for fire in &self.fires {
-            let prefix = format!("features.{}", fire.index);
-            layers.push(layer(format!("{prefix}.squeeze"), &fire.squeeze));
-            layers.push(layer(format!("{prefix}.expand1x1"), &fire.expand1x1));
-            layers.push(layer(format!("{prefix}.expand3x3"), &fire.expand3x3));
-        }
-        layers.push(layer(CLASSIFIER_CONV.to_string(), &self.classifier));
-        layers
+        let convs = self.fires.iter().flat_map(Fire::convs).chain([&self.classifier]);
+        let layer = |conv: &Conv| EditableLayer {
+            name: conv.name().to_string(),
+            weight_shape: conv.weight.size(),
+            has_skip: false,
+        };
+        convs.map(layer).collect()
     }
 
     fn default_edit_layer(&self) -> &str {
@@ -298,31 +260,21 @@ impl Classifier for SqueezeNet {
         Ok(Some(LinearForm { scale, shift, activation: Activation::Relu }))
     }
 
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        let (module, suffix) = name.rsplit_once('.')?;
-        self.conv(module)?.tensor(suffix)
-    }
-
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        let (module, suffix) = name.rsplit_once('.')?;
-        self.conv_mut(module)?.tensor_mut(suffix)
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let mut all = self.stem.parameters_mut();
+        all.extend(self.fires.iter_mut().flat_map(Fire::parameters_mut));
+        all.extend(self.classifier.parameters_mut());
+        all
     }
 
     fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
+        let mut names = parameters_from(self, layer)?;
         // An expand runs beside the other expand of its module, not before it.
-        let (own, first_later_fire) = match self.parse_layer(layer)? {
-            LayerRef::Squeeze(i) => {
-                let prefix = format!("features.{}", self.fires[i].index);
-                (vec![format!("{prefix}.squeeze"), format!("{prefix}.expand1x1"), format!("{prefix}.expand3x3")], i + 1)
-            }
-            LayerRef::Expand1x1(i) | LayerRef::Expand3x3(i) => (vec![layer.to_string()], i + 1),
-            LayerRef::Classifier => (Vec::new(), self.fires.len()),
-        };
-        let later = self.fires[first_later_fire..]
-            .iter()
-            .flat_map(|f| ["squeeze", "expand1x1", "expand3x3"].map(|conv| format!("features.{}.{conv}", f.index)));
-        let modules = own.into_iter().chain(later).chain([CLASSIFIER_CONV.to_string()]);
-        Ok(modules.flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]).collect())
+        if let LayerRef::Expand1x1(i) = self.parse_layer(layer)? {
+            let sibling = format!("{}.", self.fires[i].expand3x3.name());
+            names.retain(|name| !name.starts_with(&sibling));
+        }
+        Ok(names)
     }
 
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {

@@ -28,8 +28,6 @@ pub fn with_batch_norm(architecture: &str) -> Option<bool> {
 
 /// A conv of `features` with what follows it up to the next conv: [BN,] ReLU [, the stage's max-pool].
 struct FeatureConv {
-    /// The conv's position in `features`, its name there.
-    index: usize,
     conv: Conv,
     bn: Option<BatchNorm>,
     /// Whether the stage's max-pool follows: the last conv of each stage.
@@ -38,7 +36,7 @@ struct FeatureConv {
 
 impl FeatureConv {
     fn name(&self) -> String {
-        format!("features.{}", self.index)
+        self.conv.name().to_string()
     }
 
     /// The block's output with another conv weight; the conv keeps its bias.
@@ -61,12 +59,7 @@ impl FeatureConv {
     }
 
     fn duplicate(&self, copy: TensorCopy) -> Self {
-        Self {
-            index: self.index,
-            conv: self.conv.duplicate(copy),
-            bn: self.bn.as_ref().map(|bn| bn.duplicate(copy)),
-            pooled: self.pooled,
-        }
+        Self { conv: self.conv.duplicate(copy), bn: self.bn.as_ref().map(|bn| bn.duplicate(copy)), pooled: self.pooled }
     }
 }
 
@@ -91,7 +84,7 @@ impl Vgg {
                     None
                 };
                 let pooled = position == stage.len() - 1;
-                features.push(FeatureConv { index, conv, bn, pooled });
+                features.push(FeatureConv { conv, bn, pooled });
                 // The conv, its BN, its ReLU and the max-pool each take a position in `features`.
                 index += 2 + usize::from(batch_norm) + usize::from(pooled);
                 channels = width;
@@ -119,26 +112,6 @@ impl Vgg {
     fn feature_position(&self, layer: &str) -> Result<usize, ModelError> {
         self.features.iter().position(|f| f.name() == layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))
     }
-
-    /// The module a parameter name belongs to and the tensor's suffix (`weight` or `bias`).
-    fn locate<'a>(&self, name: &'a str) -> Option<(Module, &'a str)> {
-        let (module, suffix) = name.rsplit_once('.')?;
-        let (list, index) = module.split_once('.')?;
-        let index: usize = index.parse().ok()?;
-        let module = match list {
-            "features" => Module::Feature(self.features.iter().position(|f| f.index == index)?),
-            "classifier" => Module::Classifier(CLASSIFIER_INDICES.iter().position(|&i| i == index)?),
-            _ => return None,
-        };
-        Some((module, suffix))
-    }
-}
-
-/// A trainable module by its position in `features` or in `classifier`.
-#[derive(Clone, Copy)]
-enum Module {
-    Feature(usize),
-    Classifier(usize),
 }
 
 impl Classifier for Vgg {
@@ -187,27 +160,9 @@ impl Classifier for Vgg {
         Ok(Some(LinearForm { scale, shift, activation: Activation::Relu }))
     }
 
-    fn parameter_slot(&self, name: &str) -> Option<&Tensor> {
-        match self.locate(name)? {
-            (Module::Feature(i), suffix) => self.features[i].conv.tensor(suffix),
-            (Module::Classifier(i), suffix) => self.classifier[i].tensor(suffix),
-        }
-    }
-
-    fn parameter_slot_mut(&mut self, name: &str) -> Option<&mut Tensor> {
-        match self.locate(name)? {
-            (Module::Feature(i), suffix) => self.features[i].conv.tensor_mut(suffix),
-            (Module::Classifier(i), suffix) => self.classifier[i].tensor_mut(suffix),
-        }
-    }
-
-    fn parameters_after(&self, layer: &str) -> Result<Vec<String>, ModelError> {
-        let position = self.feature_position(layer)?;
-        let modules = self.features[position..]
-            .iter()
-            .map(FeatureConv::name)
-            .chain(CLASSIFIER_INDICES.iter().map(|i| format!("classifier.{i}")));
-        Ok(modules.flat_map(|m| [format!("{m}.weight"), format!("{m}.bias")]).collect())
+    fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        let features = self.features.iter_mut().flat_map(|f| f.conv.parameters_mut());
+        features.chain(self.classifier.iter_mut().flat_map(Linear::parameters_mut)).collect()
     }
 
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
