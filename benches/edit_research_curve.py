@@ -29,8 +29,19 @@ def jitter(img, gen):
     return (x * brightness).clamp(0, 255)
 
 
-def add_jittered_copies(layers):
-    """Prepends, per exemplar, N_SOLVE_AUG jittered copies to the solve's augmented set at each layer."""
+def recolour(img, gen):
+    """A random colour of the new concept: brightness, contrast and a colour matrix near the identity."""
+    brightness, contrast = (torch.rand(2, generator=gen) * 0.6 + 0.7).tolist()
+    matrix = torch.eye(3) + 0.15 * torch.randn(3, 3, generator=gen)
+    x = torch.einsum("oc,chw->ohw", matrix, img)
+    x = x.mean() + contrast * (x - x.mean())
+    return (x * brightness).clamp(0, 255)
+
+
+def add_jittered_copies(layers, texture_only=False):
+    """Prepends, per exemplar, N_SOLVE_AUG jittered copies to the solve's augmented set at each layer.
+    texture_only: the original stays as it is and only the modified copy's masked region is recoloured (other
+    looks of the new concept, the same target)."""
     n = R.N_SOLVE_AUG
     jittered = {}
     for case in R.CASES:
@@ -42,6 +53,11 @@ def add_jittered_copies(layers):
             stem = os.path.join(root, "exemplars", f"{e['index']:02d}_{e['composition']}")
             o, m, k = R.load_rgb(stem + "_orig.png"), R.load_rgb(stem + "_mod.png"), R.load_mask(stem + "_mask.png")
             for p in R.aug_params(geometry, n):
+                if texture_only:
+                    origs.append(R.apply_aug(o, p))
+                    mods.append(R.apply_aug(o * (1 - k) + recolour(m, photometry) * k, p))
+                    masks.append(R.apply_aug(k, p))
+                    continue
                 state = photometry.get_state()
                 origs.append(jitter(R.apply_aug(o, p), photometry))
                 photometry.set_state(state)
@@ -107,13 +123,14 @@ def main():
     ap.add_argument("--cases", default=",".join(R.CASES))
     ap.add_argument("--nex", type=int, default=1)
     ap.add_argument("--jitter", action="store_true")
+    ap.add_argument("--texture-jitter", action="store_true", help="recolour only the new concept in the copies")
     args = ap.parse_args()
     kw = json.loads(args.kw)
     if "layers" in kw:
         kw["layers"] = tuple(kw["layers"])
     R.DATA = R.build_cache()
-    if args.jitter:
-        add_jittered_copies(kw.get("layers", (args.layer,)))
+    if args.jitter or args.texture_jitter:
+        add_jittered_copies(kw.get("layers", (args.layer,)), texture_only=args.texture_jitter)
     for case in args.cases.split(","):
         curve(args.solver, args.layer, case, args.nex, [float(s) for s in args.scales.split(",")], **kw)
 

@@ -7,10 +7,8 @@ classification extension, version numbers and aliases, tokens, and the protocol'
 
 `--pixels` is the photo preprocessed by the server's own rules (3 x H x W little-endian float32), so that
 both inputs must give the same probabilities. Exits non-zero at the first failed check."""
-import argparse
 import base64
 import json
-import sys
 import urllib.error
 import urllib.request
 
@@ -18,22 +16,11 @@ import numpy as np
 import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
-
-def check(condition, what):
-    if not condition:
-        sys.exit(f"FAILED: {what}")
-    print(f"ok: {what}")
+from client_checks import arguments, check
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--url", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--photo", required=True)
-    ap.add_argument("--label", type=int, required=True)
-    ap.add_argument("--pixels", required=True)
-    ap.add_argument("--token")
-    a = ap.parse_args()
+    a = arguments(__doc__)
     token = {"Authorization": f"Bearer {a.token}"} if a.token else {}
     # A fresh dict per call: tritonclient writes Inference-Header-Content-Length into the one it is given.
     auth = lambda: dict(token)
