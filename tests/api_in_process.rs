@@ -330,6 +330,11 @@ async fn open_inference_answers_and_refusals() {
             "version_not_found",
         ),
     ];
+    // A refusal before the handler runs (here: a peer off loopback while no tokens are configured) takes the
+    // protocol's shape too.
+    let (status, body) = send_from([192, 0, 2, 7], &app, get("/v2/models/efficientnet-lite0")).await;
+    assert_eq!((status, &body["code"]), (StatusCode::FORBIDDEN, &json!("forbidden")), "{body}");
+    assert!(body["error"].is_string(), "{body}");
     let (_, document) = send(&app, get("/openapi.json")).await;
     for (request, status, code) in cases {
         let what = format!("{} {}", request.method(), request.uri());

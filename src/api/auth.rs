@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::OpenApi;
 
-use super::error::{documented_refusal, ApiError};
+use super::error::{documented_refusal, refusal_for, ApiError};
 use crate::core::caller;
 
 /// The name of the security scheme in the OpenAPI document.
@@ -221,7 +221,6 @@ pub async fn authorize(
     request: Request,
     next: Next,
 ) -> Response {
-    use axum::response::IntoResponse;
     // Without the peer's address (a router used without a socket) the loopback rule refuses.
     let peer = peer.ok().map(|ConnectInfo(address)| address.ip());
     let refusal = match access.check(&request, peer) {
@@ -248,8 +247,9 @@ pub async fn authorize(
     };
     // Read what the client is still sending (within the body limit): answering and closing while it sends
     // makes it see a reset instead of the refusal.
+    let path = request.uri().path().to_string();
     let _ = axum::body::to_bytes(request.into_body(), access.drain_limit).await;
-    refusal.into_response()
+    refusal_for(&path, refusal)
 }
 
 /// The `bearer` security scheme in the document's components.
@@ -272,9 +272,9 @@ impl utoipa::Modify for BearerScheme {
             ("403", "`forbidden`: the token lacks the scope, or a non-loopback peer while no tokens are configured"),
             ("429", "`too_many_requests`: the token's requests in flight are at the limit (`Retry-After`)"),
         ];
-        for operation in super::operations_mut(document).filter(|o| o.security.is_some()) {
+        for (path, operation) in super::operations_mut(document).filter(|(_, o)| o.security.is_some()) {
             for (status, description) in refusals {
-                operation.responses.responses.insert(status.to_string(), documented_refusal(description));
+                operation.responses.responses.insert(status.to_string(), documented_refusal(path, description));
             }
         }
     }

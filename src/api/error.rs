@@ -68,9 +68,25 @@ pub struct ErrorDetail {
     message: String,
 }
 
-/// An error answer as the OpenAPI document shows it, for refusals that many operations share.
-pub fn documented_refusal(description: &str) -> RefOr<utoipa::openapi::Response> {
-    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+/// Whether `path` is one of the Open Inference Protocol's, whose errors take that protocol's shape.
+pub fn speaks_protocol(path: &str) -> bool {
+    path == "/v2" || path.starts_with("/v2/")
+}
+
+/// A refusal made before a handler runs (tokens, limits, deadline), in the shape of the route's protocol.
+pub fn refusal_for(path: &str, error: ApiError) -> Response {
+    if speaks_protocol(path) {
+        ProtocolError(error).into_response()
+    } else {
+        error.into_response()
+    }
+}
+
+/// An error answer of the operation at `path` as the OpenAPI document shows it, for refusals that many
+/// operations share.
+pub fn documented_refusal(path: &str, description: &str) -> RefOr<utoipa::openapi::Response> {
+    let body = if speaks_protocol(path) { "ProtocolErrorBody" } else { "ErrorBody" };
+    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name(body))).build();
     ResponseBuilder::new().description(description).content("application/json", content).build().into()
 }
 

@@ -128,12 +128,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// What the transport may answer before or instead of a handler: 413 for every operation that reads a body
 /// (the body limit), 504 for every operation (the request timeout).
 fn document_transport_refusals(document: &mut utoipa::openapi::OpenApi) {
-    for operation in operations_mut(document) {
+    for (path, operation) in operations_mut(document) {
         let responses = &mut operation.responses.responses;
         if operation.request_body.is_some() {
-            responses.entry("413".into()).or_insert_with(|| documented_refusal("`payload_too_large`"));
+            responses.entry("413".into()).or_insert_with(|| documented_refusal(path, "`payload_too_large`"));
         }
-        responses.insert("504".into(), documented_refusal("`deadline_exceeded`: over --request-timeout-secs"));
+        let deadline = documented_refusal(path, "`deadline_exceeded`: over --request-timeout-secs");
+        responses.insert("504".into(), deadline);
     }
 }
 
@@ -157,9 +158,12 @@ fn operations(
 /// Every operation of the document, to add what many share.
 fn operations_mut(
     document: &mut utoipa::openapi::OpenApi,
-) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
-    document.paths.paths.values_mut().flat_map(|item| {
-        [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch].into_iter().flatten()
+) -> impl Iterator<Item = (&str, &mut utoipa::openapi::path::Operation)> {
+    document.paths.paths.iter_mut().flat_map(|(path, item)| {
+        [&mut item.get, &mut item.post, &mut item.put, &mut item.delete, &mut item.patch]
+            .into_iter()
+            .flatten()
+            .map(move |operation| (path.as_str(), operation))
     })
 }
 
@@ -255,9 +259,10 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
 /// Abandons a request that takes longer than the request timeout (its work is dropped, as when a client
 /// goes away) and answers 504 instead.
 async fn enforce_deadline(State(seconds): State<u64>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_string();
     match tokio::time::timeout(std::time::Duration::from_secs(seconds), next.run(request)).await {
         Ok(response) => response,
-        Err(_) => ApiError::DeadlineExceeded { seconds }.into_response(),
+        Err(_) => error::refusal_for(&path, ApiError::DeadlineExceeded { seconds }),
     }
 }
 

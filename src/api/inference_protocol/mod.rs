@@ -1,7 +1,7 @@
 //! The Open Inference Protocol v2 over REST (KServe v2 / Triton), with its classification and binary tensor
 //! data extensions, beside the service's own routes: health, server and model metadata, model readiness and
 //! inference. `{version}` is a version number or alias, as everywhere else. Errors answer the protocol's
-//! `{"error": message}`; the transport's refusals (tokens, limits, deadline) keep the service's shape.
+//! `{"error": message}`, the transport's refusals (tokens, limits, deadline) too.
 
 mod tensors;
 
