@@ -13,8 +13,62 @@ use super::params::{IdPath, ModelPath};
 use super::query::{page_limit, parse_query};
 use super::versions::{accepted, json_body};
 use super::AppState;
-use crate::core::evaluations::{EvaluationAccepted, EvaluationPage, EvaluationRequest};
-use crate::store::EvaluationRecord;
+use crate::core::evaluations::{EvaluationAccepted, EvaluationRequest, VersionScore};
+use crate::core::CoreError;
+use crate::store::{EvaluationRecord, EvaluationState};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// An evaluation of versions of a model on a dataset, run by its job.
+#[derive(Serialize, ToSchema)]
+pub struct EvaluationView {
+    id: String,
+    model: String,
+    dataset: String,
+    baseline: u32,
+    versions: Vec<u32>,
+    state: EvaluationState,
+    job: String,
+    /// The classes left out of the scores (asked for, and the exemplars' when asked).
+    excluded_classes: Vec<u32>,
+    /// Each version's scores, the baseline first, once the job has succeeded.
+    results: Option<Vec<VersionScore>>,
+    error: Option<String>,
+    created_at: String,
+    finished_at: Option<String>,
+}
+
+impl TryFrom<EvaluationRecord> for EvaluationView {
+    type Error = ApiError;
+
+    fn try_from(record: EvaluationRecord) -> Result<Self, ApiError> {
+        let results =
+            record.results.map(serde_json::from_value).transpose().map_err(|e| {
+                CoreError::Internal(format!("evaluation {}: stored results unreadable: {e}", record.id))
+            })?;
+        Ok(Self {
+            id: record.id,
+            model: record.model,
+            dataset: record.dataset,
+            baseline: record.baseline,
+            versions: record.versions,
+            state: record.state,
+            job: record.job,
+            excluded_classes: record.excluded_classes,
+            results,
+            error: record.error,
+            created_at: record.created_at,
+            finished_at: record.finished_at,
+        })
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct EvaluationPage {
+    evaluations: Vec<EvaluationView>,
+    /// Pass as `before` for the next page; null on the last.
+    next_before: Option<String>,
+}
 
 /// Starts an evaluation job: versions against a baseline on a dataset (accuracy, top-1 changes, per-class
 /// scores); 202 with the job and the evaluation's id, `Location` the job.
@@ -55,17 +109,19 @@ pub async fn list_evaluations(
     RawQuery(query): RawQuery,
 ) -> Result<Json<EvaluationPage>, ApiError> {
     let query = parse_query(query.as_deref(), &["limit", "before"])?;
-    Ok(Json(state.evaluations.list(&model, query.get("before").map(String::as_str), page_limit(&query)?).await?))
+    let page = state.evaluations.list(&model, query.get("before").map(String::as_str), page_limit(&query)?).await?;
+    let evaluations = page.evaluations.into_iter().map(EvaluationView::try_from).collect::<Result<_, _>>()?;
+    Ok(Json(EvaluationPage { evaluations, next_before: page.next_before }))
 }
 
 /// One evaluation with its results once its job has finished.
 #[utoipa::path(get, path = "/v1/evaluations/{id}", tag = "evaluations", security(("bearer" = ["edit"])), params(IdPath), responses(
-    (status = 200, body = EvaluationRecord),
+    (status = 200, body = EvaluationView),
     (status = 404, body = ErrorBody, description = "`evaluation_not_found`"),
 ))]
 pub async fn get_evaluation(
     State(state): State<Arc<AppState>>,
     Path(IdPath { id }): Path<IdPath>,
-) -> Result<Json<EvaluationRecord>, ApiError> {
-    Ok(Json(state.evaluations.get(&id).await?))
+) -> Result<Json<EvaluationView>, ApiError> {
+    Ok(Json(state.evaluations.get(&id).await?.try_into()?))
 }

@@ -215,7 +215,7 @@ impl From<JobState> for EvaluationState {
 }
 
 /// An evaluation of versions of a model on a dataset, run by its job; `results` once it succeeded.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EvaluationRecord {
     pub id: String,
     pub model: String,

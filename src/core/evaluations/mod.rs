@@ -74,10 +74,11 @@ pub struct EvaluationAccepted {
     pub evaluation: String,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+/// A page of a model's evaluations, newest first.
+#[derive(Debug)]
 pub struct EvaluationPage {
     pub evaluations: Vec<EvaluationRecord>,
-    /// Pass as `before` for the next page; null on the last.
+    /// The id to pass as `before` for the next page; None on the last.
     pub next_before: Option<String>,
 }
 

@@ -15,7 +15,7 @@ pub struct Predictions {
 }
 
 /// One version's scores. Shares are fractions of the scored images; `errors_corrected` is a percentage.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VersionScore {
     pub version: u32,
     pub baseline: bool,
@@ -38,14 +38,14 @@ pub struct VersionScore {
     pub confusions: Vec<Confusion>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ClassScore {
     pub images: u64,
     pub correct: u64,
     pub transformed_correct: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Confusion {
     pub label: u32,
     pub predicted: u32,
