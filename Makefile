@@ -8,7 +8,7 @@ export PATH := $(VENV)/bin:$(PATH)
 LISTEN ?= 127.0.0.1:8080
 DEVICE ?= auto
 
-.PHONY: setup build serve test lint openapi bench bench-serve clean-data
+.PHONY: setup contract-tools build serve test lint openapi bench bench-serve clean-data
 
 setup:
 	bash tools/setup.sh
@@ -19,7 +19,11 @@ build: setup
 serve: build
 	./target/release/editserve serve --models-dir models --listen $(LISTEN) --device $(DEVICE)
 
-test: setup lint
+# The clients the contract tests drive (tests/open_inference.rs, tests/contract.rs) in .venv-contract.
+contract-tools:
+	bash tools/contract_tools.sh
+
+test: setup contract-tools lint
 	cargo test --release
 
 # Formatting (rustfmt.toml) and clippy, warnings as errors: part of `make test`, so CI runs them.

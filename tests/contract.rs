@@ -1,4 +1,4 @@
-//! The contract, checked by a tool we did not write: Schemathesis (in `.venv-contract`, which `make setup`
+//! The contract, checked by a tool we did not write: Schemathesis (in `.venv-contract`, which `make test`
 //! builds) reads `/openapi.json` from a live server and sends generated and mutated requests to every
 //! operation, once with a token of each scope. It fails on any server error, any status the document does not
 //! list for the operation, any body, header or content type that does not conform to it, and any operation
@@ -30,7 +30,7 @@ async fn schemathesis_finds_nothing_with_any_scope() {
             .arg("--report-dir")
             .arg(reports.path())
             .output()
-            .expect("run .venv-contract/bin/st (make setup builds it)");
+            .expect("run .venv-contract/bin/st (make contract-tools builds it)");
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),

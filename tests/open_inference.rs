@@ -1,6 +1,6 @@
 //! The Open Inference Protocol v2 routes against a real server, checked by two clients we did not write:
 //! NVIDIA's `tritonclient[http]` and the KServe SDK's `InferenceRESTClient` (both in `.venv-contract`, which
-//! `make setup` builds) run `tests/clients/tritonclient_check.py` and `tests/clients/kserve_check.py` with a
+//! `make test` builds) run `tests/clients/tritonclient_check.py` and `tests/clients/kserve_check.py` with a
 //! token of the `infer` scope. The FP32 input they send is the photo preprocessed here by the server's own
 //! rules, so that both inputs must agree.
 
@@ -21,7 +21,7 @@ fn run_client(script: &str, args: &[&str], photo: &Path, pixels: &Path) -> Strin
         .arg("--pixels")
         .arg(pixels)
         .output()
-        .expect("run .venv-contract/bin/python (make setup builds it)");
+        .expect("run .venv-contract/bin/python (make contract-tools builds it)");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(output.status.success(), "{script}:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     stdout

