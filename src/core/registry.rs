@@ -296,11 +296,16 @@ impl Registry {
         Arc::clone(&self.room).acquire_many_owned(permits).await.map_err(|_| CoreError::ShuttingDown)
     }
 
-    /// The `top_k` most probable classes of one input's probabilities (as `probabilities` gives them).
-    pub fn rank(&self, model: &str, probabilities: &[f32], top_k: usize) -> Result<Vec<Prediction>, CoreError> {
+    /// The `top_k` most probable classes of each input's probabilities (as `probabilities` gives them).
+    pub fn rank(
+        &self,
+        model: &str,
+        probabilities: &Probabilities,
+        top_k: usize,
+    ) -> Result<Vec<Vec<Prediction>>, CoreError> {
         let entry = self.entry(model)?;
         check_top_k(top_k, entry.info.num_classes)?;
-        Ok(top_predictions(probabilities, top_k, &entry.labels))
+        Ok(probabilities.iter().map(|p| top_predictions(p, top_k, &entry.labels)).collect())
     }
 
     /// The network's inputs: encoded images decoded and preprocessed off the runtime, or tensors already

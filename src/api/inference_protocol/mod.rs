@@ -248,11 +248,9 @@ async fn infer(
     for (binary, classification) in wanted {
         let output = match classification {
             Some(k) => {
-                let mut texts = Vec::with_capacity(count * k);
-                for row in &probabilities {
-                    let best = state.registry.rank(&model, row, k)?;
-                    texts.extend(best.iter().map(|p| format!("{:.6}:{}:{}", p.probability, p.index, p.label)));
-                }
+                let best = state.registry.rank(&model, &probabilities, k)?;
+                let texts = best.iter().flatten().map(|p| format!("{:.6}:{}:{}", p.probability, p.index, p.label));
+                let texts = texts.collect();
                 Output {
                     name: PROBABILITIES.into(),
                     datatype: "BYTES",
