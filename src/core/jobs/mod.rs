@@ -284,4 +284,27 @@ mod schema_tests {
         assert_eq!(field("steps", "maximum"), Some(MAX_STEPS as f64));
         assert_eq!(field("description", "maxLength"), Some(MAX_DESCRIPTION as f64));
     }
+
+    /// An edit's idempotency fingerprint hashes the request as it serialises (keys sorted, absent options
+    /// null): stored fingerprints must keep matching a retried identical request, so that text must never
+    /// change.
+    #[test]
+    fn an_edit_request_serialises_as_its_stored_fingerprints_expect() {
+        let serialised = |text: &str| {
+            let request: EditRequest = serde_json::from_str(text).unwrap();
+            serde_json::to_value(&request).unwrap().to_string()
+        };
+        assert_eq!(
+            serialised(r#"{"exemplars": ["e"]}"#),
+            r#"{"description":null,"exemplars":["e"],"guard":null,"layer":null,"layers":null,"lr":null,"method":null,"parent":null,"rank":null,"seed":null,"solver":null,"statistics":null,"steps":null}"#
+        );
+        let full = r#"{"description": "d", "guard": {"max_changed": 0.25, "dataset": "default"}, "parent": "production",
+            "exemplars": ["e1", "e2"], "method": "finetune_local", "solver": "adam", "layers": ["a", "b"], "rank": 2,
+            "steps": 10, "lr": 0.5, "seed": -7, "statistics": "s"}"#;
+        assert_eq!(
+            serialised(full),
+            r#"{"description":"d","exemplars":["e1","e2"],"guard":{"dataset":"default","max_changed":0.25},"layer":null,"layers":["a","b"],"lr":0.5,"method":"finetune_local","parent":"production","rank":2,"seed":-7,"solver":"adam","statistics":"s","steps":10}"#
+        );
+        assert!(serialised(r#"{"exemplars": [], "parent": 3}"#).contains(r#","parent":3,"#));
+    }
 }
