@@ -9,11 +9,12 @@ use axum::response::Response;
 use axum::Json;
 
 use super::error::{ApiError, ErrorBody};
+use super::jobs::JobView;
 use super::params::{IdPath, ModelPath};
 use super::query::{page_limit, parse_query};
 use super::versions::{accepted, json_body};
 use super::AppState;
-use crate::core::evaluations::{EvaluationAccepted, EvaluationRequest, VersionScore};
+use crate::core::evaluations::{EvaluationRequest, VersionScore};
 use crate::core::CoreError;
 use crate::store::{EvaluationRecord, EvaluationState};
 use serde::Serialize;
@@ -64,6 +65,12 @@ impl TryFrom<EvaluationRecord> for EvaluationView {
 }
 
 #[derive(Serialize, ToSchema)]
+pub struct EvaluationAccepted {
+    job: JobView,
+    evaluation: String,
+}
+
+#[derive(Serialize, ToSchema)]
 pub struct EvaluationPage {
     evaluations: Vec<EvaluationView>,
     /// Pass as `before` for the next page; null on the last.
@@ -89,8 +96,8 @@ pub async fn create_evaluation(
 ) -> Result<Response, ApiError> {
     state.registry.ensure_loaded(&model)?;
     let request = json_body(body, state.config.max_body_bytes)?;
-    let created = state.evaluations.create(&model, request).await?;
-    Ok(accepted(format!("/v1/jobs/{}", created.job.id), created))
+    let (evaluation, job) = state.evaluations.create(&model, request).await?;
+    Ok(accepted(format!("/v1/jobs/{}", job.id), EvaluationAccepted { job: JobView::from(&job), evaluation }))
 }
 
 /// A model's evaluations, newest first, a page at a time.

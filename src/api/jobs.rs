@@ -19,8 +19,8 @@ use super::error::{ApiError, ErrorBody};
 use super::params::{IdPath, ModelPath};
 use super::versions::accepted;
 use super::AppState;
-use crate::core::jobs::{JobView, StatisticsImages, MAX_STATISTICS_IMAGES};
-use crate::store::JobRecord;
+use crate::core::jobs::{StatisticsImages, MAX_STATISTICS_IMAGES};
+use crate::store::{JobKind, JobRecord, JobState};
 
 /// Watchers of a fast edit see at most this many progress events a second.
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
@@ -34,6 +34,47 @@ pub struct StatisticsForm {
     directory: Option<String>,
     /// The layer whose inputs are measured; the model's default edit layer when absent.
     layer: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ProgressView {
+    pub step: u64,
+    pub total: u64,
+    pub loss: Option<f64>,
+}
+
+// The store's record as clients see it: without the plan the job runs and its idempotency fingerprint.
+#[derive(Serialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub kind: JobKind,
+    pub model: String,
+    pub state: JobState,
+    pub progress: ProgressView,
+    pub version: Option<u32>,
+    pub statistics: Option<String>,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+impl From<&JobRecord> for JobView {
+    fn from(r: &JobRecord) -> Self {
+        Self {
+            id: r.id.clone(),
+            kind: r.kind,
+            model: r.model.clone(),
+            state: r.state,
+            progress: ProgressView { step: r.step, total: r.total, loss: r.loss },
+            version: r.version,
+            statistics: r.statistics.clone(),
+            error: r.error.clone(),
+            created_at: r.created_at.clone(),
+            started_at: r.started_at.clone(),
+            finished_at: r.finished_at.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -73,7 +114,7 @@ pub async fn create_statistics(
         }
     };
     let job = state.jobs.create_statistics(&model, form.layer, images).await?;
-    Ok(accepted(format!("/v1/jobs/{}", job.id), JobAccepted { job }))
+    Ok(accepted(format!("/v1/jobs/{}", job.id), JobAccepted { job: JobView::from(&job) }))
 }
 
 /// An edit, statistics or evaluation job: state, progress and outcome.
@@ -85,7 +126,7 @@ pub async fn get_job(
     State(state): State<Arc<AppState>>,
     Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(state.jobs.get(&id).await?))
+    Ok(Json(JobView::from(&state.jobs.get(&id).await?)))
 }
 
 /// Cancels a queued or running job; its pending version is marked failed.
@@ -98,7 +139,7 @@ pub async fn cancel_job(
     State(state): State<Arc<AppState>>,
     Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<JobView>, ApiError> {
-    Ok(Json(state.jobs.cancel(&id).await?))
+    Ok(Json(JobView::from(&state.jobs.cancel(&id).await?)))
 }
 
 fn event(record: &JobView) -> Event {
@@ -124,7 +165,7 @@ pub async fn job_events(
     let start = match state.jobs.watch(&id).await? {
         Ok(receiver) => Watch::Live(receiver, true),
         Err(finished) => {
-            let stream = stream::iter([Ok(event(&finished))]);
+            let stream = stream::iter([Ok(event(&JobView::from(&finished)))]);
             return Ok(Sse::new(futures_util::StreamExt::boxed(stream)).keep_alive(KeepAlive::default()));
         }
     };

@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 use super::caller;
 use super::datasets::{load_images, DatasetImages, DatasetKind};
 use super::edit_worker::input_batch;
-use super::jobs::{plan_of, JobView, Jobs, VersionName};
+use super::jobs::{plan_of, Jobs, VersionName};
 use super::registry::Registry;
 use super::scheduler::Lineage;
 use super::versions::{VersionRef, Versions};
@@ -68,12 +68,6 @@ struct EvaluationPlan {
     exclude_exemplar_classes: bool,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EvaluationAccepted {
-    pub job: JobView,
-    pub evaluation: String,
-}
-
 /// A page of a model's evaluations, newest first.
 #[derive(Debug)]
 pub struct EvaluationPage {
@@ -114,8 +108,8 @@ impl Evaluations {
     }
 
     /// Checks the request (ready versions, an existing dataset whose labels are classes of the model) and
-    /// queues the evaluation's job.
-    pub async fn create(&self, model: &str, request: EvaluationRequest) -> Result<EvaluationAccepted, CoreError> {
+    /// queues the evaluation's job; answers the evaluation's id and the job.
+    pub async fn create(&self, model: &str, request: EvaluationRequest) -> Result<(String, JobRecord), CoreError> {
         let classes = self.registry.model(model)?.num_classes;
         if request.versions.is_empty() || request.versions.len() > MOST_VERSIONS {
             return Err(invalid(format!(
@@ -180,7 +174,7 @@ impl Evaluations {
         let detail =
             json!({"model": model, "dataset": dataset.id, "baseline": baseline, "versions": versions, "job": job.id});
         self.metadata.record_audit("evaluation.create", &id, &caller::current(), Some(detail)).await?;
-        Ok(EvaluationAccepted { job, evaluation: id })
+        Ok((id, job))
     }
 
     pub async fn get(&self, id: &str) -> Result<EvaluationRecord, CoreError> {

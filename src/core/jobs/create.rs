@@ -11,7 +11,7 @@ impl Jobs {
         model: &str,
         request: EditRequest,
         key: Option<String>,
-    ) -> Result<EditAccepted, CoreError> {
+    ) -> Result<EditStarted, CoreError> {
         let package = self.registry.package(model)?;
         let request_json = serde_json::to_value(&request).map_err(|e| CoreError::Internal(e.to_string()))?;
         let sha = request_sha256(model, &request_json);
@@ -23,8 +23,9 @@ impl Jobs {
                 }
                 let current = self.live(&first.id).map_or(first, |live| live.record.borrow().clone());
                 let number = current.version.unwrap_or_default();
-                let state = self.metadata.version(model, number).await?.map_or(VersionState::Failed, |v| v.state);
-                return Ok(EditAccepted { job: JobView::from(&current), version: PendingVersion { number, state } });
+                let version_state =
+                    self.metadata.version(model, number).await?.map_or(VersionState::Failed, |v| v.state);
+                return Ok(EditStarted { job: current, version: number, version_state });
             }
         }
         let plan = self.plan(model, &package.surface, &request).await?;
@@ -62,9 +63,8 @@ impl Jobs {
                 Some(json!({"model": model, "version": number, "parent": plan.parent})),
             )
             .await?;
-        let view = JobView::from(&job);
-        self.enqueue(job, None, permit);
-        Ok(EditAccepted { job: view, version: PendingVersion { number, state: VersionState::Pending } })
+        self.enqueue(job.clone(), None, permit);
+        Ok(EditStarted { job, version: number, version_state: VersionState::Pending })
     }
 
     pub(super) fn enqueue(&self, job: JobRecord, images: Option<Vec<Bytes>>, permit: mpsc::Permit<'_, String>) {
@@ -82,7 +82,7 @@ impl Jobs {
         model: &str,
         layer: Option<String>,
         images: StatisticsImages,
-    ) -> Result<JobView, CoreError> {
+    ) -> Result<JobRecord, CoreError> {
         let package = self.registry.package(model)?;
         let layer = layer.unwrap_or_else(|| package.surface.default_edit_layer.clone());
         if package.surface.layer(&layer).is_none() {
@@ -126,9 +126,8 @@ impl Jobs {
                 Some(json!({"model": model, "layer": plan.layer})),
             )
             .await?;
-        let view = JobView::from(&job);
-        self.enqueue(job, uploaded, permit);
-        Ok(view)
+        self.enqueue(job.clone(), uploaded, permit);
+        Ok(job)
     }
 
     /// Queues the evaluation job that runs `plan` (validated by `Evaluations`), recorded with its pending
@@ -139,13 +138,12 @@ impl Jobs {
         plan: serde_json::Value,
         total: usize,
         evaluation: EvaluationRecord,
-    ) -> Result<JobView, CoreError> {
+    ) -> Result<JobRecord, CoreError> {
         let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.queue.max_capacity()))?;
         let sha = request_sha256(model, &plan);
         let job = queued_job(JobKind::Evaluation, model, plan, sha, None, total, &evaluation.created_at);
         self.metadata.create_evaluation(&job, &EvaluationRecord { job: job.id.clone(), ..evaluation }).await?;
-        let view = JobView::from(&job);
-        self.enqueue(job, None, permit);
-        Ok(view)
+        self.enqueue(job.clone(), None, permit);
+        Ok(job)
     }
 }

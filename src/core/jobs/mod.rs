@@ -221,27 +221,27 @@ impl Jobs {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
-    pub async fn get(&self, id: &str) -> Result<JobView, CoreError> {
+    /// The job now: live progress while it is queued or running, else as stored.
+    pub async fn get(&self, id: &str) -> Result<JobRecord, CoreError> {
         if let Some(live) = self.live(id) {
-            return Ok(JobView::from(&*live.record.borrow()));
+            return Ok(live.record.borrow().clone());
         }
-        let record = self.metadata.job(id).await?.ok_or_else(|| CoreError::not_found(Resource::Job, id))?;
-        Ok(JobView::from(&record))
+        self.metadata.job(id).await?.ok_or_else(|| CoreError::not_found(Resource::Job, id))
     }
 
-    /// The job's views from now until its final state: a receiver while it is live, else its final view.
-    pub async fn watch(&self, id: &str) -> Result<Result<watch::Receiver<JobRecord>, JobView>, CoreError> {
+    /// The job from now until its final state: a receiver while it is live, else its final record.
+    pub async fn watch(&self, id: &str) -> Result<Result<watch::Receiver<JobRecord>, JobRecord>, CoreError> {
         if let Some(live) = self.live(id) {
             return Ok(Ok(live.record.subscribe()));
         }
         Ok(Err(self.get(id).await?))
     }
 
-    /// Cancels a queued or running job and answers its final view.
-    pub async fn cancel(&self, id: &str) -> Result<JobView, CoreError> {
+    /// Cancels a queued or running job and answers it in its final state.
+    pub async fn cancel(&self, id: &str) -> Result<JobRecord, CoreError> {
         let Some(live) = self.live(id) else {
-            let view = self.get(id).await?;
-            return Err(already_ended(id, view.state));
+            let job = self.get(id).await?;
+            return Err(already_ended(id, job.state));
         };
         live.cancel.store(true, Ordering::SeqCst);
         let mut watcher = live.record.subscribe();
@@ -257,15 +257,15 @@ impl Jobs {
             }
         }
         let stopped = match tokio::time::timeout(CANCEL_WAIT, watcher.wait_for(|r| r.state.is_final())).await {
-            Ok(Ok(record)) => Some(JobView::from(&*record)),
+            Ok(Ok(record)) => Some((*record).clone()),
             _ => None,
         };
-        let view = match stopped {
-            Some(view) => view,
+        let job = match stopped {
+            Some(job) => job,
             None => self.get(id).await?,
         };
-        self.metadata.record_audit("job.cancel", id, &caller::current(), Some(json!({"state": view.state}))).await?;
-        Ok(view)
+        self.metadata.record_audit("job.cancel", id, &caller::current(), Some(json!({"state": job.state}))).await?;
+        Ok(job)
     }
 }
 

@@ -84,55 +84,11 @@ pub enum StatisticsImages {
     Directory(String),
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ProgressView {
-    pub step: u64,
-    pub total: u64,
-    pub loss: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct JobView {
-    pub id: String,
-    pub kind: JobKind,
-    pub model: String,
-    pub state: JobState,
-    pub progress: ProgressView,
-    pub version: Option<u32>,
-    pub statistics: Option<String>,
-    pub error: Option<String>,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
-}
-
-impl From<&JobRecord> for JobView {
-    fn from(r: &JobRecord) -> Self {
-        Self {
-            id: r.id.clone(),
-            kind: r.kind,
-            model: r.model.clone(),
-            state: r.state,
-            progress: ProgressView { step: r.step, total: r.total, loss: r.loss },
-            version: r.version,
-            statistics: r.statistics.clone(),
-            error: r.error.clone(),
-            created_at: r.created_at.clone(),
-            started_at: r.started_at.clone(),
-            finished_at: r.finished_at.clone(),
-        }
-    }
-}
-
-/// Answer to an accepted edit.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct EditAccepted {
-    pub job: JobView,
-    pub version: PendingVersion,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PendingVersion {
-    pub number: u32,
-    pub state: VersionState,
+/// An accepted edit: its job (new, or the first job of a repeated idempotency key) and the version it makes.
+#[derive(Debug, Clone)]
+pub struct EditStarted {
+    pub job: JobRecord,
+    pub version: u32,
+    /// Pending for a new edit; for a repeated key, the state the version has reached since.
+    pub version_state: VersionState,
 }
