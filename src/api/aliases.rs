@@ -11,11 +11,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::params::{AliasPath, ModelPath};
-use super::versions::{json_body, version_ref};
+use super::params::{AliasPath, ModelPath, VersionName};
+use super::versions::json_body;
 use super::AppState;
-use crate::core::jobs::VersionName;
-use crate::core::versions::VersionRef;
 
 #[derive(Serialize, ToSchema)]
 pub struct AliasList {
@@ -61,10 +59,7 @@ pub async fn put_alias(
     body: Result<Json<AliasTarget>, JsonRejection>,
 ) -> Result<Json<AliasSet>, ApiError> {
     state.registry.ensure_loaded(&model)?;
-    let target = match json_body(body, state.config.max_body_bytes)?.version {
-        VersionName::Number(n) => VersionRef::Number(n),
-        VersionName::Alias(name) => version_ref(&name)?,
-    };
+    let target = json_body(body, state.config.max_body_bytes)?.version.reference()?;
     let version = state.versions.set_alias(&model, &alias, &target).await?;
     Ok(Json(AliasSet { alias, version }))
 }

@@ -10,15 +10,42 @@ use axum::Json;
 
 use super::error::{ApiError, ErrorBody};
 use super::jobs::JobView;
-use super::params::{IdPath, ModelPath};
+use super::params::{IdPath, ModelPath, VersionName};
 use super::query::{page_limit, parse_query};
 use super::versions::{accepted, json_body};
 use super::AppState;
-use crate::core::evaluations::{EvaluationRequest, VersionScore};
+use crate::core::evaluations::{EvaluationInput, Exclusions, VersionScore};
 use crate::core::CoreError;
 use crate::store::{EvaluationRecord, EvaluationState};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+/// `POST /v1/models/{m}/evaluations`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationRequest {
+    dataset: String,
+    #[schema(min_items = 1, max_items = 8)]
+    versions: Vec<VersionName>,
+    /// Version 0 when None.
+    baseline: Option<VersionName>,
+    #[serde(default)]
+    exclude_classes: Vec<u32>,
+    #[serde(default)]
+    exclude_exemplar_classes: bool,
+}
+
+impl EvaluationRequest {
+    /// What core checks and runs; only a version's name can be refused here (422 `invalid_argument`).
+    fn into_input(self) -> Result<EvaluationInput, ApiError> {
+        Ok(EvaluationInput {
+            dataset: self.dataset,
+            versions: self.versions.iter().map(VersionName::reference).collect::<Result<_, _>>()?,
+            baseline: self.baseline.as_ref().map(VersionName::reference).transpose()?,
+            exclude: Exclusions { classes: self.exclude_classes, exemplar_classes: self.exclude_exemplar_classes },
+        })
+    }
+}
 
 /// An evaluation of versions of a model on a dataset, run by its job.
 #[derive(Serialize, ToSchema)]
@@ -96,7 +123,7 @@ pub async fn create_evaluation(
 ) -> Result<Response, ApiError> {
     state.registry.ensure_loaded(&model)?;
     let request = json_body(body, state.config.max_body_bytes)?;
-    let (evaluation, job) = state.evaluations.create(&model, request).await?;
+    let (evaluation, job) = state.evaluations.create(&model, request.into_input()?).await?;
     Ok(accepted(format!("/v1/jobs/{}", job.id), EvaluationAccepted { job: JobView::from(&job), evaluation }))
 }
 

@@ -4,6 +4,7 @@ mod aliases;
 mod auth;
 mod body;
 mod datasets;
+mod edits;
 mod error;
 mod evaluations;
 mod exemplars;

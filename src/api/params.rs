@@ -1,8 +1,11 @@
 //! Path parameters shared by several routes: each is an extractor and, through `IntoParams`, its own
-//! OpenAPI description.
+//! OpenAPI description. And a version as a JSON body names it.
 
-use serde::Deserialize;
-use utoipa::IntoParams;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::ApiError;
+use crate::core::versions::VersionRef;
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
@@ -44,4 +47,22 @@ pub struct ExemplarImagePath {
     pub id: String,
     /// `image`, `mask` or `modified`.
     pub which: String,
+}
+
+/// A version as a JSON request names it: a number or an alias.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum VersionName {
+    Number(u32),
+    Alias(String),
+}
+
+impl VersionName {
+    /// The version core looks up; an alias is checked as one in a path is (422 `invalid_argument`).
+    pub fn reference(&self) -> Result<VersionRef, ApiError> {
+        match self {
+            VersionName::Number(n) => Ok(VersionRef::Number(*n)),
+            VersionName::Alias(text) => Ok(VersionRef::parse(text)?),
+        }
+    }
 }

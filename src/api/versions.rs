@@ -10,16 +10,14 @@ use axum::Json;
 use serde::Serialize;
 
 use super::body::EncodedImage;
+use super::edits::{EditAccepted, EditRequest};
 use super::error::{ApiError, ErrorBody};
-use super::jobs::JobView;
 use super::models::{classify_version, read_images, ClassifyForm, ClassifyRefusals, ClassifyResponse};
 use super::params::{ModelPath, VersionPath};
 use super::query::{page_limit, parse_number, parse_query, top_k};
 use super::AppState;
-use crate::core::jobs::EditRequest;
 use crate::core::registry::Prediction;
 use crate::core::versions::{VersionPage, VersionRef, VersionView};
-use crate::store::VersionState;
 use utoipa::ToSchema;
 
 pub(super) const MOST_COMPARED: usize = 8;
@@ -111,23 +109,9 @@ pub async fn create_version(
     let key = idempotency_key(&headers)?;
     state.registry.ensure_loaded(&model)?;
     let request = json_body(body, state.config.max_body_bytes)?;
-    let started = state.jobs.create_edit(&model, request, key).await?;
-    let version = PendingVersion { number: started.version, state: started.version_state };
-    let created = EditAccepted { job: JobView::from(&started.job), version };
-    Ok(accepted(format!("/v1/jobs/{}", started.job.id), created))
-}
-
-/// Answer to an accepted edit.
-#[derive(Serialize, ToSchema)]
-pub struct EditAccepted {
-    job: JobView,
-    version: PendingVersion,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct PendingVersion {
-    number: u32,
-    state: VersionState,
+    let fingerprint = request.fingerprint()?;
+    let started = state.jobs.create_edit(&model, request.into_input()?, &fingerprint, key).await?;
+    Ok(accepted(format!("/v1/jobs/{}", started.job.id), EditAccepted::from(&started)))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

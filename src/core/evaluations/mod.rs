@@ -25,7 +25,7 @@ use tch::{Device, Kind, Tensor};
 use super::caller;
 use super::datasets::{load_images, DatasetImages, DatasetKind};
 use super::edit_worker::input_batch;
-use super::jobs::{plan_of, Jobs, VersionName};
+use super::jobs::{plan_of, Jobs};
 use super::registry::Registry;
 use super::scheduler::Lineage;
 use super::versions::{VersionRef, Versions};
@@ -37,24 +37,28 @@ use crate::models::Classifier;
 use crate::store::{
     now_rfc3339, BlobStore, EvaluationOutcome, EvaluationRecord, EvaluationState, JobRecord, MetadataStore,
 };
-use utoipa::ToSchema;
 
 /// Versions one evaluation compares with its baseline.
 pub const MOST_VERSIONS: usize = 8;
 
-/// `POST /v1/models/{m}/evaluations`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EvaluationRequest {
+/// An evaluation as a caller asks for it, before `Evaluations::create` checks it.
+#[derive(Debug, Clone)]
+pub struct EvaluationInput {
+    /// A dataset id.
     pub dataset: String,
-    #[schema(min_items = 1, max_items = 8)]
-    pub versions: Vec<VersionName>,
+    /// 1 to `MOST_VERSIONS` versions, scored against the baseline.
+    pub versions: Vec<VersionRef>,
     /// Version 0 when None.
-    pub baseline: Option<VersionName>,
-    #[serde(default)]
-    pub exclude_classes: Vec<u32>,
-    #[serde(default)]
-    pub exclude_exemplar_classes: bool,
+    pub baseline: Option<VersionRef>,
+    pub exclude: Exclusions,
+}
+
+/// What an evaluation leaves out of its scores.
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions {
+    pub classes: Vec<u32>,
+    /// The classes of the exemplars the evaluated versions were edited from (the baseline's top-1 on them).
+    pub exemplar_classes: bool,
 }
 
 /// What an evaluation job runs, as stored with it: versions by number (aliases move).
@@ -109,7 +113,7 @@ impl Evaluations {
 
     /// Checks the request (ready versions, an existing dataset whose labels are classes of the model) and
     /// queues the evaluation's job; answers the evaluation's id and the job.
-    pub async fn create(&self, model: &str, request: EvaluationRequest) -> Result<(String, JobRecord), CoreError> {
+    pub async fn create(&self, model: &str, request: EvaluationInput) -> Result<(String, JobRecord), CoreError> {
         let classes = self.registry.model(model)?.num_classes;
         if request.versions.is_empty() || request.versions.len() > MOST_VERSIONS {
             return Err(invalid(format!(
@@ -117,14 +121,11 @@ impl Evaluations {
                 request.versions.len()
             )));
         }
-        let baseline = match &request.baseline {
-            Some(name) => name.reference()?,
-            None => VersionRef::Number(0),
-        };
+        let baseline = request.baseline.clone().unwrap_or(VersionRef::Number(0));
         let baseline = self.versions.ready(model, &baseline).await?;
         let mut versions = Vec::with_capacity(request.versions.len());
-        for name in &request.versions {
-            versions.push(self.versions.ready(model, &name.reference()?).await?);
+        for reference in &request.versions {
+            versions.push(self.versions.ready(model, reference).await?);
         }
         let dataset = self
             .metadata
@@ -139,13 +140,13 @@ impl Evaluations {
                 classes - 1
             )));
         }
-        if let Some(class) = request.exclude_classes.iter().find(|&&class| i64::from(class) >= classes) {
+        if let Some(class) = request.exclude.classes.iter().find(|&&class| i64::from(class) >= classes) {
             return Err(invalid(format!(
                 "exclude_classes names class {class}, but model '{model}' has {classes} classes"
             )));
         }
         let exclude_classes: Vec<u32> =
-            request.exclude_classes.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            request.exclude.classes.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
         let id = uuid::Uuid::new_v4().to_string();
         let plan = EvaluationPlan {
             evaluation: id.clone(),
@@ -153,7 +154,7 @@ impl Evaluations {
             baseline,
             versions: versions.clone(),
             exclude_classes: exclude_classes.clone(),
-            exclude_exemplar_classes: request.exclude_exemplar_classes,
+            exclude_exemplar_classes: request.exclude.exemplar_classes,
         };
         let record = EvaluationRecord {
             id: id.clone(),

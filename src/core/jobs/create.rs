@@ -5,16 +5,17 @@ use super::*;
 
 impl Jobs {
     /// Validates an edit, records its pending version and queued job, and queues it. A repeated
-    /// idempotency key with the same request answers the first job.
+    /// idempotency key with the same request (`request`: the edit as the caller sent it, whose hash is stored
+    /// with the job) answers the first job.
     pub async fn create_edit(
         &self,
         model: &str,
-        request: EditRequest,
+        edit: EditInput,
+        request: &serde_json::Value,
         key: Option<String>,
     ) -> Result<EditStarted, CoreError> {
         let package = self.registry.package(model)?;
-        let request_json = serde_json::to_value(&request).map_err(|e| CoreError::Internal(e.to_string()))?;
-        let sha = request_sha256(model, &request_json);
+        let sha = request_sha256(model, request);
         let _writes = self.versions.writes.lock().await;
         if let Some(key) = &key {
             if let Some(first) = self.metadata.job_by_idempotency_key(key).await? {
@@ -28,7 +29,7 @@ impl Jobs {
                 return Ok(EditStarted { job: current, version: number, version_state });
             }
         }
-        let plan = self.plan(model, &package.surface, &request).await?;
+        let plan = self.plan(model, &package.surface, &edit).await?;
         let permit = self.queue.try_reserve().map_err(|_| CoreError::EditQueueFull(self.queue.max_capacity()))?;
         let now = now_rfc3339();
         let stored_plan = serde_json::to_value(&plan).map_err(|e| CoreError::Internal(e.to_string()))?;
@@ -43,7 +44,7 @@ impl Jobs {
             solver: serde_name(plan.params.solver),
             parameters: json!({"rank": plan.params.rank, "steps": plan.params.steps, "lr": plan.params.lr, "seed": plan.params.seed}),
             statistics: plan.statistics.clone(),
-            description: request.description.clone(),
+            description: edit.description.clone(),
             exemplars: plan.exemplars.clone(),
             metrics: None,
             error: None,

@@ -39,16 +39,17 @@ use plan::{statistics_directory, EditPlan, GuardSettings, StatisticsPlan};
 pub use requests::*;
 use runner::LiveJob;
 
-const MAX_EXEMPLARS: usize = 16;
+// The limits of an edit, public for the API's test that its document states them.
+pub const MAX_EXEMPLARS: usize = 16;
 
-const MAX_RANK: usize = 16;
+pub const MAX_RANK: usize = 16;
 
 /// Layers one edit may spread over.
-const MAX_LAYERS: usize = 3;
+pub const MAX_LAYERS: usize = 3;
 
-const MAX_STEPS: usize = 100_000;
+pub const MAX_STEPS: usize = 100_000;
 
-const MAX_DESCRIPTION: usize = 1000;
+pub const MAX_DESCRIPTION: usize = 1000;
 
 /// Images one statistics job reads (uploaded or listed).
 pub const MAX_STATISTICS_IMAGES: usize = 100_000;
@@ -266,45 +267,5 @@ impl Jobs {
         };
         self.metadata.record_audit("job.cancel", id, &caller::current(), Some(json!({"state": job.state}))).await?;
         Ok(job)
-    }
-}
-
-#[cfg(test)]
-mod schema_tests {
-    use super::*;
-
-    /// The OpenAPI document (written from `EditRequest`'s attributes) states the limits validation enforces.
-    #[test]
-    fn the_edit_request_schema_states_the_enforced_limits() {
-        let schema = serde_json::to_value(<EditRequest as utoipa::PartialSchema>::schema()).unwrap();
-        let field = |name: &str, key: &str| schema["properties"][name][key].as_f64();
-        assert_eq!(field("exemplars", "maxItems"), Some(MAX_EXEMPLARS as f64));
-        assert_eq!(field("layers", "maxItems"), Some(MAX_LAYERS as f64));
-        assert_eq!(field("rank", "maximum"), Some(MAX_RANK as f64));
-        assert_eq!(field("steps", "maximum"), Some(MAX_STEPS as f64));
-        assert_eq!(field("description", "maxLength"), Some(MAX_DESCRIPTION as f64));
-    }
-
-    /// An edit's idempotency fingerprint hashes the request as it serialises (keys sorted, absent options
-    /// null): stored fingerprints must keep matching a retried identical request, so that text must never
-    /// change.
-    #[test]
-    fn an_edit_request_serialises_as_its_stored_fingerprints_expect() {
-        let serialised = |text: &str| {
-            let request: EditRequest = serde_json::from_str(text).unwrap();
-            serde_json::to_value(&request).unwrap().to_string()
-        };
-        assert_eq!(
-            serialised(r#"{"exemplars": ["e"]}"#),
-            r#"{"description":null,"exemplars":["e"],"guard":null,"layer":null,"layers":null,"lr":null,"method":null,"parent":null,"rank":null,"seed":null,"solver":null,"statistics":null,"steps":null}"#
-        );
-        let full = r#"{"description": "d", "guard": {"max_changed": 0.25, "dataset": "default"}, "parent": "production",
-            "exemplars": ["e1", "e2"], "method": "finetune_local", "solver": "adam", "layers": ["a", "b"], "rank": 2,
-            "steps": 10, "lr": 0.5, "seed": -7, "statistics": "s"}"#;
-        assert_eq!(
-            serialised(full),
-            r#"{"description":"d","exemplars":["e1","e2"],"guard":{"dataset":"default","max_changed":0.25},"layer":null,"layers":["a","b"],"lr":0.5,"method":"finetune_local","parent":"production","rank":2,"seed":-7,"solver":"adam","statistics":"s","steps":10}"#
-        );
-        assert!(serialised(r#"{"exemplars": [], "parent": 3}"#).contains(r#","parent":3,"#));
     }
 }

@@ -39,12 +39,9 @@ impl Jobs {
         &self,
         model: &str,
         surface: &crate::core::scheduler::EditSurface,
-        request: &EditRequest,
+        request: &EditInput,
     ) -> Result<EditPlan, CoreError> {
-        let parent = match &request.parent {
-            Some(name) => name.reference()?,
-            None => VersionRef::default_alias(),
-        };
+        let parent = request.parent.clone().unwrap_or_else(VersionRef::default_alias);
         let parent = self.versions.ready(model, &parent).await?;
         if request.exemplars.is_empty() || request.exemplars.len() > MAX_EXEMPLARS {
             return Err(invalid(format!(
@@ -57,8 +54,9 @@ impl Jobs {
                 return Err(CoreError::not_found(Resource::Exemplar, id));
             }
         }
-        let method = request.method.unwrap_or(Method::Rewrite);
-        let solver = request.solver.unwrap_or(Solver::default_for(method));
+        let settings = request.settings;
+        let method = settings.method.unwrap_or(Method::Rewrite);
+        let solver = settings.solver.unwrap_or(Solver::default_for(method));
         let layer_names = match (&request.layer, &request.layers) {
             (Some(_), Some(_)) => return Err(invalid("name 'layer' or 'layers', not both".to_string())),
             (None, Some(layers)) if layers.is_empty() || layers.len() > MAX_LAYERS => {
@@ -85,25 +83,25 @@ impl Jobs {
                 }
             }
         }
-        if let Some(rank) = request.rank {
+        if let Some(rank) = settings.rank {
             if !(1..=MAX_RANK).contains(&rank) {
                 return Err(invalid(format!("rank must be between 1 and {MAX_RANK}, got {rank}")));
             }
             params.rank = rank;
         }
-        if let Some(steps) = request.steps {
+        if let Some(steps) = settings.steps {
             if !(1..=MAX_STEPS).contains(&steps) {
                 return Err(invalid(format!("steps must be between 1 and {MAX_STEPS}, got {steps}")));
             }
             params.steps = steps;
         }
-        if let Some(lr) = request.lr {
+        if let Some(lr) = settings.lr {
             if !(lr.is_finite() && lr > 0.0) {
                 return Err(invalid(format!("lr must be a positive number, got {lr}")));
             }
             params.lr = lr;
         }
-        params.seed = request.seed.unwrap_or(params.seed);
+        params.seed = settings.seed.unwrap_or(params.seed);
         if let Some(id) = &request.statistics {
             let statistics =
                 self.metadata.statistics(id).await?.ok_or_else(|| CoreError::not_found(Resource::Statistics, id))?;
@@ -127,7 +125,7 @@ impl Jobs {
         })
     }
 
-    pub(super) async fn guard_settings(&self, request: Option<&GuardRequest>) -> Result<GuardSettings, CoreError> {
+    pub(super) async fn guard_settings(&self, request: Option<&GuardInput>) -> Result<GuardSettings, CoreError> {
         let max_changed = request.and_then(|g| g.max_changed).unwrap_or(DEFAULT_MAX_CHANGED);
         if !(0.0..=1.0).contains(&max_changed) {
             return Err(invalid(format!("guard.max_changed must be between 0 and 1, got {max_changed}")));

@@ -1,79 +1,43 @@
-//! The requests jobs are made from and the views of jobs (serialised as they are).
+//! What callers give to make jobs (an edit as asked for, before `plan` checks it and fills in its defaults;
+//! the images of a statistics job) and what starting an edit answers.
 
 use super::*;
-use utoipa::ToSchema;
 
-/// A version as a JSON request names it: a number or an alias.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum VersionName {
-    Number(u32),
-    Alias(String),
-}
-
-impl VersionName {
-    pub(crate) fn reference(&self) -> Result<VersionRef, CoreError> {
-        match self {
-            VersionName::Number(n) => Ok(VersionRef::Number(*n)),
-            VersionName::Alias(text) => VersionRef::parse(text),
-        }
-    }
-}
-
-/// `POST /v1/models/{m}/versions`: everything but the exemplars has a default (a missing option is None).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EditRequest {
-    /// The version to edit, a number or an alias; the `default` alias when absent.
-    pub parent: Option<VersionName>,
-    /// Exemplar ids (`POST /v1/exemplars`).
-    #[schema(min_items = 1, max_items = 16)]
+/// An edit as a caller asks for it. Every option is None when not given; `Jobs::plan` refuses what cannot
+/// run and fills in the rest.
+#[derive(Debug, Clone, Default)]
+pub struct EditInput {
+    /// The version to edit; the `default` alias when None.
+    pub parent: Option<VersionRef>,
+    /// Exemplar ids.
     pub exemplars: Vec<String>,
-    /// `rewrite` when absent.
-    pub method: Option<Method>,
-    /// `least_squares` for `rewrite`, `adam` for fine-tuning when absent. `closed_form` and `least_squares` only
-    /// with `rewrite`, on a 1x1 conv. `least_squares`: keys of every masked position of the exemplars and of 24
-    /// transformed copies each, one covariance-weighted solve with the originals' keys held.
-    pub solver: Option<Solver>,
-    /// An editable layer; the model's `default_edit_layer` when absent.
+    /// One layer, or (`layers`) several in forward order: naming both is refused, neither means the model's
+    /// default edit layer.
     pub layer: Option<String>,
-    /// Instead of `layer`: editable layers in forward order, each solved on the model the earlier ones changed
-    /// (`least_squares` only for more than one). Given statistics are of the first layer; the others use
-    /// default statistics. The version's `layer` is the first.
-    #[schema(min_items = 1, max_items = 3)]
     pub layers: Option<Vec<String>>,
-    /// 1 when absent; for `least_squares` the whole change unless given.
-    #[schema(minimum = 1, maximum = 16)]
-    pub rank: Option<usize>,
-    /// Optimisation steps; a default per method.
-    #[schema(minimum = 1, maximum = 100000)]
-    pub steps: Option<usize>,
-    /// Learning rate, positive and finite; a default per method.
-    pub lr: Option<f64>,
-    /// 0 when absent.
-    pub seed: Option<i64>,
-    /// A statistics id from a statistics job of the same model and layer. When absent: the second moment of
-    /// the parent version's keys over the server's natural statistics photos (the version's
-    /// `metrics.statistics_source` says which).
+    pub settings: EditSettings,
+    /// The id of statistics of the first layer; the parent's keys over the natural photos when None.
     pub statistics: Option<String>,
-    pub guard: Option<GuardRequest>,
-    #[schema(max_length = 1000)]
+    pub guard: Option<GuardInput>,
     pub description: Option<String>,
 }
 
-/// The breakage budget. After solving, the version keeps the strongest fraction of the change (for
-/// `least_squares` first heavier statistics weights, then scales 1 down to 0.03, else 0) under which at most
-/// `max_changed` of the check photos (the dataset's images, or the server's natural check photos) and at most
-/// `max_changed` of the transformed copies of the exemplars' originals change their top-1. The version's
-/// `metrics.guard` records the scale, the changes counted and `exemplar_fixed`. An edit that cannot fix its
-/// exemplar within the budget still ends ready.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct GuardRequest {
-    /// `default` (the natural check photos) or a dataset id.
+/// The settings of `EditParams` a caller chose; None keeps the method's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EditSettings {
+    pub method: Option<Method>,
+    pub solver: Option<Solver>,
+    pub rank: Option<usize>,
+    pub steps: Option<usize>,
+    pub lr: Option<f64>,
+    pub seed: Option<i64>,
+}
+
+/// The breakage budget as asked for: the check photos (`default` or None: the natural ones; else a dataset
+/// id) and the share of them allowed to change their top-1 (`DEFAULT_MAX_CHANGED` when None).
+#[derive(Debug, Clone, Default)]
+pub struct GuardInput {
     pub dataset: Option<String>,
-    /// 0.02 when absent; 1 turns the guard off.
-    #[schema(minimum = 0, maximum = 1)]
     pub max_changed: Option<f64>,
 }
 
