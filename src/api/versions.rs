@@ -17,8 +17,95 @@ use super::params::{ModelPath, VersionPath};
 use super::query::{page_limit, parse_number, parse_query, top_k};
 use super::AppState;
 use crate::core::registry::Prediction;
-use crate::core::versions::{VersionPage, VersionRef, VersionView};
+use crate::core::versions::{VersionDetails, VersionRef};
+use crate::store::VersionState;
 use utoipa::ToSchema;
+
+/// A version as clients see it. Version 0 is the base weights and has no edit.
+#[derive(Serialize, ToSchema)]
+pub struct VersionView {
+    model: String,
+    number: u32,
+    parent: Option<u32>,
+    state: VersionState,
+    layer: Option<String>,
+    method: Option<String>,
+    solver: Option<String>,
+    parameters: Option<serde_json::Value>,
+    statistics: Option<String>,
+    exemplars: Vec<String>,
+    description: Option<String>,
+    metrics: Option<serde_json::Value>,
+    error: Option<String>,
+    job: Option<String>,
+    created_at: Option<String>,
+    ready_at: Option<String>,
+    /// Bytes of the stored change.
+    stored_bytes: u64,
+    resident: bool,
+    /// Bytes the version holds on the device beyond the base (its edited layers) while resident.
+    resident_bytes: u64,
+    aliases: Vec<String>,
+}
+
+impl From<VersionDetails> for VersionView {
+    fn from(version: VersionDetails) -> Self {
+        let (resident, resident_bytes) = (version.resident_bytes.is_some(), version.resident_bytes.unwrap_or(0));
+        let (state, aliases) = (version.state(), version.aliases);
+        match version.record {
+            None => VersionView {
+                model: version.model,
+                number: version.number,
+                parent: None,
+                state,
+                layer: None,
+                method: None,
+                solver: None,
+                parameters: None,
+                statistics: None,
+                exemplars: Vec::new(),
+                description: None,
+                metrics: None,
+                error: None,
+                job: None,
+                created_at: None,
+                ready_at: None,
+                stored_bytes: 0,
+                resident,
+                resident_bytes,
+                aliases,
+            },
+            Some(r) => VersionView {
+                model: r.model,
+                number: r.number,
+                parent: Some(r.parent),
+                state,
+                layer: Some(r.layer),
+                method: Some(r.method),
+                solver: Some(r.solver),
+                parameters: Some(r.parameters),
+                statistics: r.statistics,
+                exemplars: r.exemplars,
+                description: r.description,
+                metrics: r.metrics,
+                error: r.error,
+                job: Some(r.job),
+                created_at: Some(r.created_at),
+                ready_at: r.ready_at,
+                stored_bytes: r.stored_bytes,
+                resident,
+                resident_bytes,
+                aliases,
+            },
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct VersionPage {
+    versions: Vec<VersionView>,
+    next_before: Option<u32>,
+}
 
 pub(super) const MOST_COMPARED: usize = 8;
 pub(super) const LONGEST_IDEMPOTENCY_KEY: usize = 255;
@@ -55,7 +142,9 @@ pub async fn list_versions(
     RawQuery(query): RawQuery,
 ) -> Result<Json<VersionPage>, ApiError> {
     let query = parse_query(query.as_deref(), &["limit", "before"])?;
-    Ok(Json(state.versions.list(&model, parse_number(&query, "before")?, page_limit(&query)?).await?))
+    let page = state.versions.list(&model, parse_number(&query, "before")?, page_limit(&query)?).await?;
+    let versions = page.versions.into_iter().map(VersionView::from).collect();
+    Ok(Json(VersionPage { versions, next_before: page.next_before }))
 }
 
 /// One version: its lineage, edit settings, metrics and state.
@@ -68,7 +157,7 @@ pub async fn get_version(
     State(state): State<Arc<AppState>>,
     Path(VersionPath { name: model, version }): Path<VersionPath>,
 ) -> Result<Json<VersionView>, ApiError> {
-    Ok(Json(state.versions.get(&model, &version_ref(&version)?).await?))
+    Ok(Json(state.versions.get(&model, &version_ref(&version)?).await?.into()))
 }
 
 /// Deletes a version that no alias, child version or running job uses; version 0 stays.

@@ -140,7 +140,7 @@ pub async fn model_metadata(
     Path(ModelPath { name }): Path<ModelPath>,
 ) -> Result<Json<ModelMetadata>, ProtocolError> {
     let page = state.versions.list(&name, None, super::query::LARGEST_PAGE).await?;
-    let ready = page.versions.iter().filter(|v| v.state == VersionState::Ready || v.number == 0);
+    let ready = page.versions.iter().filter(|v| v.state() == VersionState::Ready);
     let versions = ready.map(|v| v.number.to_string()).collect();
     Ok(Json(metadata(&state, name, versions)?))
 }

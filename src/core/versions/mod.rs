@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use lru::LruCache;
-use serde::Serialize;
 use serde_json::json;
 
 use super::caller;
@@ -25,38 +24,32 @@ use super::{Conflict, CoreError, Resource};
 use crate::edit::statistics::files_sha256;
 use crate::models::ModelPackage;
 use crate::store::{BlobStore, MetadataStore, VersionRecord, VersionState};
-use utoipa::ToSchema;
 
-/// A version as clients see it. Version 0 is the base weights and has no edit.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct VersionView {
+/// A version with what its record does not say: whether it is on the device now, and the aliases naming it.
+#[derive(Debug, Clone)]
+pub struct VersionDetails {
     pub model: String,
     pub number: u32,
-    pub parent: Option<u32>,
-    pub state: VersionState,
-    pub layer: Option<String>,
-    pub method: Option<String>,
-    pub solver: Option<String>,
-    pub parameters: Option<serde_json::Value>,
-    pub statistics: Option<String>,
-    pub exemplars: Vec<String>,
-    pub description: Option<String>,
-    pub metrics: Option<serde_json::Value>,
-    pub error: Option<String>,
-    pub job: Option<String>,
-    pub created_at: Option<String>,
-    pub ready_at: Option<String>,
-    /// Bytes of the stored change.
-    pub stored_bytes: u64,
-    pub resident: bool,
-    /// Bytes the version holds on the device beyond the base (its edited layers) while resident.
-    pub resident_bytes: u64,
+    /// None for version 0, the base weights, which has no edit.
+    pub record: Option<VersionRecord>,
+    /// Bytes the version holds on the device beyond the base (its edited layers) while it is resident; None
+    /// when it is not. The base is always resident and holds nothing beyond itself.
+    pub resident_bytes: Option<u64>,
     pub aliases: Vec<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+impl VersionDetails {
+    /// The base weights are always ready.
+    pub fn state(&self) -> VersionState {
+        self.record.as_ref().map_or(VersionState::Ready, |r| r.state)
+    }
+}
+
+/// A page of a model's versions, newest first.
+#[derive(Debug)]
 pub struct VersionPage {
-    pub versions: Vec<VersionView>,
+    pub versions: Vec<VersionDetails>,
+    /// The number to pass as `before` for the next page; None on the last.
     pub next_before: Option<u32>,
 }
 
@@ -166,68 +159,26 @@ impl Versions {
         Ok(lineage)
     }
 
-    fn view(
+    fn details(
         &self,
         model: &str,
         number: u32,
         record: Option<VersionRecord>,
         aliases: &BTreeMap<String, u32>,
-    ) -> VersionView {
+    ) -> VersionDetails {
         let names = aliases.iter().filter(|(_, n)| **n == number).map(|(name, _)| name.clone()).collect();
-        let resident_bytes = self.registry.worker().resident_bytes(model, number);
-        match record {
-            None => VersionView {
-                model: model.to_string(),
-                number: 0,
-                parent: None,
-                state: VersionState::Ready,
-                layer: None,
-                method: None,
-                solver: None,
-                parameters: None,
-                statistics: None,
-                exemplars: Vec::new(),
-                description: None,
-                metrics: None,
-                error: None,
-                job: None,
-                created_at: None,
-                ready_at: None,
-                stored_bytes: 0,
-                resident: true,
-                resident_bytes: 0,
-                aliases: names,
-            },
-            Some(r) => VersionView {
-                model: r.model,
-                number: r.number,
-                parent: Some(r.parent),
-                state: r.state,
-                layer: Some(r.layer),
-                method: Some(r.method),
-                solver: Some(r.solver),
-                parameters: Some(r.parameters),
-                statistics: r.statistics,
-                exemplars: r.exemplars,
-                description: r.description,
-                metrics: r.metrics,
-                error: r.error,
-                job: Some(r.job),
-                created_at: Some(r.created_at),
-                ready_at: r.ready_at,
-                stored_bytes: r.stored_bytes,
-                resident: resident_bytes.is_some(),
-                resident_bytes: resident_bytes.unwrap_or(0),
-                aliases: names,
-            },
-        }
+        let resident_bytes = match record {
+            None => Some(0),
+            Some(_) => self.registry.worker().resident_bytes(model, number),
+        };
+        VersionDetails { model: model.to_string(), number, record, resident_bytes, aliases: names }
     }
 
-    pub async fn get(&self, model: &str, reference: &VersionRef) -> Result<VersionView, CoreError> {
+    pub async fn get(&self, model: &str, reference: &VersionRef) -> Result<VersionDetails, CoreError> {
         let number = self.resolve(model, reference).await?;
         let record = self.record(model, number).await?;
         let aliases = self.aliases(model).await?;
-        Ok(self.view(model, number, record, &aliases))
+        Ok(self.details(model, number, record, &aliases))
     }
 
     /// Newest first; version 0 comes last, on the last page.
@@ -236,11 +187,11 @@ impl Versions {
         let aliases = self.aliases(model).await?;
         let records = self.metadata.versions(model, before, limit).await?;
         let full = records.len() == limit as usize;
-        let mut versions: Vec<VersionView> =
-            records.into_iter().map(|r| self.view(model, r.number, Some(r), &aliases)).collect();
+        let mut versions: Vec<VersionDetails> =
+            records.into_iter().map(|r| self.details(model, r.number, Some(r), &aliases)).collect();
         let lowest = versions.last().map_or(before.unwrap_or(u32::MAX), |v| v.number);
         if !full && lowest > 0 {
-            versions.push(self.view(model, 0, None, &aliases));
+            versions.push(self.details(model, 0, None, &aliases));
         }
         let next_before = match versions.last() {
             Some(last) if full && last.number > 0 => Some(last.number),
