@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::Json;
+use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
@@ -15,7 +16,39 @@ use super::exemplars::json_part;
 use super::models::content_length;
 use super::params::IdPath;
 use super::AppState;
-use crate::core::datasets::{DatasetList, DatasetParts, DatasetSource, DatasetView};
+use crate::core::datasets::{Dataset, DatasetKind, DatasetParts, DatasetSource};
+
+#[derive(Serialize, ToSchema)]
+pub struct DatasetView {
+    id: String,
+    name: Option<String>,
+    kind: DatasetKind,
+    /// Images, or pairs.
+    images: u64,
+    labelled: bool,
+    /// Distinct labels.
+    classes: u64,
+    created_at: String,
+}
+
+impl From<Dataset> for DatasetView {
+    fn from(Dataset { kind, record }: Dataset) -> Self {
+        Self {
+            id: record.id,
+            name: record.name,
+            kind,
+            images: record.images,
+            labelled: kind != DatasetKind::Unlabelled,
+            classes: record.classes,
+            created_at: record.created_at,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DatasetList {
+    datasets: Vec<DatasetView>,
+}
 
 /// A dataset upload: `kind` and `image` parts (labelled or unlabelled) or `original` and `transformed` parts
 /// matched by order (pairs), with `labels`; or only a `directory` (and `name`).
@@ -84,13 +117,14 @@ pub async fn create_dataset(
             DatasetSource::Directory(directory)
         }
     };
-    Ok((StatusCode::CREATED, Json(state.datasets.create(name, source).await?)))
+    Ok((StatusCode::CREATED, Json(state.datasets.create(name, source).await?.into())))
 }
 
 /// The stored datasets.
 #[utoipa::path(get, path = "/v1/datasets", tag = "datasets", security(("bearer" = ["edit"])), responses((status = 200, body = DatasetList)))]
 pub async fn list_datasets(State(state): State<Arc<AppState>>) -> Result<Json<DatasetList>, ApiError> {
-    Ok(Json(state.datasets.list().await?))
+    let datasets = state.datasets.list().await?.into_iter().map(DatasetView::from).collect();
+    Ok(Json(DatasetList { datasets }))
 }
 
 /// One dataset's description.
@@ -102,7 +136,7 @@ pub async fn get_dataset(
     State(state): State<Arc<AppState>>,
     Path(IdPath { id }): Path<IdPath>,
 ) -> Result<Json<DatasetView>, ApiError> {
-    Ok(Json(state.datasets.get(&id).await?))
+    Ok(Json(state.datasets.get(&id).await?.into()))
 }
 
 /// Deletes a dataset.

@@ -16,7 +16,7 @@ use super::error::{ApiError, ErrorBody};
 use super::params::{ExemplarImagePath, IdPath};
 use super::query::{limit_within, parse_query};
 use super::AppState;
-use crate::core::exemplars::{ExemplarImage, MaskInput, ModifiedInput, TextureCreated};
+use crate::core::exemplars::{ExemplarImage, MaskInput, ModifiedInput};
 use crate::imaging::concept::{MaskShapes, Transform};
 use crate::store::{normalize_rfc3339, AuditEntry, ExemplarRecord};
 use utoipa::ToSchema;
@@ -124,6 +124,11 @@ pub async fn create_exemplar(
     Ok((StatusCode::CREATED, Json(record.into())))
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct TextureCreated {
+    id: String,
+}
+
 /// A texture image (part `image`) that `transform`s of kind `texture` can paste into a concept mask.
 #[derive(ToSchema)]
 pub struct TextureForm {
@@ -147,7 +152,8 @@ pub async fn create_texture(
     parts.expect_no_more("the only part is 'image'")?;
     let EncodedImage(image) =
         form.image.ok_or_else(|| ApiError::InvalidRequest("the part 'image' is required".into()))?;
-    Ok((StatusCode::CREATED, Json(state.exemplars.create_texture(image).await?)))
+    let texture = state.exemplars.create_texture(image).await?;
+    Ok((StatusCode::CREATED, Json(TextureCreated { id: texture.id })))
 }
 
 /// One exemplar's metadata.

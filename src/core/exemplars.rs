@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use image::{DynamicImage, GrayImage, ImageFormat, RgbImage};
-use serde::Serialize;
 
 use super::caller;
 use super::cpu_pool::CpuPool;
@@ -15,7 +14,6 @@ use super::{Conflict, CoreError, Resource};
 use crate::imaging::concept::{MaskShapes, Transform};
 use crate::imaging::{binary_mask, decode, DecodeLimits};
 use crate::store::{now_rfc3339, AuditEntry, BlobStore, ExemplarRecord, MetadataStore, StoreError, TextureRecord};
-use utoipa::ToSchema;
 
 pub enum MaskInput {
     Png(Bytes),
@@ -32,11 +30,6 @@ pub enum ExemplarImage {
     Image,
     Mask,
     Modified,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct TextureCreated {
-    pub id: String,
 }
 
 pub struct Exemplars {
@@ -88,7 +81,7 @@ impl Exemplars {
         Self { metadata, blobs, cpu, limits }
     }
 
-    pub async fn create_texture(&self, image: Bytes) -> Result<TextureCreated, CoreError> {
+    pub async fn create_texture(&self, image: Bytes) -> Result<TextureRecord, CoreError> {
         let limits = self.limits;
         let (encoded, width, height) = self
             .cpu
@@ -107,7 +100,7 @@ impl Exemplars {
         };
         self.metadata.insert_texture(&record).await?;
         self.metadata.record_audit("texture.create", &record.id, &caller::current(), None).await?;
-        Ok(TextureCreated { id: record.id })
+        Ok(record)
     }
 
     pub async fn create(

@@ -100,22 +100,11 @@ pub struct DatasetImages {
     pub items: Vec<DatasetItem>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DatasetView {
-    pub id: String,
-    pub name: Option<String>,
+/// A stored dataset with its kind read.
+#[derive(Debug, Clone)]
+pub struct Dataset {
     pub kind: DatasetKind,
-    /// Images, or pairs.
-    pub images: u64,
-    pub labelled: bool,
-    /// Distinct labels.
-    pub classes: u64,
-    pub created_at: String,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct DatasetList {
-    pub datasets: Vec<DatasetView>,
+    pub record: DatasetRecord,
 }
 
 pub struct Datasets {
@@ -137,17 +126,8 @@ fn kind_of(record: &DatasetRecord) -> Result<DatasetKind, CoreError> {
         .map_err(|_| CoreError::Internal(format!("dataset {} has the unknown kind '{}'", record.id, record.kind)))
 }
 
-fn view(record: DatasetRecord) -> Result<DatasetView, CoreError> {
-    let kind = kind_of(&record)?;
-    Ok(DatasetView {
-        id: record.id,
-        name: record.name,
-        kind,
-        images: record.images,
-        labelled: kind != DatasetKind::Unlabelled,
-        classes: record.classes,
-        created_at: record.created_at,
-    })
+fn dataset(record: DatasetRecord) -> Result<Dataset, CoreError> {
+    Ok(Dataset { kind: kind_of(&record)?, record })
 }
 
 /// The images of dataset `id`, read from the stores.
@@ -190,7 +170,7 @@ impl Datasets {
     }
 
     /// Checks, validates (every image decoded), stores and records a dataset.
-    pub async fn create(&self, name: Option<String>, source: DatasetSource) -> Result<DatasetView, CoreError> {
+    pub async fn create(&self, name: Option<String>, source: DatasetSource) -> Result<Dataset, CoreError> {
         if name.as_ref().is_some_and(|n| n.chars().count() > LONGEST_NAME) {
             return Err(invalid(format!("name is longer than {LONGEST_NAME} characters")));
         }
@@ -229,7 +209,7 @@ impl Datasets {
         self.metadata.create_dataset(&record, &rows).await?;
         let detail = json!({"kind": kind, "images": record.images, "name": record.name});
         self.metadata.record_audit("dataset.create", &record.id, &caller::current(), Some(detail)).await?;
-        view(record)
+        dataset(record)
     }
 
     /// Decodes every image (pixels included) on the CPU pool; the first failure in dataset order names its
@@ -261,14 +241,13 @@ impl Datasets {
         load_images(self.metadata.as_ref(), self.blobs.as_ref(), id).await
     }
 
-    pub async fn get(&self, id: &str) -> Result<DatasetView, CoreError> {
-        view(self.metadata.dataset(id).await?.ok_or_else(|| CoreError::not_found(Resource::Dataset, id))?)
+    pub async fn get(&self, id: &str) -> Result<Dataset, CoreError> {
+        dataset(self.metadata.dataset(id).await?.ok_or_else(|| CoreError::not_found(Resource::Dataset, id))?)
     }
 
     /// Newest first.
-    pub async fn list(&self) -> Result<DatasetList, CoreError> {
-        let datasets = self.metadata.datasets().await?.into_iter().map(view).collect::<Result<_, _>>()?;
-        Ok(DatasetList { datasets })
+    pub async fn list(&self) -> Result<Vec<Dataset>, CoreError> {
+        self.metadata.datasets().await?.into_iter().map(dataset).collect()
     }
 
     /// Deletes a dataset; evaluations that used it keep their results.
