@@ -18,10 +18,11 @@ use super::params::ModelPath;
 use super::query::{parse_query, top_k};
 use super::versions::json_body;
 use super::AppState;
-use crate::core::registry::{ModelInfo, Prediction};
+use crate::core::registry::{device_name, ModelInfo, Prediction};
 use crate::core::versions::VersionRef;
 use crate::core::CoreError;
 use crate::imaging::header_pixels;
+use crate::models::EditableLayer;
 use utoipa::{IntoResponses, ToSchema};
 
 /// The refusals of every route that classifies images, stated once for the OpenAPI document.
@@ -55,27 +56,69 @@ pub struct ClassifyForm {
     image: Vec<EncodedImage>,
 }
 
+// A loaded model as clients see it: its edit surface spelled out, its device named. The document calls it
+// `ModelInfo`, as it always has.
+#[derive(Serialize, ToSchema)]
+#[schema(as = ModelInfo)]
+pub struct ModelView {
+    name: String,
+    architecture: String,
+    num_classes: i64,
+    input_size: [u32; 2],
+    device: String,
+    editable_layers: Vec<LayerView>,
+    default_edit_layer: String,
+}
+
+impl From<ModelInfo> for ModelView {
+    fn from(info: ModelInfo) -> Self {
+        Self {
+            editable_layers: info.surface.editable_layers.iter().map(LayerView::from).collect(),
+            default_edit_layer: info.surface.default_edit_layer,
+            device: device_name(info.device),
+            name: info.name,
+            architecture: info.architecture,
+            num_classes: info.num_classes,
+            input_size: info.input_size,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = LayerInfo)]
+pub struct LayerView {
+    name: String,
+    weight_shape: Vec<i64>,
+    has_skip: bool,
+}
+
+impl From<&EditableLayer> for LayerView {
+    fn from(layer: &EditableLayer) -> Self {
+        Self { name: layer.name.clone(), weight_shape: layer.weight_shape.clone(), has_skip: layer.has_skip }
+    }
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct ModelList {
-    models: Vec<ModelInfo>,
+    models: Vec<ModelView>,
 }
 
 /// The loaded models.
 #[utoipa::path(get, path = "/v1/models", tag = "models", security(("bearer" = ["infer"])), responses((status = 200, body = ModelList)))]
 pub async fn list_models(State(state): State<Arc<AppState>>) -> Json<ModelList> {
-    Json(ModelList { models: state.registry.models() })
+    Json(ModelList { models: state.registry.models().into_iter().map(ModelView::from).collect() })
 }
 
 /// One loaded model: architecture, classes, input, device and editable layers.
 #[utoipa::path(get, path = "/v1/models/{name}", tag = "models", security(("bearer" = ["infer"])), params(ModelPath), responses(
-    (status = 200, body = ModelInfo),
+    (status = 200, body = ModelView),
     (status = 404, body = ErrorBody, description = "`model_not_found`"),
 ))]
 pub async fn get_model(
     State(state): State<Arc<AppState>>,
     Path(ModelPath { name }): Path<ModelPath>,
-) -> Result<Json<ModelInfo>, ApiError> {
-    Ok(Json(state.registry.model(&name)?))
+) -> Result<Json<ModelView>, ApiError> {
+    Ok(Json(state.registry.model(&name)?.into()))
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -90,7 +133,7 @@ pub struct LoadRequest {
 
 /// Loads a model package from the models directory at run time; it serves once loaded and warmed up.
 #[utoipa::path(post, path = "/v1/models", tag = "models", security(("bearer" = ["admin"])), request_body = LoadRequest, responses(
-    (status = 201, body = ModelInfo, description = "Loaded"),
+    (status = 201, body = ModelView, description = "Loaded"),
     (status = 409, body = ErrorBody, description = "`model_exists`, `model_weights_changed` (the name's versions were \
         made from other weights)"),
     (status = 422, body = ErrorBody, description = "`invalid_request` (bad name or path, or a path outside the models \
@@ -99,13 +142,13 @@ pub struct LoadRequest {
 pub async fn load_model(
     State(state): State<Arc<AppState>>,
     body: Result<Json<LoadRequest>, JsonRejection>,
-) -> Result<(StatusCode, Json<ModelInfo>), ApiError> {
+) -> Result<(StatusCode, Json<ModelView>), ApiError> {
     let request = json_body(body, state.config.max_body_bytes)?;
     let dir = package_dir(&state.config.models_dir, &request.path)?;
     let info = state.versions.load_model(&request.name, &dir).await?;
     let detail = serde_json::json!({"path": request.path, "architecture": info.architecture});
     state.versions.record_model_event("model.load", &info.name, Some(detail)).await?;
-    Ok((StatusCode::CREATED, Json(info)))
+    Ok((StatusCode::CREATED, Json(info.into())))
 }
 
 /// Packages load only from inside the models directory: a client must not make the server read

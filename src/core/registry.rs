@@ -15,31 +15,19 @@ use super::cpu_pool::CpuPool;
 use super::scheduler::{DeviceWorker, EditSurface, Probabilities, Target};
 use super::CoreError;
 use crate::imaging::{decode, DecodeLimits, InputTensor, Preprocessing};
-use crate::models::{EditableLayer, ModelPackage};
+use crate::models::ModelPackage;
 use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
+/// A loaded model: what it is, where it runs, and what an edit can change.
+#[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub name: String,
     pub architecture: String,
     pub num_classes: i64,
+    /// Height and width.
     pub input_size: [u32; 2],
-    pub device: String,
-    pub editable_layers: Vec<LayerInfo>,
-    pub default_edit_layer: String,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
-pub struct LayerInfo {
-    pub name: String,
-    pub weight_shape: Vec<i64>,
-    pub has_skip: bool,
-}
-
-impl From<&EditableLayer> for LayerInfo {
-    fn from(layer: &EditableLayer) -> Self {
-        Self { name: layer.name.clone(), weight_shape: layer.weight_shape.clone(), has_skip: layer.has_skip }
-    }
+    pub device: Device,
+    pub surface: EditSurface,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
@@ -54,7 +42,6 @@ struct ModelEntry {
     package: ModelPackage,
     /// Tells two loads under one name apart, so that a copy kept for editing is never of older weights.
     generation: u64,
-    surface: EditSurface,
     labels: Vec<String>,
     preprocessing: Preprocessing,
 }
@@ -174,15 +161,13 @@ impl Registry {
             architecture: config.architecture,
             num_classes: config.num_classes,
             input_size: config.input_size,
-            device: device_name(self.worker.device()),
-            editable_layers: surface.editable_layers.iter().map(LayerInfo::from).collect(),
-            default_edit_layer: surface.default_edit_layer.clone(),
+            device: self.worker.device(),
+            surface,
         };
         let entry = ModelEntry {
             info: info.clone(),
             package,
             generation: self.generations.fetch_add(1, Ordering::SeqCst),
-            surface,
             labels: config.labels,
             preprocessing: config.preprocessing,
         };
@@ -229,7 +214,7 @@ impl Registry {
         Ok(LoadedPackage {
             package: entry.package.clone(),
             generation: entry.generation,
-            surface: entry.surface.clone(),
+            surface: entry.info.surface.clone(),
         })
     }
 
