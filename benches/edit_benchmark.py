@@ -45,6 +45,8 @@ CONFIGS = {
     "least_squares_guard10": {"solver": "least_squares", "guard": {"max_changed": 0.1}},
     "least_squares_b10_11": {"solver": "least_squares",
                              "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
+    "least_squares_b10_11_unguarded": {"solver": "least_squares", "guard": {"max_changed": 1.0},
+                                       "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "least_squares_b9_10_11": {"solver": "least_squares",
                                "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv",
                                           "_blocks.11._project_conv"]},

@@ -288,7 +288,7 @@ def pooled(mask, hw):
     return F.adaptive_avg_pool2d(mask, hw)
 
 
-def gather(L, case, idx, use_aug, n_aug=N_SOLVE_AUG):
+def gather(L, case, idx, use_aug, n_aug=N_SOLVE_AUG, mask_floor=0.0):
     """Masked positions of the exemplars idx (and their augmented copies): weights m (P), new keys Kn (P x Cin),
     old keys Ko (P x Cin), conv-space targets: Un (value of the orig in conv units: W0 ko + so/a), and the
     pieces of the modified image: Sn = sm/a (skip of mod in conv units). Also the per-image mean target."""
@@ -305,7 +305,7 @@ def gather(L, case, idx, use_aug, n_aug=N_SOLVE_AUG):
         kn, sn = ld[pre + "_mod"]
         mask = DATA[case][pre + "_mask"][ids]
         ko, kn = ko[ids].double(), kn[ids].double()
-        m = pooled(mask, ko.shape[-2:]).double()  # N x 1 x h x w
+        m = pooled(mask, ko.shape[-2:]).double().clamp_min(mask_floor)  # N x 1 x h x w
         uo = torch.einsum("oc,nchw->nohw", W0, ko)
         if so is not None:
             uo = uo + so[ids].double() / a.double()[:, None, None]
@@ -351,11 +351,11 @@ def solve_rank1_ls(L, case, idx, rank=1, floor=3e-2, use_aug=False, **_):
 
 
 def solve_cov(L, case, idx, lam=0.1, mu=0.0, target="aligned", rank=0, floor=3e-2, use_aug=True,
-              null_frac=0.0, n_aug=N_SOLVE_AUG, **_):
+              null_frac=0.0, n_aug=N_SOLVE_AUG, mask_floor=0.0, concept_rank=0, **_):
     """MEMIT-style: dW = B (A + mu*A_old + lam*C)^-1 with A = sum m k k^T / sum m (modified keys),
     A_old the same over original keys (target dW k_old = 0), B = sum m r k^T / sum m.
     lam is relative: lam * tr(A)/tr(C); mu relative: mu * tr(A)/tr(A_old)."""
-    g = gather(L, case, idx, use_aug, n_aug)
+    g = gather(L, case, idx, use_aug, n_aug, mask_floor)
     C = layer_data(L)["C"]
     W0 = weight0(L).double()
     u = g["umean"] if target == "mean" else g["uo"]
@@ -367,7 +367,17 @@ def solve_cov(L, case, idx, lam=0.1, mu=0.0, target="aligned", rank=0, floor=3e-
     B = (r * m).T @ g["kn"] / sm
     H = A + mu * (torch.trace(A) / torch.trace(Ao)) * Ao + lam * (torch.trace(A) / torch.trace(C)) * C
     H = H + 1e-6 * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)  # dead channels
-    if null_frac > 0:
+    if concept_rank:
+        # concept-specific directions: the generalised eigenvectors of (A, Ao + C) with the largest ratio, i.e.
+        # the key directions where the new concept has much more energy than the old concept and ordinary images
+        R = (torch.trace(A) / torch.trace(Ao)) * Ao + (torch.trace(A) / torch.trace(C)) * C
+        R = R + 1e-6 * torch.trace(R) / R.shape[0] * torch.eye(R.shape[0], dtype=R.dtype)
+        Lc = torch.linalg.cholesky(R)
+        Li = torch.linalg.inv(Lc)
+        ev, V = torch.linalg.eigh(Li @ A @ Li.T)
+        Q = Li.T @ V[:, -concept_rank:]
+        dW = B @ Q @ torch.linalg.inv(Q.T @ H @ Q) @ Q.T
+    elif null_frac > 0:
         # AlphaEdit-like: restrict the edit to the eigen-directions of C outside its top null_frac energy share
         ev, V = torch.linalg.eigh(C)
         ev, V = ev.flip(0), V.flip(1)

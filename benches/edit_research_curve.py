@@ -7,9 +7,15 @@ perfect guard reach?" for a solver of `edit_research.py` (whose caches and solve
     # --jitter: the solve's augmented copies are 24 photometrically jittered ones (brightness, contrast and
     # saturation, the same draw for the original and the modified copy) followed by the 24 geometric ones;
     # pass "n_aug":48 in --kw to use both sets, 24 for the jittered ones only.
+    # --texture-jitter: 24 more copies whose new concept is recoloured; --texture-resample: 24 more copies whose
+    # new concept is its own texture turned, mirrored and zoomed (what the service's least_squares does).
+    # Solver options of edit_research.solve_cov also apply: "mask_floor" (a least weight for every position, 1:
+    # the whole image's positions), "concept_rank" (the change restricted to the r key directions where the
+    # new concept has the most energy relative to the old concept's and C's).
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -38,7 +44,31 @@ def recolour(img, gen):
     return (x * brightness).clamp(0, 255)
 
 
-def add_jittered_copies(layers, texture_only=False):
+def resample(modified, mask, gen):
+    """The new concept's texture at another scale, rotation and offset: the modified copy turned by a multiple
+    of 90 degrees, flipped, zoomed by 0.6-1.6 about a random point; where the turned mask is off (the object),
+    the modified copy's own pixels stay."""
+    turns = int(torch.randint(0, 4, (1,), generator=gen))
+    x, k = torch.rot90(modified, turns, (1, 2)), torch.rot90(mask, turns, (1, 2))
+    if torch.rand(1, generator=gen).item() < 0.5:
+        x, k = x.flip(-1), k.flip(-1)
+    zoom = 0.6 + torch.rand(1, generator=gen).item()
+    size = min(224, max(32, int(round(224 / zoom))))
+    x0, y0 = (torch.rand(2, generator=gen) * (224 - size)).long().tolist() if size < 224 else (0, 0)
+    crop = lambda t: torch.nn.functional.interpolate(t[None, :, y0:y0 + size, x0:x0 + size], size=(224, 224),
+                                                     mode="bilinear", align_corners=False)[0]
+    x, k = crop(x), crop(k)
+    if zoom < 1:  # zoom out: tile the texture
+        reps = int(math.ceil(1 / zoom))
+        small = torch.nn.functional.interpolate(modified[None], scale_factor=zoom, mode="bilinear")[0]
+        smallk = torch.nn.functional.interpolate(mask[None], scale_factor=zoom, mode="bilinear")[0]
+        x = small.repeat(1, reps, reps)[:, :224, :224]
+        k = smallk.repeat(1, reps, reps)[:, :224, :224]
+    on = (k > 0.5).float()
+    return x * on + modified * (1 - on)
+
+
+def add_jittered_copies(layers, texture_only=False, texture_resample=False):
     """Prepends, per exemplar, N_SOLVE_AUG jittered copies to the solve's augmented set at each layer.
     texture_only: the original stays as it is and only the modified copy's masked region is recoloured (other
     looks of the new concept, the same target)."""
@@ -53,6 +83,11 @@ def add_jittered_copies(layers, texture_only=False):
             stem = os.path.join(root, "exemplars", f"{e['index']:02d}_{e['composition']}")
             o, m, k = R.load_rgb(stem + "_orig.png"), R.load_rgb(stem + "_mod.png"), R.load_mask(stem + "_mask.png")
             for p in R.aug_params(geometry, n):
+                if texture_resample:
+                    origs.append(R.apply_aug(o, p))
+                    mods.append(R.apply_aug(o * (1 - k) + resample(m, k, photometry) * k, p))
+                    masks.append(R.apply_aug(k, p))
+                    continue
                 if texture_only:
                     origs.append(R.apply_aug(o, p))
                     mods.append(R.apply_aug(o * (1 - k) + recolour(m, photometry) * k, p))
@@ -124,13 +159,16 @@ def main():
     ap.add_argument("--nex", type=int, default=1)
     ap.add_argument("--jitter", action="store_true")
     ap.add_argument("--texture-jitter", action="store_true", help="recolour only the new concept in the copies")
+    ap.add_argument("--texture-resample", action="store_true",
+                    help="the new concept's texture turned, flipped and zoomed in the copies")
     args = ap.parse_args()
     kw = json.loads(args.kw)
     if "layers" in kw:
         kw["layers"] = tuple(kw["layers"])
     R.DATA = R.build_cache()
-    if args.jitter or args.texture_jitter:
-        add_jittered_copies(kw.get("layers", (args.layer,)), texture_only=args.texture_jitter)
+    if args.jitter or args.texture_jitter or args.texture_resample:
+        add_jittered_copies(kw.get("layers", (args.layer,)), texture_only=args.texture_jitter,
+                            texture_resample=args.texture_resample)
     for case in args.cases.split(","):
         curve(args.solver, args.layer, case, args.nex, [float(s) for s in args.scales.split(",")], **kw)
 
