@@ -2,7 +2,7 @@
 
     .venv/bin/python benches/edit_benchmark.py [--configs defaults,adam,...] [--cases road2snow,grass2sand]
         [--exemplars 1,3] [--server http://127.0.0.1:8080 | (default) start target/release/editserve]
-        [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json]
+        [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json] [--own-check]
 
 Builds the kit's data when missing (its fetch.sh and build.py), then, against a live server (started here on
 a fresh data directory unless --server is given), follows the kit's protocol (its README) with
@@ -14,6 +14,9 @@ efficientnet-lite0:
     version 0 from that stamp's exemplars (uploaded as exemplars: image, mask, modified);
   * evaluation jobs score every version against version 0: % errors corrected on the re-textured items of
     classes other than the stamp's, accuracy on their originals (100% before), photos whose top-1 changed.
+With --own-check, the guard's check photos are an operator's own photos of the old concept instead of the
+server's natural photos: the kept originals of every other object stamp (sorted by name) become an unlabelled
+dataset passed as `guard.dataset`, and only the items of the remaining objects are scored.
 Prints one row per setting, case and exemplar count: mean +- sd over the 5 stamps. Nothing here is tuned on
 or specific to the kit's items: it only drives the service.
 """
@@ -177,6 +180,8 @@ def main():
     ap.add_argument("--kit", default=os.path.join(ROOT, "..", "shared", "bench-dev"))
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/editserve-bench-dev"))
     ap.add_argument("--json")
+    ap.add_argument("--own-check", action="store_true",
+                    help="guard with the kept originals of half the objects; score the other half")
     a = ap.parse_args()
     configs = {name: CONFIGS[name] for name in a.configs.split(",")}
     counts = [int(n) for n in a.exemplars.split(",")]
@@ -199,6 +204,15 @@ def main():
             items = json.load(open(os.path.join(d, "items.json")))
             originals = [os.path.join(d, "items", f"{it['id']:04d}_orig.png") for it in items]
             kept = [it for it, top1 in zip(items, top1s(api, originals)) if top1 == it["label"]]
+            own_check = None
+            if a.own_check:
+                checked_objects = sorted({it["stamp"] for it in kept})[::2]
+                check = [it for it in kept if it["stamp"] in checked_objects]
+                kept = [it for it in kept if it["stamp"] not in checked_objects]
+                own_check = api.multipart("/v1/datasets", [("kind", "unlabelled"), ("name", f"{case} own check")] + [
+                    ("image", (f"{it['id']}.png", read(os.path.join(d, "items", f"{it['id']:04d}_orig.png"))))
+                    for it in check])["id"]
+                print(f"[{case}] guard check set: {len(check)} originals of {len(checked_objects)} objects", flush=True)
             fields = [("kind", "pairs"), ("name", f"{case} kept items"), ("labels", json.dumps([it["label"] for it in kept]))]
             for it in kept:
                 stem = os.path.join(d, "items", f"{it['id']:04d}")
@@ -223,6 +237,8 @@ def main():
                     label = exemplar_ids[(stamp, 0)][1]
                     made = {}
                     for name, body in configs.items():
+                        if own_check:
+                            body = dict(body, guard=dict(body.get("guard", {}), dataset=own_check))
                         started = time.time()
                         accepted = api.call("POST", f"/v1/models/{MODEL}/versions", dict(body, exemplars=ids))
                         job = api.wait(accepted["job"]["id"])
