@@ -393,13 +393,19 @@ def solve_cov(L, case, idx, lam=0.1, mu=0.0, target="aligned", rank=0, floor=3e-
     return {L: dW.float()}
 
 
-def solve_multi(L, case, idx, layers=(10, 11), **kw):
+def solve_multi(L, case, idx, layers=(10, 11), restore=False, **kw):
     """Sequential: solve at layers[0], then at layers[1] on the edited model (keys recomputed through the
-    edit), each with the covariance LS. Returns edits for all layers (deltas)."""
+    edit), each with the covariance LS. Returns edits for all layers (deltas).
+    restore: at the later layers the statistics images and the originals' copies also go through the edit,
+    and their penalty becomes a target: the unedited model's values (undo the drift the earlier layers caused
+    on them) instead of "no change on the unedited keys"."""
     edits = {}
     for i, Lj in enumerate(layers):
         if i == 0:
             edits.update(solve_cov(Lj, case, idx, **kw))
+            continue
+        if restore:
+            edits[Lj] = solve_restoring(layers[0], Lj, case, idx, edits, **kw)
             continue
         # recompute keys at Lj for exemplar+aug mod images through the edited earlier layers
         prev = layers[0]
@@ -419,6 +425,49 @@ def solve_multi(L, case, idx, layers=(10, 11), **kw):
             for pre in orig:
                 ldj[pre] = orig[pre]
     return edits
+
+
+def conv_value(L, key, skip):
+    """The unedited block's output in conv units: W0 k + skip / a."""
+    a, _ = affine(L)
+    u = torch.einsum("oc,nchw->nohw", weight0(L).double(), key.double())
+    return u if skip is None else u + skip.double() / a.double()[:, None, None]
+
+
+def solve_restoring(first, L, case, idx, edits, lam=30, mu=10, **_):
+    """solve_multi's later layer with restore: every term is a fit to the unedited model's values, from keys
+    that went through the earlier edits — the new concept's (weights m), the originals' (mu) and the
+    statistics images' (lam)."""
+    flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    full = {l: weight0(l) + d for l, d in edits.items()}
+    ld, ldj = layer_data(first)[case], layer_data(L)[case]
+    ids = {"ex": torch.tensor(idx), "sa": torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(N_SOLVE_AUG)])}
+    terms = {"new": [[], [], []], "old": [[], [], []]}
+    for pre, sel in ids.items():
+        pick = lambda pair: (pair[0][sel], None if pair[1] is None else pair[1][sel])
+        m = flat(pooled(DATA[case][pre + "_mask"][sel], ldj[pre + "_orig"][0].shape[-2:]).double())[:, 0]
+        target = conv_value(L, *pick(ldj[pre + "_orig"]))
+        for part, name in (("mod", "new"), ("orig", "old")):
+            key, skip = keys_from(first, *pick(ld[pre + "_" + part]), full, L)
+            terms[name][0].append(flat(key.double()))
+            terms[name][1].append(flat(target - conv_value(L, key, skip)))
+            terms[name][2].append(m)
+    stats_first = keys_at(first, DATA["stats"])
+    key, skip = keys_from(first, *stats_first, full, L)
+    stats_target = conv_value(L, *keys_at(L, DATA["stats"]))
+    ks, rs = flat(key.double()), flat(stats_target - conv_value(L, key, skip))
+
+    def moments(parts):
+        k, r, w = (torch.cat(p) for p in parts)
+        return (k * w[:, None]).T @ k / w.sum(), (r * w[:, None]).T @ k / w.sum()
+
+    A, B = moments(terms["new"])
+    Ao, Bo = moments(terms["old"])
+    Cs, Bs = ks.T @ ks / ks.shape[0], rs.T @ ks / ks.shape[0]
+    wo, ws = mu * torch.trace(A) / torch.trace(Ao), lam * torch.trace(A) / torch.trace(Cs)
+    H = A + wo * Ao + ws * Cs
+    H = H + 1e-6 * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
+    return ((B + wo * Bo + ws * Bs) @ torch.linalg.inv(H)).float()
 
 
 def keys_from(L, key, skip, edits, Lt, batch=64):

@@ -8,12 +8,16 @@ perfect guard reach?" for a solver of `edit_research.py` (whose caches and solve
     # saturation, the same draw for the original and the modified copy) followed by the 24 geometric ones;
     # pass "n_aug":48 in --kw to use both sets, 24 for the jittered ones only.
     # --texture-jitter: 24 more copies whose new concept is recoloured; --texture-resample: 24 more copies whose
-    # new concept is its own texture turned, mirrored and zoomed (what the service's least_squares does).
+    # new concept is its own texture turned, mirrored and zoomed (what an experiment build's least_squares did).
     # Solver options of edit_research.solve_cov also apply: "mask_floor" (a least weight for every position, 1:
     # the whole image's positions), "concept_rank" (the change restricted to the r key directions where the
-    # new concept has the most energy relative to the old concept's and C's).
+    # new concept has the most energy relative to the old concept's and C's); "restore" (solver multi: the
+    # later layers also undo the drift the earlier ones cause on the statistics images and the originals' copies).
+    # --resample-wide: wider zooms, recoloured and blurred textures; --natural-statistics: C from the service's
+    # default statistics set.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -44,15 +48,20 @@ def recolour(img, gen):
     return (x * brightness).clamp(0, 255)
 
 
+WIDE = False  # --resample-wide
+
+
 def resample(modified, mask, gen):
     """The new concept's texture at another scale, rotation and offset: the modified copy turned by a multiple
     of 90 degrees, flipped, zoomed by 0.6-1.6 about a random point; where the turned mask is off (the object),
-    the modified copy's own pixels stay."""
+    the modified copy's own pixels stay. WIDE: zoomed by 0.35-2.8 (log-uniform), then recoloured (brightness,
+    contrast, saturation) and, one time in two, blurred."""
     turns = int(torch.randint(0, 4, (1,), generator=gen))
     x, k = torch.rot90(modified, turns, (1, 2)), torch.rot90(mask, turns, (1, 2))
     if torch.rand(1, generator=gen).item() < 0.5:
         x, k = x.flip(-1), k.flip(-1)
-    zoom = 0.6 + torch.rand(1, generator=gen).item()
+    zoom = (math.exp(math.log(0.35) + math.log(8) * torch.rand(1, generator=gen).item()) if WIDE
+            else 0.6 + torch.rand(1, generator=gen).item())
     size = min(224, max(32, int(round(224 / zoom))))
     x0, y0 = (torch.rand(2, generator=gen) * (224 - size)).long().tolist() if size < 224 else (0, 0)
     crop = lambda t: torch.nn.functional.interpolate(t[None, :, y0:y0 + size, x0:x0 + size], size=(224, 224),
@@ -64,8 +73,34 @@ def resample(modified, mask, gen):
         smallk = torch.nn.functional.interpolate(mask[None], scale_factor=zoom, mode="bilinear")[0]
         x = small.repeat(1, reps, reps)[:, :224, :224]
         k = smallk.repeat(1, reps, reps)[:, :224, :224]
+    if WIDE:
+        x = jitter(x, gen)
+        if torch.rand(1, generator=gen).item() < 0.5:
+            x = gaussian_blur(x, 0.5 + 1.5 * torch.rand(1, generator=gen).item())
     on = (k > 0.5).float()
     return x * on + modified * (1 - on)
+
+
+def gaussian_blur(img, sigma):
+    """A separable Gaussian blur of a C x H x W image."""
+    r = int(2 * sigma) + 1
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    w = torch.exp(-t ** 2 / (2 * sigma * sigma))
+    w = w / w.sum()
+    x = torch.nn.functional.conv2d(img[:, None], w.view(1, 1, 1, -1), padding=(0, r))
+    return torch.nn.functional.conv2d(x, w.view(1, 1, -1, 1), padding=(r, 0))[:, 0]
+
+
+def use_natural_statistics(layers):
+    """C at each layer from the service's default statistics (data/natural/statistics, resized and cropped as
+    the service does) instead of the kit's stats/."""
+    paths = sorted(glob.glob(os.path.join(R.MAIN, "data/natural/statistics/*.png")))
+    images = torch.stack([R.load_photo(p) for p in paths])
+    first = torch.cat([R.to_first(R.normalise(images[s:s + 32])) for s in range(0, len(images), 32)])
+    for L in layers:
+        key, _ = R.keys_at(L, first)
+        flat = key.permute(0, 2, 3, 1).reshape(-1, key.shape[1]).double()
+        R.layer_data(L)["C"] = flat.T @ flat / flat.shape[0]
 
 
 def add_jittered_copies(layers, texture_only=False, texture_resample=False):
@@ -161,11 +196,19 @@ def main():
     ap.add_argument("--texture-jitter", action="store_true", help="recolour only the new concept in the copies")
     ap.add_argument("--texture-resample", action="store_true",
                     help="the new concept's texture turned, flipped and zoomed in the copies")
+    ap.add_argument("--resample-wide", action="store_true",
+                    help="with --texture-resample: zooms of 0.35-2.8, recoloured, sometimes blurred")
+    ap.add_argument("--natural-statistics", action="store_true",
+                    help="C from the service's default statistics instead of the kit's stats/")
     args = ap.parse_args()
     kw = json.loads(args.kw)
     if "layers" in kw:
         kw["layers"] = tuple(kw["layers"])
+    global WIDE
+    WIDE = args.resample_wide
     R.DATA = R.build_cache()
+    if args.natural_statistics:
+        use_natural_statistics(kw.get("layers", (args.layer,)))
     if args.jitter or args.texture_jitter or args.texture_resample:
         add_jittered_copies(kw.get("layers", (args.layer,)), texture_only=args.texture_jitter,
                             texture_resample=args.texture_resample)
