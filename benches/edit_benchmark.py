@@ -3,6 +3,7 @@
     .venv/bin/python benches/edit_benchmark.py [--configs defaults,adam,...] [--cases road2snow,grass2sand]
         [--exemplars 1,3] [--server http://127.0.0.1:8080 | (default) start target/release/editserve]
         [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json] [--own-check]
+        [--item-exemplars varied|one-texture]
 
 Builds the kit's data when missing (its fetch.sh and build.py), then, against a live server (started here on
 a fresh data directory unless --server is given), follows the kit's protocol (its README) with
@@ -17,6 +18,12 @@ efficientnet-lite0:
 With --own-check, the guard's check photos are an operator's own photos of the old concept instead of the
 server's natural photos: the kept originals of every other object stamp (sorted by name) become an unlabelled
 dataset passed as `guard.dataset`, and only the items of the remaining objects are scored.
+With --item-exemplars varied|one-texture, the exemplars are kept items of every other object stamp whose new
+concept is in every other texture of the kit (`style`), and only items of the remaining objects in the remaining
+textures are scored: per trial, 1 or 3 exemplars whose new concept is in the pool's textures in turn (varied) or
+all in one texture. It measures what the kit's exemplars cannot show (they all share one texture): the worth of
+exemplars that differ in how the new concept looks, judged on textures none of them shows. --stamps names the
+trials then.
 Prints one row per setting, case and exemplar count: mean +- sd over the 5 stamps. Nothing here is tuned on
 or specific to the kit's items: it only drives the service.
 """
@@ -24,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -50,6 +58,10 @@ CONFIGS = {
                              "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "least_squares_b10_11_unguarded": {"solver": "least_squares", "guard": {"max_changed": 1.0},
                                        "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
+    "least_squares_b10_11_guard5": {"solver": "least_squares", "guard": {"max_changed": 0.05},
+                                    "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
+    "least_squares_b10_11_guard10": {"solver": "least_squares", "guard": {"max_changed": 0.1},
+                                     "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "least_squares_b9_10_11": {"solver": "least_squares",
                                "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv",
                                           "_blocks.11._project_conv"]},
@@ -161,6 +173,28 @@ def top1s(api, paths):
     return out
 
 
+def kit_exemplars(d, stamps):
+    """(trial, composition, file stem, label) of the kit's exemplars: trial = exemplar stamp."""
+    for ex in json.load(open(os.path.join(d, "exemplars.json"))):
+        if ex["index"] in stamps:
+            yield ex["index"], ex["composition"], os.path.join(d, "exemplars", f"{ex['index']:02d}_{ex['composition']}"), ex["label"]
+
+
+def item_exemplars(d, pool, trials, count, kind):
+    """Per trial, `count` kept items of the pool as exemplars: new-concept textures (`style`) taken in turn
+    (varied) or all the same (one-texture); the same draw for every run."""
+    rng = random.Random(20261130)
+    styles = sorted({it["style"] for it in pool})
+    for trial in trials:
+        first = rng.randrange(len(styles))
+        turn = [styles[(first + g) % len(styles)] for g in range(count)] if kind == "varied" else [styles[first]] * count
+        chosen = []
+        for style in turn:
+            chosen.append(rng.choice([it for it in pool if it["style"] == style and it not in chosen]))
+        for g, it in enumerate(chosen):
+            yield trial, g, os.path.join(d, "items", f"{it['id']:04d}"), it["label"]
+
+
 def mean_sd(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -182,6 +216,9 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--own-check", action="store_true",
                     help="guard with the kept originals of half the objects; score the other half")
+    ap.add_argument("--item-exemplars", choices=["varied", "one-texture"],
+                    help="exemplars are kept items of half the objects (the other half is scored): each trial's "
+                         "exemplars show the new concept in different textures (varied) or all in one")
     a = ap.parse_args()
     configs = {name: CONFIGS[name] for name in a.configs.split(",")}
     counts = [int(n) for n in a.exemplars.split(",")]
@@ -205,6 +242,12 @@ def main():
             originals = [os.path.join(d, "items", f"{it['id']:04d}_orig.png") for it in items]
             kept = [it for it, top1 in zip(items, top1s(api, originals)) if top1 == it["label"]]
             own_check = None
+            item_pool = []
+            if a.item_exemplars:
+                pool_objects = set(sorted({it["stamp"] for it in kept})[1::2])
+                pool_styles = set(sorted({it["style"] for it in kept})[1::2])
+                item_pool = [it for it in kept if it["stamp"] in pool_objects and it["style"] in pool_styles]
+                kept = [it for it in kept if it["stamp"] not in pool_objects and it["style"] not in pool_styles]
             if a.own_check:
                 checked_objects = sorted({it["stamp"] for it in kept})[::2]
                 check = [it for it in kept if it["stamp"] in checked_objects]
@@ -219,22 +262,19 @@ def main():
                 fields += [("original", (f"{it['id']}_orig.png", read(stem + "_orig.png"))),
                            ("transformed", (f"{it['id']}_mod.png", read(stem + "_mod.png")))]
             pairs = api.multipart("/v1/datasets", fields)["id"]
-            exemplar_info = json.load(open(os.path.join(d, "exemplars.json")))
             exemplar_ids = {}
-            for ex in exemplar_info:
-                if ex["index"] not in stamps:
-                    continue
-                stem = os.path.join(d, "exemplars", f"{ex['index']:02d}_{ex['composition']}")
+            for stamp, g, stem, label in (item_exemplars(d, item_pool, stamps, max(counts), a.item_exemplars)
+                                          if a.item_exemplars else kit_exemplars(d, stamps)):
                 created = api.multipart("/v1/exemplars", [("image", ("orig.png", read(stem + "_orig.png"))),
                                                           ("mask", ("mask.png", read(stem + "_mask.png"))),
                                                           ("modified", ("mod.png", read(stem + "_mod.png")))])
-                exemplar_ids[(ex["index"], ex["composition"])] = (created["id"], ex["label"])
+                exemplar_ids[(stamp, g)] = (created["id"], label)
             print(f"[{case}] {len(kept)} of {len(items)} items kept; {len(exemplar_ids)} exemplars", flush=True)
             for count in counts:
                 trials = {name: [] for name in configs}
                 for stamp in stamps:
                     ids = [exemplar_ids[(stamp, g)][0] for g in range(count)]
-                    label = exemplar_ids[(stamp, 0)][1]
+                    label = exemplar_ids[(stamp, 0)][1]  # items of the exemplars' objects are not scored anyway
                     made = {}
                     for name, body in configs.items():
                         if own_check:
