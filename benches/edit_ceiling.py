@@ -11,7 +11,9 @@ does not correct even with the answers in hand (the ceiling itself is low).
     .venv/bin/python benches/edit_ceiling.py --layers 10,11 --lams 30,10 --items 1,3,10,40
     # --one-texture: the n training items all share one new-concept texture (the kit's `style`), as an exemplar's
     # copies do; --unseen-textures: the new concept's textures (the kit's `style`) are split in half as well, and
-    # the judged items show only textures no training item shows; --splits: how many random halves are averaged.
+    # the judged items show only textures no training item shows; --splits: how many random halves are averaged;
+    # --objective logits: a classification objective by gradient descent instead (fit_logits; --lams weigh its
+    # KL terms).
 
 Uses `edit_research.py`'s caches (/tmp/research); the kit's item masks are read here. Research only: nothing of
 the kit may reach the product (its README: tune on it, never hard-code from it).
@@ -65,6 +67,31 @@ def solve_layer(L, orig, modified, mask, lam, mu):
     return (B @ torch.linalg.inv(H)).float()
 
 
+def fit_logits(L, case, train, lam, steps=150):
+    """A classification objective instead, by gradient descent at one layer: cross-entropy of the re-textured
+    training items against their labels, plus lam x the KL divergence from the unedited model's answers on
+    their originals and on the statistics images (what "leave the rest alone" means at the output)."""
+    d = R.layer_data(L)[case]
+    pick = lambda pair: (pair[0][train], None if pair[1] is None else pair[1][train])
+    modified, orig = pick(d["item_mod"]), pick(d["item_orig"])
+    stats = R.keys_at(L, R.DATA["stats"][::4])
+    labels = R.DATA[case]["labels"][train]
+    base = {name: F.log_softmax(R.run_from(L, *keys, {}), 1) for name, keys in (("orig", orig), ("stats", stats))}
+    delta = torch.zeros_like(R.weight0(L), requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            edits = {L: R.weight0(L) + delta}
+            loss = F.cross_entropy(R.run_from(L, *modified, edits), labels)
+            for name, keys in (("orig", orig), ("stats", stats)):
+                loss = loss + lam * F.kl_div(F.log_softmax(R.run_from(L, *keys, edits), 1), base[name],
+                                             log_target=True, reduction="batchmean")
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return {L: delta.detach()}
+
+
 def fit(layers, case, train, masks, lam, mu):
     """Each layer solved on the model the layers before it changed (as the service's `layers`)."""
     first = R.layer_data(layers[0])[case]
@@ -104,6 +131,8 @@ def main():
     ap.add_argument("--items", default="40", help="training item pairs (40: the whole training half)")
     ap.add_argument("--one-texture", action="store_true")
     ap.add_argument("--unseen-textures", action="store_true")
+    ap.add_argument("--objective", choices=["values", "logits"], default="values",
+                    help="values: least_squares' (closed form); logits: fit_logits (one layer, lam weighs the KL)")
     ap.add_argument("--splits", type=int, default=6)
     ap.add_argument("--scales", default="0.35,0.5,0.7,1")
     ap.add_argument("--cases", default=",".join(R.CASES))
@@ -133,8 +162,9 @@ def main():
                         style = kept[train[rng.randint(len(train))]]["style"]
                         train = [i for i in train if kept[i]["style"] == style]
                     train = torch.tensor(sorted(rng.permutation(train)[:n].tolist()))
-                    for s, row in judge(layers, case, test, fit(layers, case, train, masks, lam, args.mu),
-                                        scales).items():
+                    edits = (fit_logits(layers[0], case, train, lam) if args.objective == "logits"
+                             else fit(layers, case, train, masks, lam, args.mu))
+                    for s, row in judge(layers, case, test, edits, scales).items():
                         rows[s].append(row)
                 for s in scales:
                     a = np.array(rows[s])

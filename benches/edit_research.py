@@ -487,7 +487,34 @@ def keys_from(L, key, skip, edits, Lt, batch=64):
     return torch.cat(ks), (torch.cat(ss) if ss else None)
 
 
-SOLVERS = {"rank1": solve_rank1_ls, "cov": solve_cov, "multi": solve_multi}
+def solve_logits(L, case, idx, lam=1.0, steps=100, lr=1e-3, **_):
+    """A classification objective by gradient descent at one layer: the re-textured exemplar and its copies
+    should get the answers the unedited model gives their originals (KL), and lam x KL keeps the unedited
+    model's answers on the originals' copies and on a quarter of the statistics images."""
+    d = layer_data(L)[case]
+    ids = torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(N_SOLVE_AUG)])
+    pick = lambda pair, sel: (pair[0][sel], None if pair[1] is None else pair[1][sel])
+    cat = lambda a, b: (torch.cat([a[0], b[0]]), None if a[1] is None else torch.cat([a[1], b[1]]))
+    modified = cat(pick(d["ex_mod"], torch.tensor(idx)), pick(d["sa_mod"], ids))
+    orig = cat(pick(d["ex_orig"], torch.tensor(idx)), pick(d["sa_orig"], ids))
+    stats = keys_at(L, DATA["stats"][::4])
+    base_orig = F.log_softmax(run_from(L, *orig, {}), 1)
+    base_stats = F.log_softmax(run_from(L, *stats, {}), 1)
+    kl = lambda keys, edits, target: F.kl_div(F.log_softmax(run_from(L, *keys, edits), 1), target,
+                                              log_target=True, reduction="batchmean")
+    delta = torch.zeros_like(weight0(L), requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            edits = {L: weight0(L) + delta}
+            loss = kl(modified, edits, base_orig) + lam * (kl(orig, edits, base_orig) + kl(stats, edits, base_stats))
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return {L: delta.detach()}
+
+
+SOLVERS = {"rank1": solve_rank1_ls, "cov": solve_cov, "multi": solve_multi, "logits": solve_logits}
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
