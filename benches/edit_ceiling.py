@@ -67,29 +67,13 @@ def solve_layer(L, orig, modified, mask, lam, mu):
     return (B @ torch.linalg.inv(H)).float()
 
 
-def fit_logits(L, case, train, lam, steps=150):
-    """A classification objective instead, by gradient descent at one layer: cross-entropy of the re-textured
-    training items against their labels, plus lam x the KL divergence from the unedited model's answers on
-    their originals and on the statistics images (what "leave the rest alone" means at the output)."""
+def fit_logits(L, case, train, lam):
+    """A classification objective instead (edit_research.fit_answers, 150 steps): the re-textured training
+    items should get their labels, with the unedited answers kept on their originals and the statistics images."""
     d = R.layer_data(L)[case]
     pick = lambda pair: (pair[0][train], None if pair[1] is None else pair[1][train])
-    modified, orig = pick(d["item_mod"]), pick(d["item_orig"])
-    stats = R.keys_at(L, R.DATA["stats"][::4])
-    labels = R.DATA[case]["labels"][train]
-    base = {name: F.log_softmax(R.run_from(L, *keys, {}), 1) for name, keys in (("orig", orig), ("stats", stats))}
-    delta = torch.zeros_like(R.weight0(L), requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=1e-3)
-    with torch.enable_grad():
-        for _ in range(steps):
-            edits = {L: R.weight0(L) + delta}
-            loss = F.cross_entropy(R.run_from(L, *modified, edits), labels)
-            for name, keys in (("orig", orig), ("stats", stats)):
-                loss = loss + lam * F.kl_div(F.log_softmax(R.run_from(L, *keys, edits), 1), base[name],
-                                             log_target=True, reduction="batchmean")
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-    return {L: delta.detach()}
+    return R.fit_answers(L, pick(d["item_mod"]), pick(d["item_orig"]), lam, steps=150,
+                         labels=R.DATA[case]["labels"][train])
 
 
 def fit(layers, case, train, masks, lam, mu):

@@ -487,16 +487,10 @@ def keys_from(L, key, skip, edits, Lt, batch=64):
     return torch.cat(ks), (torch.cat(ss) if ss else None)
 
 
-def solve_logits(L, case, idx, lam=1.0, steps=100, lr=1e-3, **_):
-    """A classification objective by gradient descent at one layer: the re-textured exemplar and its copies
-    should get the answers the unedited model gives their originals (KL), and lam x KL keeps the unedited
-    model's answers on the originals' copies and on a quarter of the statistics images."""
-    d = layer_data(L)[case]
-    ids = torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(N_SOLVE_AUG)])
-    pick = lambda pair, sel: (pair[0][sel], None if pair[1] is None else pair[1][sel])
-    cat = lambda a, b: (torch.cat([a[0], b[0]]), None if a[1] is None else torch.cat([a[1], b[1]]))
-    modified = cat(pick(d["ex_mod"], torch.tensor(idx)), pick(d["sa_mod"], ids))
-    orig = cat(pick(d["ex_orig"], torch.tensor(idx)), pick(d["sa_orig"], ids))
+def fit_answers(L, modified, orig, lam=1.0, steps=100, lr=1e-3, labels=None):
+    """A classification objective by gradient descent on one layer's weights: the re-textured keys `modified`
+    should get `labels` (cross-entropy) or, without them, the unedited model's answers on their originals `orig`
+    (KL); lam x KL keeps the unedited answers on `orig` and on a quarter of the statistics images."""
     stats = keys_at(L, DATA["stats"][::4])
     base_orig = F.log_softmax(run_from(L, *orig, {}), 1)
     base_stats = F.log_softmax(run_from(L, *stats, {}), 1)
@@ -507,11 +501,25 @@ def solve_logits(L, case, idx, lam=1.0, steps=100, lr=1e-3, **_):
     with torch.enable_grad():
         for _ in range(steps):
             edits = {L: weight0(L) + delta}
-            loss = kl(modified, edits, base_orig) + lam * (kl(orig, edits, base_orig) + kl(stats, edits, base_stats))
+            fit = (kl(modified, edits, base_orig) if labels is None
+                   else F.cross_entropy(run_from(L, *modified, edits), labels))
+            loss = fit + lam * (kl(orig, edits, base_orig) + kl(stats, edits, base_stats))
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
     return {L: delta.detach()}
+
+
+def solve_logits(L, case, idx, lam=1.0, steps=100, lr=1e-3, **_):
+    """fit_answers from the exemplar and its copies: their re-textured versions should get the answers the
+    unedited model gives their originals."""
+    d = layer_data(L)[case]
+    ids = torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(N_SOLVE_AUG)])
+    pick = lambda pair, sel: (pair[0][sel], None if pair[1] is None else pair[1][sel])
+    cat = lambda a, b: (torch.cat([a[0], b[0]]), None if a[1] is None else torch.cat([a[1], b[1]]))
+    modified = cat(pick(d["ex_mod"], torch.tensor(idx)), pick(d["sa_mod"], ids))
+    orig = cat(pick(d["ex_orig"], torch.tensor(idx)), pick(d["sa_orig"], ids))
+    return fit_answers(L, modified, orig, lam, steps, lr)
 
 
 SOLVERS = {"rank1": solve_rank1_ls, "cov": solve_cov, "multi": solve_multi, "logits": solve_logits}
