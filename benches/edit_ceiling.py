@@ -31,10 +31,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edit_research as R  # noqa: E402
 
 
-def flat(t):
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-
 def item_meta(case):
     root = os.path.join(R.BENCH, case)
     items = json.load(open(os.path.join(root, "items.json")))
@@ -50,21 +46,17 @@ def solve_layer(L, orig, modified, mask, lam, mu):
     W0 = R.weight0(L).double()
     ko, kn = ko.double(), kn.double()
     m = F.adaptive_avg_pool2d(mask, ko.shape[-2:]).double()
-    target = torch.einsum("oc,nchw->nohw", W0, ko)
-    skip_new = torch.zeros_like(target)
-    if so is not None:
-        target = target + so.double() / a.double()[:, None, None]
-        skip_new = sn.double() / a.double()[:, None, None]
-    w = flat(m)
-    Kn, Ko = flat(kn), flat(ko)
-    r = flat(target) - flat(skip_new) - Kn @ W0.T
+    target = R.conv_value(L, ko, so)
+    skip_new = torch.zeros_like(target) if sn is None else sn.double() / a.double()[:, None, None]
+    w = R.flat(m)
+    Kn, Ko = R.flat(kn), R.flat(ko)
+    r = R.flat(target) - R.flat(skip_new) - Kn @ W0.T
     A = (Kn * w).T @ Kn / w.sum()
     Ao = (Ko * w).T @ Ko / w.sum()
     B = (r * w).T @ Kn / w.sum()
     C = R.layer_data(L)["C"]
     H = A + mu * torch.trace(A) / torch.trace(Ao) * Ao + lam * torch.trace(A) / torch.trace(C) * C
-    H = H + 1e-6 * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
-    return (B @ torch.linalg.inv(H)).float()
+    return (B @ torch.linalg.inv(R.floored(H))).float()
 
 
 def fit_logits(L, case, train, lam):

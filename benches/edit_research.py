@@ -314,12 +314,21 @@ def gather(L, case, idx, use_aug, n_aug=N_SOLVE_AUG, mask_floor=0.0):
             snn = torch.zeros_like(uo)
         umean = (uo * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp_min(1e-9)
         umean = umean.expand_as(uo)
-        flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
         sel = flat(m)[:, 0] > 1e-3
         M.append(flat(m)[sel, 0]); KN.append(flat(kn)[sel]); KO.append(flat(ko)[sel])
         UO.append(flat(uo)[sel]); SN.append(flat(snn)[sel]); UMEAN.append(flat(umean)[sel])
     return dict(m=torch.cat(M), kn=torch.cat(KN), ko=torch.cat(KO), uo=torch.cat(UO), sn=torch.cat(SN),
                 umean=torch.cat(UMEAN))
+
+
+def flat(t):
+    """N x C x H x W -> (N*H*W) x C, one row per position."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def floored(H):
+    """H with a small ridge, so dead channels (all-zero keys) leave it invertible."""
+    return H + 1e-6 * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
 
 
 def whitener(C, floor):
@@ -366,12 +375,12 @@ def solve_cov(L, case, idx, lam=0.1, mu=0.0, target="aligned", rank=0, floor=3e-
     Ao = (g["ko"] * m).T @ g["ko"] / sm
     B = (r * m).T @ g["kn"] / sm
     H = A + mu * (torch.trace(A) / torch.trace(Ao)) * Ao + lam * (torch.trace(A) / torch.trace(C)) * C
-    H = H + 1e-6 * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)  # dead channels
+    H = floored(H)
     if concept_rank:
         # concept-specific directions: the generalised eigenvectors of (A, Ao + C) with the largest ratio, i.e.
         # the key directions where the new concept has much more energy than the old concept and ordinary images
         R = (torch.trace(A) / torch.trace(Ao)) * Ao + (torch.trace(A) / torch.trace(C)) * C
-        R = R + 1e-6 * torch.trace(R) / R.shape[0] * torch.eye(R.shape[0], dtype=R.dtype)
+        R = floored(R)
         Lc = torch.linalg.cholesky(R)
         Li = torch.linalg.inv(Lc)
         ev, V = torch.linalg.eigh(Li @ A @ Li.T)
@@ -438,7 +447,6 @@ def solve_restoring(first, L, case, idx, edits, lam=30, mu=10, **_):
     """solve_multi's later layer with restore: every term is a fit to the unedited model's values, from keys
     that went through the earlier edits — the new concept's (weights m), the originals' (mu) and the
     statistics images' (lam)."""
-    flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
     full = {l: weight0(l) + d for l, d in edits.items()}
     ld, ldj = layer_data(first)[case], layer_data(L)[case]
     ids = {"ex": torch.tensor(idx), "sa": torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(N_SOLVE_AUG)])}
@@ -465,9 +473,7 @@ def solve_restoring(first, L, case, idx, edits, lam=30, mu=10, **_):
     Ao, Bo = moments(terms["old"])
     Cs, Bs = ks.T @ ks / ks.shape[0], rs.T @ ks / ks.shape[0]
     wo, ws = mu * torch.trace(A) / torch.trace(Ao), lam * torch.trace(A) / torch.trace(Cs)
-    H = A + wo * Ao + ws * Cs
-    H = H + 1e-6 * torch.trace(H) / H.shape[0] * torch.eye(H.shape[0], dtype=H.dtype)
-    return ((B + wo * Bo + ws * Bs) @ torch.linalg.inv(H)).float()
+    return ((B + wo * Bo + ws * Bs) @ torch.linalg.inv(floored(A + wo * Ao + ws * Cs))).float()
 
 
 def keys_from(L, key, skip, edits, Lt, batch=64):
