@@ -67,6 +67,8 @@ CONFIGS = {
                                           "_blocks.11._project_conv"]},
     "least_squares_b10_11_head": {"solver": "least_squares",
                                   "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv", "_conv_head"]},
+    "gated": {"solver": "gated_least_squares"},
+    "gated_unguarded": {"solver": "gated_least_squares", "guard": {"max_changed": 1.0}},
     "least_squares_b10": {"solver": "least_squares", "layer": "_blocks.10._project_conv"},
     "least_squares_b10_unguarded": {"solver": "least_squares", "layer": "_blocks.10._project_conv",
                                     "guard": {"max_changed": 1.0}},

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::{foolbox_photos, model_dir, preprocess_batch, root, striped_exemplar, LIMITS};
 use editserve::cli::statistics_for;
-use editserve::edit::{edit, EditParams, Exemplars, Method, Silent, Solver};
+use editserve::edit::{edit, Delta, EditParams, Exemplars, Method, Silent, Solver};
 use editserve::imaging::decode;
 use editserve::models::{load_package, Classifier, ModelPackage};
 use image::DynamicImage;
@@ -72,6 +72,54 @@ fn one_exemplar_edit_fixes_the_patch_and_keeps_the_clean_photos() {
     }
     // The served model itself was not touched by the edits.
     assert_eq!(top1(model.as_ref(), &clean), clean_before);
+}
+
+#[test]
+fn a_gated_edit_fixes_the_patch_leaves_the_clean_photos_and_survives_storage() {
+    let package = ModelPackage::open(&model_dir()).unwrap();
+    let model = load_package(&package, Device::Cpu).unwrap();
+    let (original, modified, mask) = striped_exemplar(0);
+    let exemplar_batch = preprocess_batch(&package, &[original.clone(), modified.clone()]);
+    let before = top1(model.as_ref(), &exemplar_batch);
+    let clean: Vec<DynamicImage> =
+        foolbox_photos().iter().map(|(p, _)| decode(&std::fs::read(p).unwrap(), LIMITS).unwrap()).collect();
+    let clean = preprocess_batch(&package, &clean);
+    let clean_logits = tch::no_grad(|| model.forward(&clean));
+
+    let layer = LAST_PROJECT_CONV.to_string();
+    let cache = tempfile::tempdir().unwrap();
+    let statistics = root().join("data/foolbox/statistics");
+    let moment = statistics_for(&package, model.as_ref(), &layer, &statistics, cache.path()).unwrap();
+    assert!(moment.sample.is_some(), "statistics keep a sample of their keys for the gate");
+    let exemplars =
+        Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
+    let params = EditParams::new(Method::Rewrite, Solver::GatedLeastSquares, &layer);
+    let result = edit(model.as_ref(), &exemplars, &params, &[&moment], None, &Silent).unwrap();
+    assert!(matches!(result.delta, Delta::Gated { .. }), "a gated solve gives a gated change");
+    let notes = result.metrics.approximation.unwrap_or_default();
+    assert!(notes.contains("gated"), "the metrics say where the gate sits: {notes}");
+
+    let mut edited = model.duplicate();
+    result.delta.apply(edited.as_mut()).unwrap();
+    let after = top1(edited.as_ref(), &exemplar_batch);
+    assert_eq!(after[0], before[0], "the original exemplar changed class");
+    assert_eq!(after[1], before[0], "the modified exemplar is not classified like the original");
+    // Ordinary photos keep their answers (the bar of the ungated solvers above).
+    let clean_after = top1(edited.as_ref(), &clean);
+    let unchanged = top1(model.as_ref(), &clean).iter().zip(&clean_after).filter(|(a, b)| a == b).count();
+    let moved = (tch::no_grad(|| edited.forward(&clean)) - &clean_logits).abs().max().double_value(&[]);
+    println!("gated at {layer}: {notes}; clean top-1 unchanged {unchanged}/20, largest logit change {moved:.4}");
+    assert!(unchanged >= 19, "clean top-1 unchanged on only {unchanged}/20");
+
+    // Stored and read back, the change gives the same model.
+    let stored = Delta::from_safetensors(&result.delta.to_safetensors().unwrap()).unwrap();
+    let mut reloaded = model.duplicate();
+    stored.apply(reloaded.as_mut()).unwrap();
+    let reloaded_logits = tch::no_grad(|| reloaded.forward(&exemplar_batch));
+    let edited_exemplar_logits = tch::no_grad(|| edited.forward(&exemplar_batch));
+    assert!((reloaded_logits - edited_exemplar_logits).abs().max().double_value(&[]) < 1e-5);
+    // The served model itself was not touched.
+    assert!((tch::no_grad(|| model.forward(&clean)) - clean_logits).abs().max().double_value(&[]) == 0.0);
 }
 
 #[test]

@@ -466,6 +466,13 @@ async fn invalid_requests_get_their_status_and_code() {
             None,
         ),
         (
+            "several layers gated",
+            versions.clone(),
+            with(json!({"solver": "gated_least_squares", "layers": [B10, B11]})),
+            422,
+            None,
+        ),
+        (
             "several layers with adam",
             versions.clone(),
             with(json!({"solver": "adam", "layers": [B10, B11]})),
@@ -816,6 +823,43 @@ async fn a_least_squares_edit_spread_over_two_layers_changes_both() {
         .await
         .ok(200, "classify with the edit");
     assert_ne!(before["predictions"], after["predictions"]);
+}
+
+#[tokio::test]
+async fn a_gated_edit_stores_its_change_and_gate_and_takes_a_further_edit() {
+    let server = TestServer::start(&[]).await;
+    let api = Api::new(&server);
+    let exemplar = api.create_exemplar(striped_form(0)).await;
+    let body = json!({ "exemplars": [exemplar.clone()], "solver": "gated_least_squares", "layer": B10 });
+    let (_, gated) = api.edit(&body).await;
+    let version = api.version(gated).await.ok(200, "GET the gated edit");
+    assert_eq!(version["solver"], "gated_least_squares", "{version}");
+    assert!(version["metrics"]["approximation"].as_str().is_some_and(|a| a.contains("gated: shut below")), "{version}");
+    // The change (the weight's shape) and the gate's direction (one per input channel), float32, plus the header.
+    let model = api.get(&model_path("")).await.ok(200, "GET the model");
+    let shape: Vec<u64> = model["editable_layers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|l| l["name"] == B10))
+        .and_then(|l| l["weight_shape"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let held = 4 * (shape.iter().product::<u64>() + shape[1]);
+    assert!(version["stored_bytes"].as_u64().is_some_and(|n| (held..held + 4096).contains(&n)), "{held}: {version}");
+    // The modified exemplar reads differently through the edit than through the base.
+    let modified = Image::png(&striped_exemplar(0).1);
+    let route = |v: u64| format!("/versions/{v}/classify?top_k=1000");
+    let before = api.classify(&route(0), &modified).await.ok(200, "classify with the base");
+    let after = api.classify(&route(gated), &modified).await.ok(200, "classify with the gated edit");
+    assert_ne!(before["predictions"], after["predictions"]);
+    // A least-squares edit on top of it: solved through the gated change, and the result keeps both.
+    let child = json!({ "exemplars": [exemplar], "parent": gated, "solver": "least_squares", "layer": B11 });
+    let (_, further) = api.edit(&child).await;
+    let version = api.version(further).await.ok(200, "GET the edit on the gated version");
+    assert_eq!(version["parent"], gated, "{version}");
+    let child_after = api.classify(&route(further), &modified).await.ok(200, "classify with both edits");
+    assert_ne!(child_after["predictions"], before["predictions"]);
 }
 
 #[tokio::test]

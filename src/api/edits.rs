@@ -24,9 +24,11 @@ pub struct EditRequest {
     pub exemplars: Vec<String>,
     /// `rewrite` when absent.
     pub method: Option<Method>,
-    /// `least_squares` for `rewrite`, `adam` for fine-tuning when absent. `closed_form` and `least_squares` only
-    /// with `rewrite`, on a 1x1 conv. `least_squares`: keys of every masked position of the exemplars and of 24
-    /// transformed copies each, one covariance-weighted solve with the originals' keys held.
+    /// `least_squares` for `rewrite`, `adam` for fine-tuning when absent. `closed_form`, `least_squares` and
+    /// `gated_least_squares` only with `rewrite`, on a 1x1 conv. `least_squares`: keys of every masked position
+    /// of the exemplars and of 24 transformed copies each, one covariance-weighted solve with the originals' keys
+    /// held. `gated_least_squares` (one layer): that change, tripled, applied only at positions whose keys look
+    /// like the new concept (a linear gate fitted against the originals' keys and the statistics' keys).
     pub solver: Option<Solver>,
     /// An editable layer; the model's `default_edit_layer` when absent.
     pub layer: Option<String>,

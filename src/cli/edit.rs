@@ -22,8 +22,8 @@ pub struct EditArgs {
     /// rewrite, finetune_local or finetune_global.
     #[arg(long, default_value = "rewrite", value_parser = parse_serde::<Method>)]
     pub method: Method,
-    /// adam, closed_form or least_squares (the last two: rewrite only) [default: least_squares for a rewrite,
-    /// adam for fine-tuning].
+    /// adam, closed_form, least_squares or gated_least_squares (all but adam: rewrite only) [default:
+    /// least_squares for a rewrite, adam for fine-tuning].
     #[arg(long, value_parser = parse_serde::<Solver>)]
     pub solver: Option<Solver>,
     /// [default: 1; least_squares: the whole change]

@@ -15,10 +15,11 @@
 use tch::{Kind, Tensor};
 
 use super::augment::augmented;
-use super::mask::loss_weights;
+use super::mask::{key_weights, loss_weights};
 use super::rewrite::{linear_targets, per_position};
 use super::statistics::SecondMoment;
-use super::{Delta, EditError, EditMetrics, EditParams, Exemplars, Progress};
+use super::{gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver};
+use crate::models::layers::GatedChange;
 use crate::models::Classifier;
 
 /// Transformed copies of each exemplar whose keys join the solve.
@@ -139,12 +140,30 @@ pub(super) fn run(
     let (l, d) = truncate(&system.solve(LAMBDA)?, rank);
     progress.report(2, 3, f64::NAN);
     let loss_after = loss_of(&l.matmul(&d));
-    let as_delta = |(l, d): (Tensor, Tensor)| {
-        let r = d.size()[0];
-        Delta::LowRank {
+    let gate = match params.solver {
+        Solver::GatedLeastSquares => {
+            let key_size = modified.key.size();
+            let mask = per_position(&key_weights(&all.mask.to_device(old.device()), (key_size[2], key_size[3])));
+            let sample = statistics.and_then(|s| s.sample.as_ref());
+            Some(gate::fit(&targets.keys, &old, &mask, sample)?)
+        }
+        _ => None,
+    };
+    let as_delta = |(l, d): (Tensor, Tensor)| match &gate {
+        Some(gate) => Delta::Gated {
             layer: layer.to_string(),
-            l: l.to_kind(Kind::Float).view([c_out, r, 1, 1]),
-            d: d.to_kind(Kind::Float),
+            change: GatedChange {
+                change: (l.matmul(&d) * gate::GAIN).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
+                gate: gate.duplicate(Tensor::shallow_clone),
+            },
+        },
+        None => {
+            let r = d.size()[0];
+            Delta::LowRank {
+                layer: layer.to_string(),
+                l: l.to_kind(Kind::Float).view([c_out, r, 1, 1]),
+                d: d.to_kind(Kind::Float),
+            }
         }
     };
     let weaker = WEAKER
@@ -153,6 +172,17 @@ pub(super) fn run(
         .collect::<Result<Vec<_>, EditError>>()?;
     progress.report(3, 3, loss_after);
     let rank = d.size()[0];
+    let gate_note = match (&gate, statistics.and_then(|s| s.sample.as_ref())) {
+        (Some(g), sample) => format!(
+            "; gated: shut below {:.4} (the {} quantile of the originals' and surround's keys{}), open from {:.4}, gain {}",
+            g.closed,
+            gate::CLOSED_QUANTILE,
+            if sample.is_some() { " and a sample of the statistics'" } else { "; the statistics hold no sample" },
+            g.open,
+            gate::GAIN
+        ),
+        (None, _) => String::new(),
+    };
     let metrics = EditMetrics {
         loss_before,
         loss_after,
@@ -161,7 +191,7 @@ pub(super) fn run(
         seconds: 0.0,
         statistics: if statistics.is_some() { "second_moment" } else { "identity" },
         approximation: Some(format!(
-            "{}; keys of {} positions ({} transformed copies per exemplar), lambda {LAMBDA}, mu {MU}, rank {rank}",
+            "{}; keys of {} positions ({} transformed copies per exemplar), lambda {LAMBDA}, mu {MU}, rank {rank}{gate_note}",
             targets.note,
             targets.keys.size()[0],
             COPIES

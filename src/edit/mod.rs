@@ -6,6 +6,7 @@
 mod augment;
 pub mod delta;
 mod finetune;
+pub mod gate;
 pub mod guard;
 pub mod least_squares;
 pub mod mask;
@@ -61,9 +62,15 @@ pub enum Solver {
     ClosedForm,
     /// Many keys, one covariance-weighted closed-form solve (see `least_squares`).
     LeastSquares,
+    /// The least-squares change applied only where the input looks like the new concept (see `gate`).
+    GatedLeastSquares,
 }
 
 impl Solver {
+    fn is_least_squares(self) -> bool {
+        matches!(self, Solver::LeastSquares | Solver::GatedLeastSquares)
+    }
+
     /// What solves `method` unless the request says otherwise: least squares for a rewrite (measured best
     /// on the concept-shift benchmark, README "Edit quality"), Adam for fine-tuning (its only solver).
     pub fn default_for(method: Method) -> Self {
@@ -97,10 +104,10 @@ impl EditParams {
     pub fn new(method: Method, solver: Solver, layer: &str) -> Self {
         let (steps, lr) = match (method, solver) {
             (Method::Rewrite, Solver::Adam) => (1000, 1e-3),
-            (Method::Rewrite, Solver::ClosedForm | Solver::LeastSquares) => (0, 0.0),
+            (Method::Rewrite, Solver::ClosedForm | Solver::LeastSquares | Solver::GatedLeastSquares) => (0, 0.0),
             (Method::FinetuneLocal | Method::FinetuneGlobal, _) => (50, 1e-2),
         };
-        let rank = if solver == Solver::LeastSquares { least_squares::FULL_RANK } else { 1 };
+        let rank = if solver.is_least_squares() { least_squares::FULL_RANK } else { 1 };
         Self { method, solver, layer: layer.to_string(), following_layers: Vec::new(), rank, steps, lr, seed: 0 }
     }
 
@@ -277,7 +284,7 @@ pub fn edit(
             let (delta, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
             (delta, metrics, Vec::new())
         }
-        (Method::Rewrite, Solver::LeastSquares) => {
+        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) => {
             let solved = least_squares::run(model, exemplars, params, first_statistics, progress)?;
             let weaker =
                 solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
@@ -295,8 +302,8 @@ pub fn edit(
     };
     let delta = match budget {
         Some(budget) => {
-            let lambda = (params.solver == Solver::LeastSquares && params.method == Method::Rewrite)
-                .then_some(least_squares::LAMBDA);
+            let lambda =
+                (params.solver.is_least_squares() && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
             let candidates = guard::candidates(Candidate::solved(delta, lambda), weaker);
             let photos = budget.photos.to_device(exemplars.original.device());
             let (kept, report) =

@@ -123,7 +123,7 @@ pub(super) fn run(
     let loss_before = tch::no_grad(|| objective.loss(&w0))?.double_value(&[]);
     let (dw, steps, approximation) = match params.solver {
         Solver::Adam => (adam(&objective, &w0, &d, params, progress)?, params.steps, None),
-        Solver::ClosedForm | Solver::LeastSquares => {
+        Solver::ClosedForm | Solver::LeastSquares | Solver::GatedLeastSquares => {
             let (dw, note) = closed_form(model, layer, &objective, &values, &w0, &d)?;
             progress.report(1, 1, 0.0);
             (dw, 0, Some(note))

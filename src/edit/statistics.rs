@@ -1,5 +1,6 @@
 //! Second-moment statistics of the keys at a layer, `C = mean k k^T` over every position of every image
-//! (uncentred), accumulated in float64 batch by batch, and the whitening `Z = C^{-1/2}` that the rewrite's
+//! (uncentred), accumulated in float64 batch by batch, with a sample of the keys themselves (a gated edit
+//! sets its gate above where ordinary keys score), and the whitening `Z = C^{-1/2}` that the rewrite's
 //! direction uses. Cached on disk under the model weights' hash, the layer and the preprocessing, since
 //! the same layer of the same checkpoint under other preprocessing has other statistics.
 
@@ -20,12 +21,20 @@ pub const RELATIVE_EIGENVALUE_FLOOR: f64 = 3e-2;
 
 /// Images per forward pass when accumulating statistics.
 pub const STATISTICS_BATCH: usize = 16;
+/// One key position in this many joins the sample, up to `SAMPLE_SIZE` of them.
+const SAMPLE_STRIDE: i64 = 4;
+const SAMPLE_SIZE: i64 = 4096;
+/// Bumped when the cached files change what they hold (the sample joined the moment in 2).
+const CACHE_FORMAT: &str = "2";
 
 pub struct SecondMoment {
     /// C_in x C_in, float64, on the CPU.
     pub moment: Tensor,
     /// Key positions averaged over.
     pub count: i64,
+    /// Some of those keys (positions x C_in, float32, on the CPU); absent from statistics stored before
+    /// samples were kept.
+    pub sample: Option<Tensor>,
 }
 
 impl SecondMoment {
@@ -38,11 +47,22 @@ impl SecondMoment {
         let _guard = tch::no_grad_guard();
         let mut sum: Option<Tensor> = None;
         let mut count = 0;
+        let mut sample = Vec::new();
+        let mut sampled = 0;
         for batch in batches {
             let key = model.edit_block(&batch, layer)?.key;
             let channels = key.size()[1];
             let flat = key.transpose(0, 1).reshape([channels, -1]).to_kind(Kind::Double);
-            count += flat.size()[1];
+            let positions = flat.size()[1];
+            // Every SAMPLE_STRIDE-th position counted over the whole set, so batches need not divide it.
+            let first = (SAMPLE_STRIDE - count % SAMPLE_STRIDE) % SAMPLE_STRIDE;
+            if sampled < SAMPLE_SIZE && first < positions {
+                let taken = flat.slice(1, first, positions, SAMPLE_STRIDE);
+                let taken = taken.narrow(1, 0, taken.size()[1].min(SAMPLE_SIZE - sampled));
+                sampled += taken.size()[1];
+                sample.push(taken.tr().to_kind(Kind::Float).to_device(Device::Cpu));
+            }
+            count += positions;
             let outer = flat.matmul(&flat.tr()).to_device(Device::Cpu);
             sum = Some(match sum {
                 Some(s) => s + outer,
@@ -50,12 +70,25 @@ impl SecondMoment {
             });
         }
         let sum = sum.ok_or_else(|| EditError::Invalid("statistics need at least one image".into()))?;
-        Ok(Self { moment: sum / count as f64, count })
+        Ok(Self { moment: sum / count as f64, count, sample: Some(Tensor::cat(&sample, 0)) })
     }
 
-    /// The same statistics, sharing the tensor.
+    /// The same statistics, sharing the tensors.
     pub fn shallow_clone(&self) -> Self {
-        Self { moment: self.moment.shallow_clone(), count: self.count }
+        Self {
+            moment: self.moment.shallow_clone(),
+            count: self.count,
+            sample: self.sample.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
+    fn named(&self) -> Vec<(String, Tensor)> {
+        let mut named = vec![
+            ("moment".to_string(), self.moment.shallow_clone()),
+            ("count".to_string(), Tensor::from_slice(&[self.count])),
+        ];
+        named.extend(self.sample.as_ref().map(|s| ("sample".to_string(), s.shallow_clone())));
+        named
     }
 
     /// `C^{-1/2}` (float64) by symmetric eigendecomposition, eigenvalues floored at
@@ -65,10 +98,7 @@ impl SecondMoment {
     }
 
     pub fn to_safetensors(&self) -> Result<Vec<u8>, EditError> {
-        to_safetensors(&[
-            ("moment".into(), self.moment.shallow_clone()),
-            ("count".into(), Tensor::from_slice(&[self.count])),
-        ])
+        to_safetensors(&self.named())
     }
 
     pub fn from_safetensors(bytes: &[u8]) -> Result<Self, EditError> {
@@ -83,14 +113,17 @@ impl SecondMoment {
                 .map(|(_, t)| t.shallow_clone())
                 .ok_or_else(|| EditError::Invalid(format!("{what} lack '{name}'")))
         };
-        Ok(Self { moment: find("moment")?.to_kind(Kind::Double), count: find("count")?.int64_value(&[0]) })
+        Ok(Self {
+            moment: find("moment")?.to_kind(Kind::Double),
+            count: find("count")?.int64_value(&[0]),
+            sample: find("sample").ok().map(|s| s.to_kind(Kind::Float)),
+        })
     }
 
     pub fn save(&self, path: &Path) -> Result<(), EditError> {
-        let count = Tensor::from_slice(&[self.count]);
         // Servers sharing a cache directory may write the same statistics at once: each its own file.
         let tmp = path.with_extension(format!("{}.{}.tmp", std::process::id(), uuid::Uuid::new_v4()));
-        Tensor::write_safetensors(&[("moment", &self.moment), ("count", &count)], &tmp)?;
+        Tensor::write_safetensors(&self.named(), &tmp)?;
         std::fs::rename(&tmp, path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))
     }
 
@@ -117,7 +150,7 @@ pub fn cache_path(
     images_sha256: &str,
 ) -> PathBuf {
     let mut hasher = Sha256::new();
-    for part in [weights_sha256, layer, preprocessing, images_sha256] {
+    for part in [CACHE_FORMAT, weights_sha256, layer, preprocessing, images_sha256] {
         hasher.update(part.as_bytes());
         hasher.update([0]);
     }

@@ -280,6 +280,13 @@ impl Classifier for EfficientNetLite {
         all
     }
 
+    fn editable_conv_mut(&mut self, layer: &str) -> Result<&mut Conv, ModelError> {
+        Ok(match self.parse_layer(layer).ok_or_else(|| ModelError::UnknownLayer(layer.to_string()))? {
+            LayerRef::Head => &mut self.head,
+            LayerRef::Project(i) => &mut self.blocks[i].project,
+        })
+    }
+
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
             stem: self.stem.duplicate(copy),

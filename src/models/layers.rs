@@ -65,9 +65,58 @@ pub struct Conv {
     name: String,
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Changes that apply only where the input looks like an edited concept (a gated edit's version).
+    gated: Vec<GatedChange>,
     stride: i64,
     groups: i64,
     padding: Padding,
+}
+
+/// A change to a conv's weight that applies only at the positions whose input opens its gate: the output
+/// gains `gate(x) * conv(x, change)`. What a gated edit adds, so that the rewrite reaches the new concept
+/// and leaves the old one and ordinary images alone (README "Edit quality").
+pub struct GatedChange {
+    /// The weight's shape.
+    pub change: Tensor,
+    pub gate: Gate,
+}
+
+/// Per position, `clamp((direction . x - closed) / (open - closed), 0, 1)`: shut at or below `closed`, fully
+/// open from `open`, linear between.
+pub struct Gate {
+    /// C_in.
+    pub direction: Tensor,
+    pub closed: f64,
+    pub open: f64,
+}
+
+impl Gate {
+    /// N x 1 x H x W gate values for an N x C_in x H x W input.
+    pub fn values(&self, x: &Tensor) -> Tensor {
+        let score = (x * self.direction.to_kind(x.kind()).view([1, -1, 1, 1])).sum_dim_intlist(1, true, x.kind());
+        let width = (self.open - self.closed).max(f64::MIN_POSITIVE);
+        ((score - self.closed) / width).clamp(0.0, 1.0)
+    }
+
+    pub fn duplicate(&self, copy: TensorCopy) -> Self {
+        Self { direction: copy(&self.direction), closed: self.closed, open: self.open }
+    }
+}
+
+impl GatedChange {
+    /// The same change times `scale`, behind the same gate.
+    pub fn scaled(&self, scale: f64) -> Self {
+        Self { change: &self.change * scale, gate: self.gate.duplicate(Tensor::shallow_clone) }
+    }
+
+    pub fn duplicate(&self, copy: TensorCopy) -> Self {
+        Self { change: copy(&self.change), gate: self.gate.duplicate(copy) }
+    }
+
+    pub fn to_device(&self, device: Device) -> Self {
+        let gate = Gate { direction: self.gate.direction.to_device(device), ..self.gate };
+        Self { change: self.change.to_device(device), gate }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -91,7 +140,7 @@ impl Conv {
     ) -> Result<Self, ModelError> {
         let weight = weights.take(&format!("{prefix}.weight"), Some(&shape))?;
         let bias = if bias { Some(weights.take(&format!("{prefix}.bias"), Some(&[shape[0]]))?) } else { None };
-        Ok(Self { name: prefix.to_string(), weight, bias, stride, groups, padding: Padding::TfSame })
+        Ok(Self { name: prefix.to_string(), weight, bias, gated: Vec::new(), stride, groups, padding: Padding::TfSame })
     }
 
     /// An ungrouped convolution with `padding` zeros on every side, as `torch.nn.Conv2d`.
@@ -110,14 +159,51 @@ impl Conv {
         self.forward_with(x, &self.weight)
     }
 
-    /// The convolution with another weight of the same shape: what an edit optimises.
+    /// The convolution with another weight of the same shape (what an edit optimises), and the gated changes.
     pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        let output = self.convolve(x, weight, self.bias.as_ref());
+        self.gated.iter().fold(output, |output, gated| {
+            let size = output.size();
+            // A strided or padded conv's output grid differs from its input's: the gate is averaged onto it.
+            let gate = gated.gate.values(x).adaptive_avg_pool2d([size[2], size[3]]);
+            output + gate * self.convolve(x, &gated.change, None)
+        })
+    }
+
+    fn convolve(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
         let stride = [self.stride, self.stride];
         let (input, padding) = match self.padding {
             Padding::TfSame => self.pad_same(x, weight),
             Padding::Symmetric(p) => (x.shallow_clone(), [p, p]),
         };
-        input.conv2d(weight, self.bias.as_ref(), stride, padding, [1, 1], self.groups)
+        input.conv2d(weight, bias, stride, padding, [1, 1], self.groups)
+    }
+
+    /// Adds a gated change (its shape the weight's, its gate over the input's channels).
+    pub fn add_gated(&mut self, gated: GatedChange) -> Result<(), ModelError> {
+        if gated.change.size() != self.weight.size() {
+            return Err(ModelError::ShapeMismatch {
+                key: format!("{}.weight", self.name),
+                expected: self.weight.size(),
+                actual: gated.change.size(),
+            });
+        }
+        let channels = self.weight.size()[1] * self.groups;
+        if gated.gate.direction.size() != [channels] {
+            return Err(ModelError::ShapeMismatch {
+                key: format!("{}: gate", self.name),
+                expected: vec![channels],
+                actual: gated.gate.direction.size(),
+            });
+        }
+        self.gated.push(gated);
+        Ok(())
+    }
+
+    /// Bytes the gated changes hold.
+    pub fn gated_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        self.gated.iter().map(|g| bytes(&g.change) + bytes(&g.gate.direction)).sum()
     }
 
     /// The input, padded where TF pads asymmetrically, and the symmetric padding left to the convolution.
@@ -169,6 +255,7 @@ impl Conv {
             name: self.name.clone(),
             weight: copy(&self.weight),
             bias: self.bias.as_ref().map(copy),
+            gated: self.gated.iter().map(|g| g.duplicate(copy)).collect(),
             stride: self.stride,
             groups: self.groups,
             padding: self.padding,
@@ -262,7 +349,52 @@ impl Linear {
 
 #[cfg(test)]
 mod tests {
-    use super::same_padding;
+    use super::*;
+
+    fn conv(weight: Tensor, stride: i64) -> Conv {
+        Conv {
+            name: "c".into(),
+            weight,
+            bias: None,
+            gated: Vec::new(),
+            stride,
+            groups: 1,
+            padding: Padding::Symmetric(0),
+        }
+    }
+
+    #[test]
+    fn a_gated_change_applies_where_its_gate_opens() {
+        // Two input channels, one output; the gate reads channel 1: shut at 0, open from 2.
+        let mut layer = conv(Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2, 1, 1]), 1);
+        let gate = Gate { direction: Tensor::from_slice(&[0.0f32, 1.0]), closed: 0.0, open: 2.0 };
+        let change = Tensor::from_slice(&[10.0f32, 0.0]).view([1, 2, 1, 1]);
+        layer.add_gated(GatedChange { change, gate }).unwrap();
+        // Three positions: channel 0 = 1 everywhere; channel 1 = -1 (shut), 1 (half open), 5 (open).
+        let x = Tensor::from_slice(&[1.0f32, 1.0, 1.0, -1.0, 1.0, 5.0]).view([1, 2, 1, 3]);
+        let y = layer.forward(&x);
+        let expected = Tensor::from_slice(&[1.0f32, 6.0, 11.0]).view([1, 1, 1, 3]);
+        assert!((y - expected).abs().max().double_value(&[]) < 1e-6);
+        // On a strided output grid the gate is averaged over the inputs each output covers.
+        let mut strided = conv(Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2, 1, 1]), 2);
+        let gate = Gate { direction: Tensor::from_slice(&[0.0f32, 1.0]), closed: 0.0, open: 2.0 };
+        let change = Tensor::from_slice(&[10.0f32, 0.0]).view([1, 2, 1, 1]);
+        strided.add_gated(GatedChange { change, gate }).unwrap();
+        // Outputs at inputs 0 and 2; adaptive pooling averages gates (0, 0.5) and (0.5, 1).
+        let expected = Tensor::from_slice(&[3.5f32, 8.5]).view([1, 1, 1, 2]);
+        assert!((strided.forward(&x) - expected).abs().max().double_value(&[]) < 1e-6);
+    }
+
+    #[test]
+    fn a_gated_change_of_another_shape_is_refused() {
+        let mut layer = conv(Tensor::ones([1, 2, 1, 1], (Kind::Float, Device::Cpu)), 1);
+        let gate = Gate { direction: Tensor::ones([2], (Kind::Float, Device::Cpu)), closed: 0.0, open: 1.0 };
+        let change = Tensor::ones([1, 3, 1, 1], (Kind::Float, Device::Cpu));
+        assert!(matches!(layer.add_gated(GatedChange { change, gate }), Err(ModelError::ShapeMismatch { .. })));
+        let gate = Gate { direction: Tensor::ones([3], (Kind::Float, Device::Cpu)), closed: 0.0, open: 1.0 };
+        let change = Tensor::ones([1, 2, 1, 1], (Kind::Float, Device::Cpu));
+        assert!(matches!(layer.add_gated(GatedChange { change, gate }), Err(ModelError::ShapeMismatch { .. })));
+    }
 
     #[test]
     fn same_padding_matches_tensorflow() {

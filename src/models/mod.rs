@@ -33,6 +33,8 @@ pub enum ModelError {
     UnknownLayer(String),
     #[error("the block of '{0}' adds a skip input, and the edit block has none")]
     MissingSkip(String),
+    #[error("'{0}' takes no gated change in this architecture")]
+    NoGatedChanges(String),
     #[error("tensor operation failed: {0}")]
     Torch(#[from] tch::TchError),
 }
@@ -91,6 +93,11 @@ pub trait Classifier: Send {
     /// in forward order, a block's side branch (a downsample) before the path it runs beside: the one list of
     /// them an architecture writes, from the names its layers were loaded under.
     fn parameters_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// The editable conv `layer`, where a gated change is added (see [`layers::GatedChange`]); an
+    /// architecture not built from [`layers::Conv`] takes none.
+    fn editable_conv_mut(&mut self, layer: &str) -> Result<&mut layers::Conv, ModelError> {
+        Err(ModelError::NoGatedChanges(layer.to_string()))
+    }
     /// A trainable tensor by state-dict name (sharing its storage).
     fn parameter(&self, name: &str) -> Result<Tensor, ModelError> {
         // The list is written once, for mutable access; a copy sharing every tensor lends it for reading.

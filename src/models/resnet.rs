@@ -254,6 +254,13 @@ impl Classifier for ResNet {
         all
     }
 
+    fn editable_conv_mut(&mut self, layer: &str) -> Result<&mut Conv, ModelError> {
+        let index = self.block_index(layer)?;
+        let convs = &mut self.blocks[index].convs;
+        let last = convs.len() - 1;
+        Ok(&mut convs[last].0)
+    }
+
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
             stem: self.stem.duplicate(copy),

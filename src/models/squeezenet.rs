@@ -277,6 +277,15 @@ impl Classifier for SqueezeNet {
         Ok(names)
     }
 
+    fn editable_conv_mut(&mut self, layer: &str) -> Result<&mut Conv, ModelError> {
+        Ok(match self.parse_layer(layer)? {
+            LayerRef::Squeeze(i) => &mut self.fires[i].squeeze,
+            LayerRef::Expand1x1(i) => &mut self.fires[i].expand1x1,
+            LayerRef::Expand3x3(i) => &mut self.fires[i].expand3x3,
+            LayerRef::Classifier => &mut self.classifier,
+        })
+    }
+
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
             stem: self.stem.duplicate(copy),

@@ -165,6 +165,11 @@ impl Classifier for Vgg {
         features.chain(self.classifier.iter_mut().flat_map(Linear::parameters_mut)).collect()
     }
 
+    fn editable_conv_mut(&mut self, layer: &str) -> Result<&mut Conv, ModelError> {
+        let position = self.feature_position(layer)?;
+        Ok(&mut self.features[position].conv)
+    }
+
     fn clone_with(&self, copy: TensorCopy) -> Box<dyn Classifier> {
         Box::new(Self {
             features: self.features.iter().map(|feature| feature.duplicate(copy)).collect(),
