@@ -742,6 +742,7 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
     let exemplar = api.create_exemplar(striped_form(0)).await;
     let (_, number) = api.edit(&json!({ "exemplars": [exemplar] })).await;
     let version = api.version(number).await.ok(200, "GET the default edit");
+    assert_eq!(version["solver"], "gated_least_squares", "the default solver of a one-layer rewrite: {version}");
     let metrics = &version["metrics"];
     assert!(metrics["statistics_source"].as_str().is_some_and(|s| s.starts_with("default: ")), "{version}");
     let guard = &metrics["guard"];

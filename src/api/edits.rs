@@ -24,7 +24,8 @@ pub struct EditRequest {
     pub exemplars: Vec<String>,
     /// `rewrite` when absent.
     pub method: Option<Method>,
-    /// `least_squares` for `rewrite`, `adam` for fine-tuning when absent. `closed_form`, `least_squares` and
+    /// When absent: `gated_least_squares` for a `rewrite` of one layer, `least_squares` of several, `adam` for
+    /// fine-tuning. `closed_form`, `least_squares` and
     /// `gated_least_squares` only with `rewrite`, on a 1x1 conv. `least_squares`: keys of every masked position
     /// of the exemplars and of 24 transformed copies each, one covariance-weighted solve with the originals' keys
     /// held. `gated_least_squares` (one layer): that change, tripled, applied only at positions whose keys look

@@ -23,7 +23,7 @@ pub struct EditArgs {
     #[arg(long, default_value = "rewrite", value_parser = parse_serde::<Method>)]
     pub method: Method,
     /// adam, closed_form, least_squares or gated_least_squares (all but adam: rewrite only) [default:
-    /// least_squares for a rewrite, adam for fine-tuning].
+    /// gated_least_squares for a rewrite of one layer, least_squares of several, adam for fine-tuning].
     #[arg(long, value_parser = parse_serde::<Solver>)]
     pub solver: Option<Solver>,
     /// [default: 1; least_squares: the whole change]
@@ -100,7 +100,8 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
         given => given.to_vec(),
     };
     let layer = &layers[0];
-    let mut params = EditParams::new(args.method, args.solver.unwrap_or(Solver::default_for(args.method)), layer);
+    let mut params =
+        EditParams::new(args.method, args.solver.unwrap_or(Solver::default_for(args.method, layers.len())), layer);
     params.following_layers = layers[1..].to_vec();
     params.rank = args.rank.unwrap_or(params.rank);
     params.seed = args.seed;

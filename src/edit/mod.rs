@@ -71,11 +71,13 @@ impl Solver {
         matches!(self, Solver::LeastSquares | Solver::GatedLeastSquares)
     }
 
-    /// What solves `method` unless the request says otherwise: least squares for a rewrite (measured best
-    /// on the concept-shift benchmark, README "Edit quality"), Adam for fine-tuning (its only solver).
-    pub fn default_for(method: Method) -> Self {
+    /// What solves `method` over `layers` edited layers unless the request says otherwise: the gated least
+    /// squares for a rewrite of one layer (measured best on the concept-shift benchmark, README "Edit
+    /// quality"), least squares for several (the gate is one layer's), Adam for fine-tuning (its only solver).
+    pub fn default_for(method: Method, layers: usize) -> Self {
         match method {
-            Method::Rewrite => Solver::LeastSquares,
+            Method::Rewrite if layers > 1 => Solver::LeastSquares,
+            Method::Rewrite => Solver::GatedLeastSquares,
             Method::FinetuneLocal | Method::FinetuneGlobal => Solver::Adam,
         }
     }

@@ -56,7 +56,6 @@ impl Jobs {
         }
         let settings = request.settings;
         let method = settings.method.unwrap_or(Method::Rewrite);
-        let solver = settings.solver.unwrap_or(Solver::default_for(method));
         let layer_names = match (&request.layer, &request.layers) {
             (Some(_), Some(_)) => return Err(invalid("name 'layer' or 'layers', not both".to_string())),
             (None, Some(layers)) if layers.is_empty() || layers.len() > MAX_LAYERS => {
@@ -66,6 +65,7 @@ impl Jobs {
             (Some(layer), None) => vec![layer.clone()],
             (None, None) => vec![surface.default_edit_layer.clone()],
         };
+        let solver = settings.solver.unwrap_or(Solver::default_for(method, layer_names.len()));
         let mut params = EditParams::new(method, solver, &layer_names[0]);
         params.following_layers = layer_names[1..].to_vec();
         for position in params.layer_positions(&surface.editable_layers)? {

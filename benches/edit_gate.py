@@ -1,0 +1,120 @@
+"""The gated rewrite in the prototype: the `least_squares` change of `edit_research.py` applied at a position
+only where a linear gate on the conv's input opens (the service's `gated_least_squares`, src/edit/gate.rs).
+
+    .venv/bin/python benches/edit_gate.py [--kw '{"layers":[10],"lam":30,"mu":10}'] [--scales 1,2,3,4]
+        [--gates 0.98:0.5,0.99:0.5] [--no-statistics | --moment Z]
+
+A gate `closed:open` is shut below the `closed` quantile of the scores of the keys to leave alone (the
+exemplar's original and its copies, the modified images' unmasked positions, and the kit's statistics images
+unless --no-statistics) and fully open from the `open` quantile of the new concept's (the exemplar's masked
+positions and its copies'). --moment Z replaces the statistics' keys by C in the covariance and a bound of Z
+root-mean-square scores of C. Scales multiply the solved change. Prints % corrected, clean originals kept and
+photos changed per (gate, scale), means over the 5 stamps, one exemplar each. With several layers, the first
+layer's gate is used at the others of the same grid only.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import edit_research as R  # noqa: E402
+
+
+def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None):
+    ld = R.layer_data(L)[case]
+    data = R.DATA[case]
+    copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in idx for j in range(R.N_SOLVE_AUG)])
+    concept, leave = [], []
+    for pre, sel in (("ex", torch.tensor(idx)), ("sa", copies)):
+        new, old = ld[pre + "_mod"][0][sel].double(), ld[pre + "_orig"][0][sel].double()
+        m = R.flat(F.adaptive_avg_pool2d(data[pre + "_mask"][sel], new.shape[-2:]).double())[:, 0]
+        concept.append(R.flat(new)[m > 0.5])
+        leave += [R.flat(old), R.flat(new)[m < 0.1]]
+    if statistics:
+        leave.append(R.flat(R.keys_at(L, R.DATA["stats"])[0].double()))
+    P, N = torch.cat(concept), torch.cat(leave)
+    S = torch.cov(P.T) + torch.cov(N.T)
+    C = R.layer_data(L)["C"]
+    if moment is not None:
+        S = S + C
+    S = S + 1e-3 * torch.trace(S) / S.shape[0] * torch.eye(S.shape[0], dtype=S.dtype)
+    w = torch.linalg.solve(R.floored(S), P.mean(0) - N.mean(0))
+    closed = torch.quantile(N @ w, closed_q).item()
+    if moment is not None:
+        closed = max(closed, moment * (w @ C @ w).sqrt().item())
+    return w.float(), closed, max(torch.quantile(P @ w, open_q).item(), closed + 1e-6)
+
+
+def gate_values(gate, key):
+    w, closed, open_ = gate
+    return ((torch.einsum("c,nchw->nhw", w, key)[:, None] - closed) / (open_ - closed)).clamp(0, 1)
+
+
+def logits(layers, key, skip, edits, gate):
+    x, g = None, None
+    for j in range(layers[0], R.HEAD + 1):
+        k, s = (key, skip) if j == layers[0] else ((x, None) if j == R.HEAD else R.block_pre(j, x))
+        x = R.block_post(j, k, s, R.weight0(j))
+        if j in edits:
+            if g is None:
+                g = torch.ones_like(x[:, :1]) if gate is None else gate_values(gate, k)
+            if g.shape[-2:] == x.shape[-2:]:
+                x = g * R.block_post(j, k, s, edits[j]) + (1 - g) * x
+    return F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
+
+
+def batched(fn, key, skip, size=64):
+    return torch.cat([fn(key[i:i + size], None if skip is None else skip[i:i + size])
+                      for i in range(0, key.shape[0], size)])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kw", default='{"layers":[10],"lam":30,"mu":10}')
+    ap.add_argument("--scales", default="1,2,3,4")
+    ap.add_argument("--gates", default="0.98:0.5,0.99:0.5", help="closed:open quantiles; 'none' for no gate")
+    ap.add_argument("--no-statistics", action="store_true")
+    ap.add_argument("--moment", type=float)
+    args = ap.parse_args()
+    kw = json.loads(args.kw)
+    layers = tuple(kw.pop("layers"))
+    scales = [float(s) for s in args.scales.split(",")]
+    gates = [None if g == "none" else tuple(float(q) for q in g.split(":")) for g in args.gates.split(",")]
+    R.DATA = R.build_cache()
+    for case in R.CASES:
+        data = R.DATA[case]
+        d = R.layer_data(layers[0])[case]
+        photos = R.layer_data(layers[0])["photos"]
+        base_photos = batched(lambda k, s: logits(layers, k, s, {}, None), *photos).argmax(1)
+        results = {}
+        for stamp in range(5):
+            ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:1]
+            sel = (data["labels"] != int(data["ex_label"][ids[0]])).nonzero()[:, 0]
+            labels = data["labels"][sel]
+            pick = lambda pair: (pair[0][sel], None if pair[1] is None else pair[1][sel])
+            delta = R.solve_multi(layers[0], case, ids, layers=layers, **kw)
+            before = (d["item_mod_top1"][sel] != labels).sum().item()
+            for quantiles in gates:
+                gate = None if quantiles is None else fit_gate(layers[0], case, ids, *quantiles,
+                                                               statistics=not args.no_statistics, moment=args.moment)
+                for s in scales:
+                    edits = {l: R.weight0(l) + s * dw for l, dw in delta.items()}
+                    run = lambda pair: batched(lambda k, sk: logits(layers, k, sk, edits, gate), *pair).argmax(1)
+                    after = (run(pick(d["item_mod"])) != labels).sum().item()
+                    clean = (run(pick(d["item_orig"])) == labels).float().mean().item()
+                    changed = (run(photos) != base_photos).float().mean().item()
+                    corrected = 100 * max((before - after) / max(before, 1), -1)
+                    results.setdefault((quantiles, s), []).append((corrected, 100 * clean, 100 * changed))
+        for (quantiles, s), values in results.items():
+            t = torch.tensor(values)
+            mean, sd = t.mean(0), t.std(0)
+            print(f"{case} gate {quantiles} scale {s}: corrected {mean[0]:5.1f} ± {sd[0]:4.1f}, "
+                  f"clean {mean[1]:5.1f}, photos changed {mean[2]:4.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
