@@ -155,6 +155,13 @@ impl Conv {
         Ok(Self { padding: Padding::Symmetric(padding), ..Self::load(weights, prefix, shape, stride, 1, bias)? })
     }
 
+    /// A bias-free, ungrouped convolution with `padding` zeros on every side, from its weight: a network
+    /// built in code rather than loaded from a checkpoint (the synthetic benchmark's).
+    pub fn padded(name: &str, weight: Tensor, stride: i64, padding: i64) -> Self {
+        let padding = Padding::Symmetric(padding);
+        Self { name: name.to_string(), weight, bias: None, gated: Vec::new(), stride, groups: 1, padding }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         self.forward_with(x, &self.weight)
     }
@@ -352,15 +359,7 @@ mod tests {
     use super::*;
 
     fn conv(weight: Tensor, stride: i64) -> Conv {
-        Conv {
-            name: "c".into(),
-            weight,
-            bias: None,
-            gated: Vec::new(),
-            stride,
-            groups: 1,
-            padding: Padding::Symmetric(0),
-        }
+        Conv::padded("c", weight, stride, 0)
     }
 
     #[test]
