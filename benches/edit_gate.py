@@ -50,20 +50,27 @@ def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None):
 
 
 def gate_values(gate, key):
+    """A gate, or the union (largest value) of a list of gates."""
+    if isinstance(gate, list):
+        return torch.stack([gate_values(g, key) for g in gate]).amax(0)
     w, closed, open_ = gate
     return ((torch.einsum("c,nchw->nhw", w, key)[:, None] - closed) / (open_ - closed)).clamp(0, 1)
 
 
 def logits(layers, key, skip, edits, gate):
-    x, g = None, None
+    """`edits` (layer -> weight) behind `gate`, or a list of (edits, gate) pairs whose changes add up."""
+    pairs = edits if isinstance(edits, list) else [(edits, gate)]
+    x, gs = None, [None] * len(pairs)
     for j in range(layers[0], R.HEAD + 1):
         k, s = (key, skip) if j == layers[0] else ((x, None) if j == R.HEAD else R.block_pre(j, x))
         x = R.block_post(j, k, s, R.weight0(j))
-        if j in edits:
-            if g is None:
-                g = torch.ones_like(x[:, :1]) if gate is None else gate_values(gate, k)
-            if g.shape[-2:] == x.shape[-2:]:
-                x = g * R.block_post(j, k, s, edits[j]) + (1 - g) * x
+        base = x
+        for p, (e, g) in enumerate(pairs):
+            if j in e:
+                if gs[p] is None:
+                    gs[p] = torch.ones_like(x[:, :1]) if g is None else gate_values(g, k)
+                if gs[p].shape[-2:] == x.shape[-2:]:
+                    x = x + gs[p] * (R.block_post(j, k, s, e[j]) - base)
     return F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
 
 
@@ -79,6 +86,10 @@ def main():
     ap.add_argument("--gates", default="0.98:0.5,0.99:0.5", help="closed:open quantiles; 'none' for no gate")
     ap.add_argument("--no-statistics", action="store_true")
     ap.add_argument("--moment", type=float)
+    ap.add_argument("--exemplars", type=int, default=1, help="compositions of the stamp used (1 or 3)")
+    ap.add_argument("--union", choices=["none", "gates", "changes"], default="none",
+                    help="several exemplars: one solve behind the union of a gate per exemplar (gates), or a "
+                         "solve and a gate per exemplar, the changes added up (changes)")
     args = ap.parse_args()
     kw = json.loads(args.kw)
     layers = tuple(kw.pop("layers"))
@@ -92,18 +103,25 @@ def main():
         base_photos = batched(lambda k, s: logits(layers, k, s, {}, None), *photos).argmax(1)
         results = {}
         for stamp in range(5):
-            ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:1]
+            ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:args.exemplars]
             sel = (data["labels"] != int(data["ex_label"][ids[0]])).nonzero()[:, 0]
             labels = data["labels"][sel]
             pick = lambda pair: (pair[0][sel], None if pair[1] is None else pair[1][sel])
-            delta = R.solve_multi(layers[0], case, ids, layers=layers, **kw)
+            groups = [[i] for i in ids] if args.union == "changes" else [ids]
+            deltas = [R.solve_multi(layers[0], case, g, layers=layers, **kw) for g in groups]
             before = (d["item_mod_top1"][sel] != labels).sum().item()
             for quantiles in gates:
-                gate = None if quantiles is None else fit_gate(layers[0], case, ids, *quantiles,
-                                                               statistics=not args.no_statistics, moment=args.moment)
+                fit = lambda g: fit_gate(layers[0], case, g, *quantiles, statistics=not args.no_statistics,
+                                         moment=args.moment)
+                if quantiles is None:
+                    gs = [None] * len(groups)
+                elif args.union == "gates":
+                    gs = [[fit([i]) for i in ids]]
+                else:
+                    gs = [fit(g) for g in groups]
                 for s in scales:
-                    edits = {l: R.weight0(l) + s * dw for l, dw in delta.items()}
-                    run = lambda pair: batched(lambda k, sk: logits(layers, k, sk, edits, gate), *pair).argmax(1)
+                    edits = [({l: R.weight0(l) + s * dw for l, dw in delta.items()}, g) for delta, g in zip(deltas, gs)]
+                    run = lambda pair: batched(lambda k, sk: logits(layers, k, sk, edits, None), *pair).argmax(1)
                     after = (run(pick(d["item_mod"])) != labels).sum().item()
                     clean = (run(pick(d["item_orig"])) == labels).float().mean().item()
                     changed = (run(photos) != base_photos).float().mean().item()

@@ -20,7 +20,7 @@ use super::params::{IdPath, ModelPath};
 use super::versions::accepted;
 use super::AppState;
 use crate::core::jobs::{StatisticsImages, MAX_STATISTICS_IMAGES};
-use crate::store::{JobKind, JobRecord, JobState};
+use crate::store::{seconds_between, JobKind, JobRecord, JobState};
 
 /// Watchers of a fast edit see at most this many progress events a second.
 const EVENT_INTERVAL: Duration = Duration::from_millis(100);
@@ -36,11 +36,30 @@ pub struct StatisticsForm {
     layer: Option<String>,
 }
 
+/// How far a job is: an edit's steps span its solve and its breakage guard's trials, so that `step / total`
+/// is the share of the work done.
 #[derive(Serialize, ToSchema)]
 pub struct ProgressView {
     pub step: u64,
     pub total: u64,
     pub loss: Option<f64>,
+    /// Seconds since the job started, until it finished.
+    pub elapsed_seconds: Option<f64>,
+    /// While it runs: the seconds left at the pace so far (elapsed times steps left over steps done).
+    pub remaining_seconds: Option<f64>,
+}
+
+impl ProgressView {
+    fn of(r: &JobRecord) -> Self {
+        let elapsed = r.started_at.as_deref().and_then(|start| seconds_between(start, r.finished_at.as_deref()));
+        let remaining = match (r.state, elapsed) {
+            (JobState::Running, Some(elapsed)) if r.step > 0 => {
+                Some(elapsed * r.total.saturating_sub(r.step) as f64 / r.step as f64)
+            }
+            _ => None,
+        };
+        Self { step: r.step, total: r.total, loss: r.loss, elapsed_seconds: elapsed, remaining_seconds: remaining }
+    }
 }
 
 // The store's record as clients see it: without the plan the job runs and its idempotency fingerprint.
@@ -66,7 +85,7 @@ impl From<&JobRecord> for JobView {
             kind: r.kind,
             model: r.model.clone(),
             state: r.state,
-            progress: ProgressView { step: r.step, total: r.total, loss: r.loss },
+            progress: ProgressView::of(r),
             version: r.version,
             statistics: r.statistics.clone(),
             error: r.error.clone(),

@@ -22,6 +22,9 @@ const ORIGINAL_COPIES: usize = 32;
 const MAX_ORIGINAL_COPIES: usize = 96;
 /// Images per forward pass.
 const CHUNK: i64 = 32;
+/// The binary search's trials over the most candidates there are (the solved change, 4 weaker solutions and
+/// 9 scales: 14), what an edit's progress counts for its guard.
+pub const MOST_TRIALS: usize = 4;
 
 /// A change the guard may keep: the solved one, a weaker solution, or one of those scaled down.
 pub struct Candidate {
@@ -175,31 +178,28 @@ pub fn guard(
         exemplar_fixed_unscaled,
     };
     // Top-1 changes grow with the candidates' strength: a binary search for the strongest within the budget
-    // takes 4 trials of 13. `candidates.len()` stands for the parent itself.
+    // takes at most `MOST_TRIALS`. `candidates.len()` stands for the parent itself.
     let mut measured: Vec<Option<GuardReport>> = (0..=candidates.len()).map(|_| None).collect();
     // A budget that allows every change keeps the strongest candidate, measured once.
     let everything = allowed(photo_count) >= photo_count && allowed(original_count) >= original_count;
-    let (mut low, mut high) = (0, if everything { 1 } else { candidates.len() });
+    let searched = if everything { 1 } else { candidates.len() };
     let mut trials = 0;
-    while low < high {
+    let low = first_within(searched, |middle| {
         if progress.cancelled() {
             return Err(EditError::Cancelled);
         }
-        let middle = (low + high) / 2;
         let candidate = &candidates[middle];
         let model = applied(&candidate.delta)?;
         let photos_changed = differences(&photo_prefix.top1(model.as_ref(), layer)?, &before.0);
         let originals_changed = differences(&original_prefix.top1(model.as_ref(), layer)?, &before.1);
         trials += 1;
+        progress.report(trials, MOST_TRIALS, f64::NAN);
         let found =
             report(candidate.scale, candidate.lambda, photos_changed, originals_changed, fixed(model.as_ref())?, 0);
         measured[middle] = Some(found);
-        if within(photos_changed, originals_changed) {
-            high = middle;
-        } else {
-            low = middle + 1;
-        }
-    }
+        Ok(within(photos_changed, originals_changed))
+    })?;
+    progress.report(MOST_TRIALS, MOST_TRIALS, f64::NAN);
     if let Some(Some(found)) = measured.get_mut(low).map(Option::take) {
         let kept = candidates.swap_remove(low);
         return Ok((kept.delta, GuardReport { trials, ..found }));
@@ -208,4 +208,43 @@ pub fn guard(
     let nothing =
         candidates.pop().map(|c| c.delta.scaled(0.0)).ok_or_else(|| EditError::Invalid("nothing to guard".into()))?;
     Ok((nothing, parent_report))
+}
+
+/// The first of `count` candidates for which `within` holds (`count` when none), by binary search: the
+/// candidates are ordered strongest first, so that breakage only falls with the index. `within` is called
+/// once per trial, at most `MOST_TRIALS` times for the candidates an edit has.
+fn first_within(count: usize, mut within: impl FnMut(usize) -> Result<bool, EditError>) -> Result<usize, EditError> {
+    let (mut low, mut high) = (0, count);
+    while low < high {
+        let middle = (low + high) / 2;
+        if within(middle)? {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    Ok(low)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_search_finds_the_strongest_within_in_the_trials_progress_counts() {
+        let most_candidates = 1 + super::super::least_squares::WEAKER.len() + SCALES.len() - 1;
+        for candidates in 1..=most_candidates {
+            // The strongest candidate within the budget may be any of them, or none.
+            for strongest in 0..=candidates {
+                let mut trials = 0;
+                let found = first_within(candidates, |i| {
+                    trials += 1;
+                    Ok(i >= strongest)
+                })
+                .unwrap();
+                assert_eq!(found, strongest);
+                assert!(trials <= MOST_TRIALS, "{trials} trials over {candidates} candidates");
+            }
+        }
+    }
 }

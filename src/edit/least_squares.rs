@@ -33,7 +33,7 @@ pub const MU: f64 = 10.0;
 /// The heavier statistics weights (times `LAMBDA`) the guard tries before it scales the change down: a
 /// heavier weight keeps the change off ordinary keys, where scaling shrinks it everywhere alike (measured:
 /// scaling by 0.5 lost nearly all corrections, README "Edit quality").
-const WEAKER: [f64; 4] = [3.0, 10.0, 30.0, 100.0];
+pub(super) const WEAKER: [f64; 4] = [3.0, 10.0, 30.0, 100.0];
 /// `rank` of a change kept whole: least_squares' default.
 pub const FULL_RANK: usize = 0;
 /// Ridge relative to the mean eigenvalue of the whole system.

@@ -228,6 +228,37 @@ pub trait Progress {
 /// Progress for callers that do not watch.
 pub struct Silent;
 
+/// One stage of an edit's progress: its `step` of `total` is `before + step` of `before + total + after` for
+/// the watcher, so that the watcher's count spans every stage.
+struct Stage<'a> {
+    whole: &'a dyn Progress,
+    before: usize,
+    after: usize,
+    /// The stage's own total, as last reported.
+    total: std::cell::Cell<usize>,
+}
+
+impl<'a> Stage<'a> {
+    fn new(whole: &'a dyn Progress, before: usize, after: usize) -> Self {
+        Self { whole, before, after, total: std::cell::Cell::new(0) }
+    }
+
+    /// The watcher's steps up to the end of this stage.
+    fn end(&self) -> usize {
+        self.before + self.total.get()
+    }
+}
+
+impl Progress for Stage<'_> {
+    fn report(&self, step: usize, total: usize, loss: f64) {
+        self.total.set(total);
+        self.whole.report(self.before + step, self.before + total + self.after, loss);
+    }
+    fn cancelled(&self) -> bool {
+        self.whole.cancelled()
+    }
+}
+
 impl Progress for Silent {
     fn report(&self, _: usize, _: usize, _: f64) {}
 }
@@ -280,6 +311,8 @@ pub fn edit(
     let first_statistics = statistics.first().copied();
     tch::manual_seed(params.seed);
     let started = Instant::now();
+    let solving = Stage::new(progress, 0, if budget.is_some() { guard::MOST_TRIALS } else { 0 });
+    let progress = &solving;
     // The change, and weaker ones the guard may fall back on before it scales the weakest down.
     let (delta, mut metrics, weaker) = match (params.method, params.solver) {
         (Method::Rewrite, Solver::LeastSquares) if layer_count > 1 => {
@@ -308,8 +341,9 @@ pub fn edit(
                 (params.solver.is_least_squares() && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
             let candidates = guard::candidates(Candidate::solved(delta, lambda), weaker);
             let photos = budget.photos.to_device(exemplars.original.device());
+            let guarding = Stage::new(solving.whole, solving.end(), 0);
             let (kept, report) =
-                guard::guard(model, candidates, &params.layer, &photos, exemplars, budget.max_changed, progress)?;
+                guard::guard(model, candidates, &params.layer, &photos, exemplars, budget.max_changed, &guarding)?;
             metrics.guard = Some(report);
             kept
         }

@@ -376,6 +376,16 @@ pub fn normalize_rfc3339(text: &str) -> Option<String> {
     Some(format_timestamp(parsed.to_offset(time::UtcOffset::UTC)))
 }
 
+/// Seconds from the stored timestamp `start` to `end` (now when None); None if either is not a timestamp.
+pub fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
+    let parse = |text: &str| time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok();
+    let end = match end {
+        Some(text) => parse(text)?,
+        None => time::OffsetDateTime::now_utc(),
+    };
+    Some((end - parse(start)?).as_seconds_f64().max(0.0))
+}
+
 fn format_timestamp(at: time::OffsetDateTime) -> String {
     at.format(TIMESTAMP).unwrap_or_else(|_| "1970-01-01T00:00:00.000000Z".into())
 }

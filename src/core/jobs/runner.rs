@@ -28,7 +28,10 @@ impl Progress for LiveJob {
         self.record.send_modify(|r| {
             r.step = step as u64;
             r.total = total as u64;
-            r.loss = loss.is_finite().then_some(loss);
+            // Steps without a loss (the guard's trials) keep the last one reported.
+            if loss.is_finite() {
+                r.loss = Some(loss);
+            }
         });
     }
 
