@@ -11,9 +11,10 @@ use common::{foolbox_photos, model_dir, preprocess_batch, root, striped_exemplar
 use editserve::cli::statistics_for;
 use editserve::edit::{edit, Delta, EditParams, Exemplars, Method, Silent, Solver};
 use editserve::imaging::decode;
+use editserve::models::layers::{Gate, GatedChange};
 use editserve::models::{load_package, Classifier, ModelPackage};
 use image::DynamicImage;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 fn top1(model: &dyn Classifier, x: &Tensor) -> Vec<i64> {
     let predictions = tch::no_grad(|| model.forward(x).argmax(-1, false));
@@ -120,6 +121,42 @@ fn a_gated_edit_fixes_the_patch_leaves_the_clean_photos_and_survives_storage() {
     assert!((reloaded_logits - edited_exemplar_logits).abs().max().double_value(&[]) < 1e-5);
     // The served model itself was not touched.
     assert!((tch::no_grad(|| model.forward(&clean)) - clean_logits).abs().max().double_value(&[]) == 0.0);
+}
+
+#[test]
+fn a_least_squares_edit_on_top_of_a_gated_change_at_its_layer_solves_against_it() {
+    // A gated change whose gate is open everywhere is a plain weight change: an edit at the same layer on
+    // top of it must solve exactly as on a model whose weight holds that change (the residual it starts
+    // from includes what the gated change adds).
+    let package = ModelPackage::open(&model_dir()).unwrap();
+    let model = load_package(&package, Device::Cpu).unwrap();
+    let (original, modified, mask) = striped_exemplar(0);
+    let exemplars =
+        Exemplars::from_images(&package.config.preprocessing, &[(original, modified, mask)], Device::Cpu).unwrap();
+    let layer = LAST_PROJECT_CONV;
+    let weight = model.parameter(&format!("{layer}.weight")).unwrap();
+    tch::manual_seed(3);
+    let change = Tensor::randn(weight.size(), (Kind::Float, Device::Cpu)) * weight.std(true) * 0.3;
+    let channels = weight.size()[1];
+    let open_everywhere =
+        Gate { direction: Tensor::zeros([channels], (Kind::Float, Device::Cpu)), closed: -2.0, open: -1.0 };
+    let mut gated = model.duplicate();
+    Delta::Gated { layer: layer.into(), change: GatedChange { change: change.copy(), gate: open_everywhere } }
+        .apply(gated.as_mut())
+        .unwrap();
+    let mut dense = model.duplicate();
+    dense.set_parameter(&format!("{layer}.weight"), &weight + &change).unwrap();
+
+    let params = EditParams::new(Method::Rewrite, Solver::LeastSquares, layer);
+    let solve = |m: &dyn Classifier| edit(m, &exemplars, &params, &[], None, &Silent).unwrap();
+    let (on_gated, on_dense, on_base) = (solve(gated.as_ref()), solve(dense.as_ref()), solve(model.as_ref()));
+    let (g, d, b) = (on_gated.metrics.loss_before, on_dense.metrics.loss_before, on_base.metrics.loss_before);
+    println!("error before the edit: on the gated change {g:.5}, on the dense one {d:.5}, on the base {b:.5}");
+    assert!((g - d).abs() <= 1e-4 * d, "the gated parent's residual {g} is not the dense parent's {d}");
+    assert!((d - b).abs() > 1e-2 * b, "the change moved the residual too little for the test to mean anything");
+    let (solved_on_gated, solved_on_dense) = (&on_gated.delta.dense()[0].1, &on_dense.delta.dense()[0].1);
+    let difference = (solved_on_gated - solved_on_dense).abs().max().double_value(&[]);
+    assert!(difference <= 1e-4 * solved_on_dense.abs().max().double_value(&[]), "the solved changes differ");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::mask::{key_weights, loss_weights};
 use super::{Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver};
-use crate::models::{Activation, Classifier, EditBlock};
+use crate::models::{Activation, Classifier, EditBlock, ModelError};
 
 const ADAM_BETAS: (f64, f64) = (0.9, 0.999);
 const ADAM_EPS: f64 = 1e-8;
@@ -230,7 +230,12 @@ pub(super) fn linear_targets(
         None => v.zeros_like(),
     };
     let pre_target = (&v - &shift - &skip) / &scale;
-    let base = k.matmul(&w0.view([c_out, c_in]).to_kind(Kind::Double).tr());
+    // The conv's output before the change: its weight's, and what the gated changes of earlier edits at this
+    // layer add (without them a change on top of a gated version would be solved for the wrong residual).
+    let mut base = k.matmul(&w0.view([c_out, c_in]).to_kind(Kind::Double).tr());
+    if let Some(gated) = gated_output(model, layer, &block.key)? {
+        base += per_position(&gated);
+    }
     let residual = pre_target - base;
     let m2 = per_position(weights).square();
     let (valid, note) = match form.activation {
@@ -247,6 +252,18 @@ pub(super) fn linear_targets(
         ),
     };
     Ok(LinearTargets { keys: k, residual, omega: valid * m2, note })
+}
+
+/// What the gated changes of earlier edits add to `layer`'s conv output at `key`; None where there are none or
+/// the architecture takes none.
+fn gated_output(model: &dyn Classifier, layer: &str, key: &Tensor) -> Result<Option<Tensor>, EditError> {
+    // The conv is lent mutably only; a copy sharing every tensor lends it for reading.
+    let mut shared = model.share();
+    match shared.editable_conv_mut(layer) {
+        Ok(conv) => Ok(conv.gated_output(key)),
+        Err(ModelError::NoGatedChanges(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Least squares in the r-dimensional subspace: for each output channel o, the coefficients `L_o` that

@@ -169,12 +169,23 @@ impl Conv {
     /// The convolution with another weight of the same shape (what an edit optimises), and the gated changes.
     pub fn forward_with(&self, x: &Tensor, weight: &Tensor) -> Tensor {
         let output = self.convolve(x, weight, self.bias.as_ref());
-        self.gated.iter().fold(output, |output, gated| {
-            let size = output.size();
-            // A strided or padded conv's output grid differs from its input's: the gate is averaged onto it.
-            let gate = gated.gate.values(x).adaptive_avg_pool2d([size[2], size[3]]);
-            output + gate * self.convolve(x, &gated.change, None)
-        })
+        match self.gated_output(x) {
+            Some(gated) => output + gated,
+            None => output,
+        }
+    }
+
+    /// What the gated changes add to the output at input `x` (None without any).
+    pub fn gated_output(&self, x: &Tensor) -> Option<Tensor> {
+        self.gated
+            .iter()
+            .map(|gated| {
+                let change = self.convolve(x, &gated.change, None);
+                let size = change.size();
+                // A strided or padded conv's output grid differs from its input's: the gate is averaged onto it.
+                gated.gate.values(x).adaptive_avg_pool2d([size[2], size[3]]) * change
+            })
+            .reduce(|sum, term| sum + term)
     }
 
     fn convolve(&self, x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
