@@ -17,7 +17,7 @@ use common::api::{
 };
 use common::datasets::unlabelled_form;
 use common::{foolbox_photos, root, striped_exemplar, TestServer};
-use editserve::edit::guard::MOST_TRIALS;
+use editserve::edit::guard::STEPS as GUARD_STEPS;
 use image::DynamicImage;
 use reqwest::multipart::Form;
 use serde_json::{json, Value};
@@ -195,8 +195,8 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     assert_eq!(last.name, "final", "steps {steps:?}");
     assert_eq!(last.job["state"], "succeeded", "{}", last.job);
     // The steps count the solver's and then the breakage guard's trials, to the end.
-    assert_eq!(last.job["progress"]["step"], WATCHED_STEPS + MOST_TRIALS as u64, "{}", last.job);
-    assert_eq!(last.job["progress"]["total"], WATCHED_STEPS + MOST_TRIALS as u64, "{}", last.job);
+    assert_eq!(last.job["progress"]["step"], WATCHED_STEPS + GUARD_STEPS as u64, "{}", last.job);
+    assert_eq!(last.job["progress"]["total"], WATCHED_STEPS + GUARD_STEPS as u64, "{}", last.job);
     assert!(last.job["progress"]["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0), "{}", last.job);
     assert!(last.job["progress"]["remaining_seconds"].is_null(), "a finished job has nothing left: {}", last.job);
     assert!(progress.iter().all(|e| e.name == "progress" && !is_final(&e.job)), "steps {steps:?}");
@@ -372,7 +372,7 @@ async fn cancelling_running_and_queued_edit_jobs() {
 
     let (running, running_version) = api.start_edit(&long_adam(&exemplar, "cancelled while running")).await;
     let watched = api.wait_running(&running).await;
-    assert_eq!(watched["progress"]["total"], LONG_STEPS + MOST_TRIALS as u64, "{watched}");
+    assert_eq!(watched["progress"]["total"], LONG_STEPS + GUARD_STEPS as u64, "{watched}");
     // A running job says how long it has run and, at its pace so far, how long it has left.
     assert!(watched["progress"]["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0), "{watched}");
     assert!(watched["progress"]["remaining_seconds"].as_f64().is_some_and(|s| s > 0.0), "{watched}");

@@ -311,7 +311,7 @@ pub fn edit(
     let first_statistics = statistics.first().copied();
     tch::manual_seed(params.seed);
     let started = Instant::now();
-    let solving = Stage::new(progress, 0, if budget.is_some() { guard::MOST_TRIALS } else { 0 });
+    let solving = Stage::new(progress, 0, if budget.is_some() { guard::STEPS } else { 0 });
     let progress = &solving;
     // The change, and weaker ones the guard may fall back on before it scales the weakest down.
     let (delta, mut metrics, weaker) = match (params.method, params.solver) {
