@@ -36,8 +36,8 @@ pub struct StatisticsForm {
     layer: Option<String>,
 }
 
-/// How far a job is: an edit's steps span its solve and its breakage guard's trials, so that `step / total`
-/// is the share of the work done.
+/// How far a job is: an edit's steps span its solve and its breakage guard, so that `step / total` is the
+/// share of the work done.
 #[derive(Serialize, ToSchema)]
 pub struct ProgressView {
     pub step: u64,

@@ -228,6 +228,10 @@ pub trait Progress {
 /// Progress for callers that do not watch.
 pub struct Silent;
 
+impl Progress for Silent {
+    fn report(&self, _: usize, _: usize, _: f64) {}
+}
+
 /// One stage of an edit's progress: its `step` of `total` is `before + step` of `before + total + after` for
 /// the watcher, so that the watcher's count spans every stage.
 struct Stage<'a> {
@@ -257,10 +261,6 @@ impl Progress for Stage<'_> {
     fn cancelled(&self) -> bool {
         self.whole.cancelled()
     }
-}
-
-impl Progress for Silent {
-    fn report(&self, _: usize, _: usize, _: f64) {}
 }
 
 #[derive(Debug, Serialize, ToSchema)]

@@ -372,18 +372,20 @@ pub fn now_rfc3339() -> String {
 
 /// Any RFC 3339 time as a stored timestamp (for comparing with stored ones), or None if it is not one.
 pub fn normalize_rfc3339(text: &str) -> Option<String> {
-    let parsed = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
-    Some(format_timestamp(parsed.to_offset(time::UtcOffset::UTC)))
+    Some(format_timestamp(parse_rfc3339(text)?.to_offset(time::UtcOffset::UTC)))
 }
 
 /// Seconds from the stored timestamp `start` to `end` (now when None); None if either is not a timestamp.
 pub fn seconds_between(start: &str, end: Option<&str>) -> Option<f64> {
-    let parse = |text: &str| time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok();
     let end = match end {
-        Some(text) => parse(text)?,
+        Some(text) => parse_rfc3339(text)?,
         None => time::OffsetDateTime::now_utc(),
     };
-    Some((end - parse(start)?).as_seconds_f64().max(0.0))
+    Some((end - parse_rfc3339(start)?).as_seconds_f64().max(0.0))
+}
+
+fn parse_rfc3339(text: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }
 
 fn format_timestamp(at: time::OffsetDateTime) -> String {
