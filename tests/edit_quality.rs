@@ -192,11 +192,6 @@ impl NetworkTensors {
         }
     }
 
-    fn parameter(&mut self, name: &str) -> Tensor {
-        let found = self.parameters_mut().into_iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone());
-        found.expect("a parameter of the network")
-    }
-
     /// conv (with `weight`, and the gated changes of edits) then BatchNorm, in training mode when `train`.
     fn conv_bn(&self, name: &str, x: &Tensor, weight: &Tensor, train: bool) -> Tensor {
         let y = self.conv(name).forward_with(x, weight);
@@ -253,7 +248,7 @@ fn train(network: &mut impl TestNetwork, data: &[Sample], epochs: usize, rng: &m
     let y = labels(data);
     let n = data.len();
     // Shallow copies, updated in place: the network's tensors take every step.
-    let params: Vec<Tensor> = names.iter().map(|k| network.tensors_mut().parameter(k)).collect();
+    let params: Vec<Tensor> = names.iter().map(|k| network.parameter(k).unwrap()).collect();
     let mut moments: Vec<(Tensor, Tensor)> = params.iter().map(|p| (p.zeros_like(), p.zeros_like())).collect();
     let mut step = 0;
     for _ in 0..epochs {

@@ -194,7 +194,7 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     let (last, progress) = events.split_last().expect("no events");
     assert_eq!(last.name, "final", "steps {steps:?}");
     assert_eq!(last.job["state"], "succeeded", "{}", last.job);
-    // The steps count the solver's and then the breakage guard's trials, to the end.
+    // The steps count the solver's, then the breakage guard's (its preparation and trials), to the end.
     assert_eq!(last.job["progress"]["step"], WATCHED_STEPS + GUARD_STEPS as u64, "{}", last.job);
     assert_eq!(last.job["progress"]["total"], WATCHED_STEPS + GUARD_STEPS as u64, "{}", last.job);
     assert!(last.job["progress"]["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0), "{}", last.job);
