@@ -81,13 +81,22 @@ def main():
                 changed = lambda idx, k, s, w=W + scale * delta: R.block_post(L, k, s, w)
                 record(f"2. solved change x{scale} behind the {name}", top1(sel, gate, changed))
         copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in ids for j in range(R.N_SOLVE_AUG)])
-        values, keys = [], []
+        values, keys, new_values = [], [], []
         for pre, chosen in (("ex", torch.tensor(ids)), ("sa", copies)):
             k, s = d[pre + "_orig"][0][chosen], part(d[pre + "_orig"][1], chosen)
             m = R.flat(F.adaptive_avg_pool2d(data[pre + "_mask"][chosen], k.shape[-2:]))[:, 0] > 0.5
             values.append(R.flat(R.block_post(L, k, s, W))[m])
             keys.append(R.flat(k)[m])
+            kn, sn = d[pre + "_mod"][0][chosen], part(d[pre + "_mod"][1], chosen)
+            new_values.append(R.flat(R.block_post(L, kn, sn, W))[m])
         mean_value, mean_key = torch.cat(values).mean(0), torch.cat(keys).mean(0)
+        shift = (mean_value - torch.cat(new_values).mean(0))[None, :, None, None]
+        for name, gate in [("items' ground m>0.5", gates["items' ground m>0.5"]),
+                           ("fitted gate", lambda idx, k: G.gate_values(fitted, k))]:
+            for scale in (1, 2, 3):
+                record(f"3s. each item's own value shifted by x{scale} the exemplar's mean old-new difference "
+                       f"behind the {name}",
+                       top1(sel, gate, lambda idx, k, s, scale=scale: R.block_post(L, k, s, W) + scale * shift))
         record("3. the exemplar's mean original value at the items' ground m>0.5",
                top1(sel, gates["items' ground m>0.5"],
                     lambda idx, k, s: mean_value[None, :, None, None].expand(k.shape[0], -1, *k.shape[-2:])))

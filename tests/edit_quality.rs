@@ -643,6 +643,18 @@ fn check_one_exemplar_rewrite<N: TestNetwork>(name: &str, new_network: impl FnOn
     two_layers.following_layers = vec![pair[1].clone()];
     let spread = judge(&two_layers, &moments.iter().collect::<Vec<_>>());
     assert!(clean_before - spread.clean_accuracy <= 1.0, "least squares over {pair:?} broke clean accuracy");
+    // The gated rewrite over the same two convs, a gate per conv fitted on its own ordinary keys.
+    let ordinary_moments: Vec<SecondMoment> =
+        pair.iter().map(|l| SecondMoment::accumulate(&model, l, images(&ordinary).split(256, 0)).unwrap()).collect();
+    two_layers.solver = Solver::GatedLeastSquares;
+    let gated_spread = judge(&two_layers, &ordinary_moments.iter().collect::<Vec<_>>());
+    // Measured: 34% (SmallResNet) and 41% (SmallVgg), clean accuracy unchanged in both.
+    assert!(
+        gated_spread.corrected_percent >= 25.0,
+        "the gated rewrite over {pair:?}: only {:.1}% of errors corrected",
+        gated_spread.corrected_percent
+    );
+    assert!(clean_before - gated_spread.clean_accuracy <= 1.0, "the gated rewrite over {pair:?} broke clean accuracy");
     for method in [Method::FinetuneLocal, Method::FinetuneGlobal] {
         let figures = judge(&EditParams::new(method, Solver::Adam, &layer), &[]);
         assert!(figures.corrected_percent < rewrite.corrected_percent, "{method:?} beat the rewrite");

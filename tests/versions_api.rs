@@ -71,6 +71,7 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     // The model names its editable layers and the default one.
     let model = api.get(&model_path("")).await.ok(200, "GET the model");
     assert_eq!(model["default_edit_layer"], DEFAULT_LAYER, "{model}");
+    assert_eq!(model["default_edit_layers"], json!([DEFAULT_LAYER, B11, B12]), "the default gated edit's: {model}");
     let layers = model["editable_layers"].as_array().unwrap_or_else(|| panic!("no editable_layers: {model}"));
     assert_eq!(layers.len(), EDITABLE_LAYERS, "{model}");
     let default = layers.iter().find(|l| l["name"] == DEFAULT_LAYER).expect("the default layer is editable");
@@ -473,13 +474,6 @@ async fn invalid_requests_get_their_status_and_code() {
             None,
         ),
         (
-            "several layers gated",
-            versions.clone(),
-            with(json!({"solver": "gated_least_squares", "layers": [B10, B11]})),
-            422,
-            None,
-        ),
-        (
             "several layers with adam",
             versions.clone(),
             with(json!({"solver": "adam", "layers": [B10, B11]})),
@@ -862,12 +856,21 @@ async fn a_gated_edit_stores_its_change_and_gate_and_takes_a_further_edit() {
     let after = api.classify(&route(gated), &modified).await.ok(200, "classify with the gated edit");
     assert_ne!(before["predictions"], after["predictions"]);
     // A least-squares edit on top of it: solved through the gated change, and the result keeps both.
-    let child = json!({ "exemplars": [exemplar], "parent": gated, "solver": "least_squares", "layer": B11 });
+    let child = json!({ "exemplars": [exemplar.clone()], "parent": gated, "solver": "least_squares", "layer": B11 });
     let (_, further) = api.edit(&child).await;
     let version = api.version(further).await.ok(200, "GET the edit on the gated version");
     assert_eq!(version["parent"], gated, "{version}");
     let child_after = api.classify(&route(further), &modified).await.ok(200, "classify with both edits");
     assert_ne!(child_after["predictions"], before["predictions"]);
+    // Gated over two layers: a change and a gate for each, stored and materialised as one version.
+    let spread = json!({ "exemplars": [exemplar], "solver": "gated_least_squares", "layers": [B10, B11] });
+    let (_, both) = api.edit(&spread).await;
+    let version = api.version(both).await.ok(200, "GET the gated edit over two layers");
+    let notes = version["metrics"]["approximation"].as_str().unwrap_or_default();
+    assert_eq!(notes.matches("gated: shut below").count(), 2, "{version}");
+    assert!(version["stored_bytes"].as_u64().is_some_and(|n| n > held + 4096), "more than one layer's: {version}");
+    let spread_after = api.classify(&route(both), &modified).await.ok(200, "classify with the edit over two layers");
+    assert_ne!(spread_after["predictions"], before["predictions"]);
 }
 
 #[tokio::test]

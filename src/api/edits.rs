@@ -24,18 +24,19 @@ pub struct EditRequest {
     pub exemplars: Vec<String>,
     /// `rewrite` when absent.
     pub method: Option<Method>,
-    /// When absent: `gated_least_squares` for a `rewrite` of one layer, `least_squares` of several, `adam` for
-    /// fine-tuning. `closed_form`, `least_squares` and
-    /// `gated_least_squares` only with `rewrite`, on a 1x1 conv. `least_squares`: keys of every masked position
-    /// of the exemplars and of 24 transformed copies each, one covariance-weighted solve with the originals' keys
-    /// held. `gated_least_squares` (one layer): that change, tripled, applied only at positions whose keys look
-    /// like the new concept (a linear gate fitted against the originals' keys and the statistics' keys).
+    /// When absent: `gated_least_squares` for a `rewrite`, `adam` for fine-tuning. `closed_form`,
+    /// `least_squares` and `gated_least_squares` only with `rewrite`, on a 1x1 conv. `least_squares`: keys of
+    /// every masked position of the exemplars and of 24 transformed copies each, one covariance-weighted solve
+    /// with the originals' keys held. `gated_least_squares`: that change, tripled, applied only at positions
+    /// whose keys look like the new concept (a linear gate per layer fitted against the originals' keys and the
+    /// statistics' keys).
     pub solver: Option<Solver>,
-    /// An editable layer; the model's `default_edit_layer` when absent.
+    /// An editable layer. When neither this nor `layers` is given: the model's `default_edit_layers` for
+    /// `gated_least_squares` (the default), its `default_edit_layer` for the other solvers.
     pub layer: Option<String>,
     /// Instead of `layer`: editable layers in forward order, each solved on the model the earlier ones changed
-    /// (`least_squares` only for more than one). Given statistics are of the first layer; the others use
-    /// default statistics. The version's `layer` is the first.
+    /// (`least_squares` or `gated_least_squares` for more than one). Given statistics are of the first layer;
+    /// the others use default statistics. The version's `layer` is the first.
     #[schema(min_items = 1, max_items = 3)]
     pub layers: Option<Vec<String>>,
     /// 1 when absent; for `least_squares` the whole change unless given.

@@ -67,7 +67,11 @@ pub struct ModelView {
     input_size: [u32; 2],
     device: String,
     editable_layers: Vec<LayerView>,
+    /// The layer edits and statistics jobs take when the request names none (a gated rewrite aside).
     default_edit_layer: String,
+    /// The layers, from `default_edit_layer` on, a gated rewrite (the default edit) spreads over when the
+    /// request names none.
+    default_edit_layers: Vec<String>,
 }
 
 impl From<ModelInfo> for ModelView {
@@ -75,6 +79,7 @@ impl From<ModelInfo> for ModelView {
         Self {
             editable_layers: info.surface.editable_layers.iter().map(LayerView::from).collect(),
             default_edit_layer: info.surface.default_edit_layer,
+            default_edit_layers: info.surface.default_edit_layers,
             device: device_name(info.device),
             name: info.name,
             architecture: info.architecture,

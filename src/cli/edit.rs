@@ -16,14 +16,14 @@ pub struct EditArgs {
     #[arg(long, required = true)]
     pub mask: Vec<PathBuf>,
     /// Edited conv; repeated, the convs a least-squares rewrite spreads over, in forward order [default:
-    /// the architecture's default edit layer].
+    /// the architecture's default edit layers for gated_least_squares, its default edit layer otherwise].
     #[arg(long)]
     pub layer: Vec<String>,
     /// rewrite, finetune_local or finetune_global.
     #[arg(long, default_value = "rewrite", value_parser = parse_serde::<Method>)]
     pub method: Method,
     /// adam, closed_form, least_squares or gated_least_squares (all but adam: rewrite only) [default:
-    /// gated_least_squares for a rewrite of one layer, least_squares of several, adam for fine-tuning].
+    /// gated_least_squares for a rewrite, adam for fine-tuning].
     #[arg(long, value_parser = parse_serde::<Solver>)]
     pub solver: Option<Solver>,
     /// [default: 1; least_squares: the whole change]
@@ -95,13 +95,13 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
         triples.push((read_image(image)?, read_image(modified)?, binary_mask(&read_image(mask)?)));
     }
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu)?;
+    let solver = args.solver.unwrap_or(Solver::default_for(args.method));
     let layers = match args.layer.as_slice() {
-        [] => vec![model.default_edit_layer().to_string()],
+        [] => solver.default_layers(model.default_edit_layer(), &model.default_edit_layers()),
         given => given.to_vec(),
     };
     let layer = &layers[0];
-    let mut params =
-        EditParams::new(args.method, args.solver.unwrap_or(Solver::default_for(args.method, layers.len())), layer);
+    let mut params = EditParams::new(args.method, solver, layer);
     params.following_layers = layers[1..].to_vec();
     params.rank = args.rank.unwrap_or(params.rank);
     params.seed = args.seed;

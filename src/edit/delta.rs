@@ -1,7 +1,8 @@
 //! The change an edit makes: low-rank factors `(L, D)` of one conv's weight for a rewrite, dense
-//! tensors for fine-tuning, or a change behind a gate (a gated rewrite). Stored as safetensors; applied by
-//! adding to the base weights, or the gated change to its conv.
+//! tensors for fine-tuning, or changes behind gates (a gated rewrite, one per edited conv). Stored as
+//! safetensors; applied by adding to the base weights, or each gated change to its conv.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use tch::{Kind, Tensor};
@@ -16,8 +17,8 @@ pub enum Delta {
     LowRank { layer: String, l: Tensor, d: Tensor },
     /// `P += dP` for each named parameter.
     Dense { changes: Vec<(String, Tensor)> },
-    /// A change to the conv `layer` where its input opens the gate.
-    Gated { layer: String, change: GatedChange },
+    /// For each edited conv (by name), a change where its input opens the gate.
+    Gated { changes: Vec<(String, GatedChange)> },
 }
 
 const LOW_RANK_L: &str = "lowrank.L:";
@@ -34,7 +35,9 @@ impl Delta {
         match self {
             Delta::LowRank { layer, l, d } => vec![(format!("{layer}.weight"), compose(l, d))],
             Delta::Dense { changes } => changes.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
-            Delta::Gated { layer, change } => vec![(format!("{layer}.weight"), change.change.shallow_clone())],
+            Delta::Gated { changes } => {
+                changes.iter().map(|(layer, c)| (format!("{layer}.weight"), c.change.shallow_clone())).collect()
+            }
         }
     }
 
@@ -47,7 +50,9 @@ impl Delta {
             Delta::Dense { changes } => {
                 Delta::Dense { changes: changes.iter().map(|(n, t)| (n.clone(), t * scale)).collect() }
             }
-            Delta::Gated { layer, change } => Delta::Gated { layer: layer.clone(), change: change.scaled(scale) },
+            Delta::Gated { changes } => {
+                Delta::Gated { changes: changes.iter().map(|(layer, c)| (layer.clone(), c.scaled(scale))).collect() }
+            }
         }
     }
 
@@ -61,23 +66,26 @@ impl Delta {
         match self {
             Delta::LowRank { l, d, .. } => bytes(l) + bytes(d),
             Delta::Dense { changes } => changes.iter().map(|(_, t)| bytes(t)).sum(),
-            Delta::Gated { change, .. } => bytes(&change.change) + bytes(&change.gate.direction),
+            Delta::Gated { changes } => changes.iter().map(|(_, c)| bytes(&c.change) + bytes(&c.gate.direction)).sum(),
         }
     }
 
     /// The names of the parameters the change touches.
     pub fn parameter_names(&self) -> Vec<String> {
         match self {
-            Delta::LowRank { layer, .. } | Delta::Gated { layer, .. } => vec![format!("{layer}.weight")],
+            Delta::LowRank { layer, .. } => vec![format!("{layer}.weight")],
             Delta::Dense { changes } => changes.iter().map(|(n, _)| n.clone()).collect(),
+            Delta::Gated { changes } => changes.iter().map(|(layer, _)| format!("{layer}.weight")).collect(),
         }
     }
 
     /// Adds the change to `model`'s weights (a gated one to its conv).
     pub fn apply(&self, model: &mut dyn Classifier) -> Result<(), EditError> {
-        if let Delta::Gated { layer, change } = self {
-            let device = model.parameter(&format!("{layer}.weight"))?.device();
-            model.editable_conv_mut(layer)?.add_gated(change.to_device(device))?;
+        if let Delta::Gated { changes } = self {
+            for (layer, change) in changes {
+                let device = model.parameter(&format!("{layer}.weight"))?.device();
+                model.editable_conv_mut(layer)?.add_gated(change.to_device(device))?;
+            }
             return Ok(());
         }
         for (name, change) in self.dense() {
@@ -99,11 +107,16 @@ impl Delta {
             Delta::Dense { changes } => {
                 changes.iter().map(|(n, t)| (format!("{DENSE}{n}"), t.shallow_clone())).collect()
             }
-            Delta::Gated { layer, change } => vec![
-                (format!("{GATED_CHANGE}{layer}"), change.change.shallow_clone()),
-                (format!("{GATED_DIRECTION}{layer}"), change.gate.direction.shallow_clone()),
-                (format!("{GATED_BOUNDS}{layer}"), Tensor::from_slice(&[change.gate.closed, change.gate.open])),
-            ],
+            Delta::Gated { changes } => changes
+                .iter()
+                .flat_map(|(layer, change)| {
+                    [
+                        (format!("{GATED_CHANGE}{layer}"), change.change.shallow_clone()),
+                        (format!("{GATED_DIRECTION}{layer}"), change.gate.direction.shallow_clone()),
+                        (format!("{GATED_BOUNDS}{layer}"), Tensor::from_slice(&[change.gate.closed, change.gate.open])),
+                    ]
+                })
+                .collect(),
         };
         to_safetensors(&named)
     }
@@ -115,6 +128,9 @@ impl Delta {
             let changes = tensors.into_iter().map(|(n, t)| (n[DENSE.len()..].to_string(), t)).collect();
             return Ok(Delta::Dense { changes });
         }
+        if tensors.iter().any(|(n, _)| n.starts_with(GATED_CHANGE)) {
+            return gated_from(tensors);
+        }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         match tensors.as_slice() {
             [(d_name, d), (l_name, l)] if d_name.starts_with(LOW_RANK_D) && l_name.starts_with(LOW_RANK_L) => {
@@ -124,27 +140,24 @@ impl Delta {
                 }
                 Ok(Delta::LowRank { layer, l: l.shallow_clone(), d: d.shallow_clone() })
             }
-            [(bounds_name, bounds), (change_name, change), (direction_name, direction)]
-                if change_name.starts_with(GATED_CHANGE) =>
-            {
-                let layer = change_name[GATED_CHANGE.len()..].to_string();
-                if bounds_name != &format!("{GATED_BOUNDS}{layer}")
-                    || direction_name != &format!("{GATED_DIRECTION}{layer}")
-                {
-                    return Err(invalid("its gate names another layer"));
-                }
-                if bounds.size() != [2] {
-                    return Err(invalid("a gate's bounds are two numbers"));
-                }
-                let gate = Gate {
-                    direction: direction.shallow_clone(),
-                    closed: bounds.double_value(&[0]),
-                    open: bounds.double_value(&[1]),
-                };
-                Ok(Delta::Gated { layer, change: GatedChange { change: change.shallow_clone(), gate } })
-            }
             _ => Err(invalid("unexpected tensor names")),
         }
+    }
+
+    /// The changes of several solves (one per layer) as one: gated changes side by side, any other kind as
+    /// dense tensors.
+    pub fn combined(deltas: Vec<Delta>) -> Delta {
+        if deltas.iter().all(|d| matches!(d, Delta::Gated { .. })) {
+            let changes = deltas
+                .into_iter()
+                .flat_map(|d| match d {
+                    Delta::Gated { changes } => changes,
+                    _ => Vec::new(),
+                })
+                .collect();
+            return Delta::Gated { changes };
+        }
+        Delta::Dense { changes: deltas.iter().flat_map(Delta::dense).collect() }
     }
 
     pub fn save(&self, path: &Path) -> Result<(), EditError> {
@@ -155,6 +168,34 @@ impl Delta {
         let bytes = std::fs::read(path).map_err(|e| EditError::Io(format!("{}: {e}", path.display())))?;
         Self::from_safetensors(&bytes)
     }
+}
+
+/// Gated changes from their tensors: a change, a gate direction and the gate's bounds for each conv.
+fn gated_from(tensors: Vec<(String, Tensor)>) -> Result<Delta, EditError> {
+    let invalid = |why: String| EditError::Invalid(format!("not an editserve delta: {why}"));
+    let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
+    for (name, tensor) in tensors {
+        let (slot, layer) = [GATED_CHANGE, GATED_DIRECTION, GATED_BOUNDS]
+            .iter()
+            .enumerate()
+            .find_map(|(slot, prefix)| name.strip_prefix(prefix).map(|layer| (slot, layer.to_string())))
+            .ok_or_else(|| invalid(format!("unexpected tensor '{name}' beside gated changes")))?;
+        parts.entry(layer).or_default()[slot] = Some(tensor);
+    }
+    let changes = parts
+        .into_iter()
+        .map(|(layer, [change, direction, bounds])| {
+            let (Some(change), Some(direction), Some(bounds)) = (change, direction, bounds) else {
+                return Err(invalid(format!("the gated change of '{layer}' lacks its change, direction or bounds")));
+            };
+            if bounds.size() != [2] {
+                return Err(invalid("a gate's bounds are two numbers".into()));
+            }
+            let gate = Gate { direction, closed: bounds.double_value(&[0]), open: bounds.double_value(&[1]) };
+            Ok((layer, GatedChange { change, gate }))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Delta::Gated { changes })
 }
 
 /// A version of `base`: its changes (safetensors, oldest first) added in order to the parameters they touch,
@@ -178,4 +219,45 @@ pub fn materialise(base: &dyn Classifier, lineage: &[bytes::Bytes]) -> Result<(B
         resident += (tensor.numel() * tensor.kind().elt_size_in_bytes()) as u64;
     }
     Ok((model, resident))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn gated(layer: &str, channels: i64, closed: f64) -> (String, GatedChange) {
+        let options = (Kind::Float, Device::Cpu);
+        let change = Tensor::randn([3, channels, 1, 1], options);
+        let gate = Gate { direction: Tensor::randn([channels], options), closed, open: closed + 1.0 };
+        (layer.to_string(), GatedChange { change, gate })
+    }
+
+    #[test]
+    fn gated_changes_of_several_convs_survive_storage() {
+        let _rng = crate::edit::seeded(12);
+        let delta = Delta::Gated { changes: vec![gated("_blocks.9.conv", 4, -0.5), gated("_blocks.10.conv", 6, 2.0)] };
+        let Delta::Gated { changes: read } = Delta::from_safetensors(&delta.to_safetensors().unwrap()).unwrap() else {
+            panic!("a gated change read back as another kind");
+        };
+        let Delta::Gated { changes: written } = &delta else { unreachable!() };
+        assert_eq!(read.len(), 2);
+        for (layer, change) in written {
+            let (_, back) = read.iter().find(|(l, _)| l == layer).expect("every conv's change is read back");
+            assert!(back.change.equal(&change.change) && back.gate.direction.equal(&change.gate.direction));
+            assert_eq!((back.gate.closed, back.gate.open), (change.gate.closed, change.gate.open));
+        }
+        assert_eq!(delta.parameter_names(), ["_blocks.9.conv.weight", "_blocks.10.conv.weight"]);
+    }
+
+    #[test]
+    fn a_gated_change_without_its_gate_is_refused() {
+        let (layer, change) = gated("conv", 4, 0.0);
+        let named = vec![
+            (format!("{GATED_CHANGE}{layer}"), change.change.shallow_clone()),
+            (format!("{GATED_DIRECTION}{layer}"), change.gate.direction.shallow_clone()),
+        ];
+        let bytes = to_safetensors(&named).unwrap();
+        assert!(matches!(Delta::from_safetensors(&bytes), Err(EditError::Invalid(why)) if why.contains("bounds")));
+    }
 }

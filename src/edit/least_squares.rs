@@ -18,7 +18,7 @@ use super::augment::augmented;
 use super::mask::{key_weights, loss_weights};
 use super::rewrite::{linear_targets, per_position};
 use super::statistics::SecondMoment;
-use super::{gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver};
+use super::{gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver, Stage};
 use crate::models::layers::GatedChange;
 use crate::models::Classifier;
 
@@ -36,6 +36,8 @@ pub const MU: f64 = 10.0;
 pub(super) const WEAKER: [f64; 4] = [3.0, 10.0, 30.0, 100.0];
 /// `rank` of a change kept whole: least_squares' default.
 pub const FULL_RANK: usize = 0;
+/// Progress steps of one layer's solve: the keys, the solve, the guard's weaker solutions.
+const SOLVE_STEPS: usize = 3;
 /// Ridge relative to the mean eigenvalue of the whole system.
 const RIDGE: f64 = 1e-6;
 
@@ -118,7 +120,7 @@ pub(super) fn run(
     let value_size = values.size();
     let weights = loss_weights(&all.mask.to_device(values.device()), (value_size[2], value_size[3]));
     let targets = linear_targets(model, layer, &modified, &values, &weights, &w0)?;
-    progress.report(1, 3, f64::NAN);
+    progress.report(1, SOLVE_STEPS, f64::NAN);
     let (c_out, c_in) = (w0.size()[0], w0.size()[1]);
     // Saturated outputs are few; one weight per position keeps the solve a single C_in x C_in system.
     let weight = targets.omega.mean_dim([1i64].as_slice(), true, Kind::Double);
@@ -138,7 +140,7 @@ pub(super) fn run(
     let system = System::new(&targets.keys, &residual, &old, &weight, &moment, MU);
     let rank = if params.rank == FULL_RANK { usize::MAX } else { params.rank };
     let (l, d) = truncate(&system.solve(LAMBDA)?, rank);
-    progress.report(2, 3, f64::NAN);
+    progress.report(2, SOLVE_STEPS, f64::NAN);
     let loss_after = loss_of(&l.matmul(&d));
     let gate = match params.solver {
         Solver::GatedLeastSquares => {
@@ -151,11 +153,13 @@ pub(super) fn run(
     };
     let as_delta = |(l, d): (Tensor, Tensor)| match &gate {
         Some(gate) => Delta::Gated {
-            layer: layer.to_string(),
-            change: GatedChange {
-                change: (l.matmul(&d) * gate::GAIN).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
-                gate: gate.duplicate(Tensor::shallow_clone),
-            },
+            changes: vec![(
+                layer.to_string(),
+                GatedChange {
+                    change: (l.matmul(&d) * gate::GAIN).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
+                    gate: gate.duplicate(Tensor::shallow_clone),
+                },
+            )],
         },
         None => {
             let r = d.size()[0];
@@ -170,7 +174,7 @@ pub(super) fn run(
         .iter()
         .map(|factor| Ok((LAMBDA * factor, as_delta(truncate(&system.solve(LAMBDA * factor)?, rank)))))
         .collect::<Result<Vec<_>, EditError>>()?;
-    progress.report(3, 3, loss_after);
+    progress.report(SOLVE_STEPS, SOLVE_STEPS, loss_after);
     let rank = d.size()[0];
     let gate_note = match (&gate, statistics.and_then(|s| s.sample.as_ref())) {
         (Some(g), sample) => format!(
@@ -204,8 +208,9 @@ pub(super) fn run(
 
 /// One solve per layer of `params.layers()`, each on the model the earlier solves changed, so that a later
 /// layer takes up what the earlier ones left of the target (measured: two adjacent layers correct more
-/// within the same breakage budget than either alone, README "Edit quality"). One dense change over all
-/// the layers; `statistics` are per layer, as for [`super::edit`].
+/// within the same breakage budget than either alone, README "Edit quality"). One change over all the
+/// layers (dense, or a gated change per layer, each solved after the earlier ones at their solved strength
+/// and the whole applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`].
 pub(super) fn run_layers(
     model: &dyn Classifier,
     exemplars: &Exemplars,
@@ -216,11 +221,15 @@ pub(super) fn run_layers(
     let mut edited = model.share();
     let mut changes = Vec::new();
     let mut combined: Option<EditMetrics> = None;
+    let count = params.layers().count();
     for (i, layer) in params.layers().enumerate() {
         let at = EditParams { layer: layer.to_string(), following_layers: Vec::new(), ..params.clone() };
-        let solved = run(edited.as_ref(), exemplars, &at, statistics.get(i).copied(), progress)?;
-        solved.delta.apply(edited.as_mut())?;
-        changes.extend(solved.delta.dense());
+        // Each layer's steps after the earlier layers', so that the edit's progress only moves forward.
+        let stage = Stage::new(progress, i * SOLVE_STEPS, (count - 1 - i) * SOLVE_STEPS);
+        let solved = run(edited.as_ref(), exemplars, &at, statistics.get(i).copied(), &stage)?;
+        let gated = matches!(solved.delta, Delta::Gated { .. });
+        solved.delta.scaled(if gated { 1.0 / gate::GAIN } else { 1.0 }).apply(edited.as_mut())?;
+        changes.push(solved.delta);
         // Each layer's error is in its own units: the first layer's stands for the edit, all are in the notes.
         let m = &solved.metrics;
         let notes = format!(
@@ -238,7 +247,7 @@ pub(super) fn run_layers(
         });
     }
     let metrics = combined.ok_or_else(|| EditError::Invalid("an edit needs a layer".into()))?;
-    Ok((Delta::Dense { changes }, metrics))
+    Ok((Delta::combined(changes), metrics))
 }
 
 #[cfg(test)]

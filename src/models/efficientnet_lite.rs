@@ -22,6 +22,8 @@ const HEAD_CHANNELS: i64 = 1280;
 const BN_EPS: f64 = 1e-3;
 const DEPTH_DIVISOR: f64 = 8.0;
 const CLASSIFIER: &str = "_fc";
+/// Project convs the default gated rewrite spreads over (two and three measured, README "Edit quality").
+const SPREAD_LAYERS: usize = 3;
 
 /// Width/depth coefficients and native resolution of the published variants.
 pub fn variant_coefficients(variant: u32) -> Option<(f64, f64, i64)> {
@@ -102,8 +104,10 @@ pub struct EfficientNetLite {
     fc: Linear,
     /// The project conv of the last block at stride 16 (the block before the last stride-2 block):
     /// `_blocks.10._project_conv` in Lite0. On the concept-shift benchmark (README, "Edit quality") the
-    /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first.
-    default_layer: String,
+    /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first. Then the
+    /// project convs of the two blocks after it: the gated rewrite over all three (Lite0's blocks 10 to 12)
+    /// corrected more than at the first alone, on road->snow above all.
+    default_layers: Vec<String>,
 }
 
 impl EfficientNetLite {
@@ -155,8 +159,10 @@ impl EfficientNetLite {
         let bn1 = BatchNorm::load(weights, "_bn1", HEAD_CHANNELS, BN_EPS)?;
         let num_classes = weights.leading_dim(&format!("{CLASSIFIER}.weight"))?;
         let fc = Linear::load(weights, CLASSIFIER, num_classes, HEAD_CHANNELS)?;
-        let default_layer = blocks[last_downsampling.saturating_sub(1)].project.name().to_string();
-        Ok(Self { stem, bn0, blocks, head, bn1, fc, default_layer })
+        let first = last_downsampling.saturating_sub(1);
+        let default_layers =
+            blocks.iter().skip(first).take(SPREAD_LAYERS).map(|block| block.project.name().to_string()).collect();
+        Ok(Self { stem, bn0, blocks, head, bn1, fc, default_layers })
     }
 
     fn stem(&self, x: &Tensor) -> Tensor {
@@ -218,7 +224,11 @@ impl Classifier for EfficientNetLite {
     }
 
     fn default_edit_layer(&self) -> &str {
-        &self.default_layer
+        &self.default_layers[0]
+    }
+
+    fn default_edit_layers(&self) -> Vec<String> {
+        self.default_layers.clone()
     }
 
     fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError> {
@@ -295,7 +305,7 @@ impl Classifier for EfficientNetLite {
             head: self.head.duplicate(copy),
             bn1: self.bn1.duplicate(copy),
             fc: self.fc.duplicate(copy),
-            default_layer: self.default_layer.clone(),
+            default_layers: self.default_layers.clone(),
         })
     }
 }

@@ -81,6 +81,11 @@ pub trait Classifier: Send {
     fn editable_layers(&self) -> Vec<EditableLayer>;
     /// The layer an edit rewrites unless told otherwise (chosen by measurement; see README).
     fn default_edit_layer(&self) -> &str;
+    /// The layers, in forward order from `default_edit_layer`, that a gated rewrite (the default edit) spreads
+    /// over unless told otherwise; that layer alone where none was measured better.
+    fn default_edit_layers(&self) -> Vec<String> {
+        vec![self.default_edit_layer().to_string()]
+    }
     /// Runs the network up to the edited conv of `layer`.
     fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError>;
     /// The block that `layer` feeds, as a function of the conv weight (differentiable in it).

@@ -56,6 +56,7 @@ impl Jobs {
         }
         let settings = request.settings;
         let method = settings.method.unwrap_or(Method::Rewrite);
+        let solver = settings.solver.unwrap_or(Solver::default_for(method));
         let layer_names = match (&request.layer, &request.layers) {
             (Some(_), Some(_)) => return Err(invalid("name 'layer' or 'layers', not both".to_string())),
             (None, Some(layers)) if layers.is_empty() || layers.len() > MAX_LAYERS => {
@@ -63,9 +64,8 @@ impl Jobs {
             }
             (None, Some(layers)) => layers.clone(),
             (Some(layer), None) => vec![layer.clone()],
-            (None, None) => vec![surface.default_edit_layer.clone()],
+            (None, None) => solver.default_layers(&surface.default_edit_layer, &surface.default_edit_layers),
         };
-        let solver = settings.solver.unwrap_or(Solver::default_for(method, layer_names.len()));
         let mut params = EditParams::new(method, solver, &layer_names[0]);
         params.following_layers = layer_names[1..].to_vec();
         for position in params.layer_positions(&surface.editable_layers)? {

@@ -135,6 +135,7 @@ impl Worker {
         let surface = EditSurface {
             editable_layers: model.editable_layers(),
             default_edit_layer: model.default_edit_layer().to_string(),
+            default_edit_layers: model.default_edit_layers(),
         };
         self.models.insert(package.name, model);
         Ok(surface)

@@ -74,6 +74,7 @@ impl Target {
 pub struct EditSurface {
     pub editable_layers: Vec<EditableLayer>,
     pub default_edit_layer: String,
+    pub default_edit_layers: Vec<String>,
 }
 
 impl EditSurface {
