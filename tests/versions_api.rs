@@ -743,8 +743,9 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
     let exemplar = api.create_exemplar(striped_form(0)).await;
     let (_, number) = api.edit(&json!({ "exemplars": [exemplar] })).await;
     let version = api.version(number).await.ok(200, "GET the default edit");
-    assert_eq!(version["solver"], "gated_least_squares", "the default solver of a one-layer rewrite: {version}");
+    assert_eq!(version["solver"], "gated_least_squares", "the default solver: {version}");
     let metrics = &version["metrics"];
+    assert_eq!(metrics["layers"], json!([B10, B11, B12]), "one exemplar spreads over the default layers: {version}");
     assert!(metrics["statistics_source"].as_str().is_some_and(|s| s.starts_with("default: ")), "{version}");
     let guard = &metrics["guard"];
     let scale = guard["scale"].as_f64().unwrap_or_else(|| panic!("no guard scale: {version}"));
@@ -772,11 +773,13 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
     }
     assert_eq!(changed, count("photos_changed"), "top-1 changes on the check photos: {version}");
 
-    // A dataset as the check images, at a budget of 1 change in 6 photos plus the copies.
+    // Two exemplars, a dataset as the check images, at a budget of 1 change in 6 photos plus the copies.
+    let second = api.create_exemplar(striped_form(3)).await;
     let dataset = id_of(&api.create_dataset(unlabelled_form(&[1, 2, 3, 4, 5, 6])).await);
-    let body = json!({ "exemplars": [exemplar], "guard": {"dataset": dataset, "max_changed": 0.2} });
+    let body = json!({ "exemplars": [exemplar, second], "guard": {"dataset": dataset, "max_changed": 0.2} });
     let (_, number) = api.edit(&body).await;
     let version = api.version(number).await.ok(200, "GET the edit guarded by a dataset");
+    assert_eq!(version["metrics"]["layers"], json!([B10]), "several exemplars: the default layer alone: {version}");
     let guard = &version["metrics"]["guard"];
     assert_eq!(guard["photos"], 6, "the dataset's images are the check photos: {version}");
     assert_eq!(guard["max_changed"], 0.2, "{version}");

@@ -105,8 +105,8 @@ pub struct EfficientNetLite {
     /// The project conv of the last block at stride 16 (the block before the last stride-2 block):
     /// `_blocks.10._project_conv` in Lite0. On the concept-shift benchmark (README, "Edit quality") the
     /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first. Then the
-    /// project convs of the two blocks after it: the gated rewrite over all three (Lite0's blocks 10 to 12)
-    /// corrected more than at the first alone, on road->snow above all.
+    /// project convs of the two blocks after it: the gated rewrite from one exemplar over all three (Lite0's
+    /// blocks 10 to 12) corrected more than at the first alone, on road->snow above all.
     default_layers: Vec<String>,
 }
 
