@@ -109,8 +109,10 @@ async fn twenty_load_unload_cycles_do_not_grow_memory() {
         assert_eq!(classify(&client, &server, "cycle", &photo).await.0, 200);
         assert_eq!(client.delete(server.url("/v1/models/cycle")).send().await.unwrap().status(), 204);
     };
-    // The first cycles grow the allocator's pools to their working size; measure after them.
-    for _ in 0..3 {
+    // The first cycles grow the allocator's pools to their working size; measure after them. Measured: the
+    // resident size still grows by up to 28 MiB between the 3rd and the 23rd cycle (as often at the commit
+    // before this change as after it), and is flat from about the 10th (+0.1 MiB over cycles 12 to 60).
+    for _ in 0..10 {
         cycle().await;
     }
     let before = resident_bytes(server.pid());
