@@ -79,8 +79,8 @@ impl From<ModelInfo> for ModelView {
     fn from(info: ModelInfo) -> Self {
         Self {
             editable_layers: info.surface.editable_layers.iter().map(LayerView::from).collect(),
-            default_edit_layer: info.surface.default_edit_layer,
-            default_edit_layers: info.surface.default_edit_layers,
+            default_edit_layer: info.surface.default_edit_layer().to_string(),
+            default_edit_layers: info.surface.default_edit_layers().to_vec(),
             device: device_name(info.device),
             name: info.name,
             architecture: info.architecture,

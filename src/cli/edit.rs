@@ -1,6 +1,7 @@
 //! `editserve edit`: one edit offline, from exemplar files to a delta file.
 
 use super::*;
+use crate::core::scheduler::EditSurface;
 
 #[derive(Debug, clap::Args)]
 pub struct EditArgs {
@@ -98,7 +99,7 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu)?;
     let solver = args.solver.unwrap_or(Solver::default_for(args.method));
     let layers = match args.layer.as_slice() {
-        [] => solver.default_layers(triples.len(), model.default_edit_layer(), &model.default_edit_layers()),
+        [] => solver.default_layers(triples.len(), EditSurface::of(model.as_ref()).default_edit_layers()),
         given => given.to_vec(),
     };
     let layer = &layers[0];

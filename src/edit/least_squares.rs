@@ -95,7 +95,7 @@ pub fn truncate(dw: &Tensor, rank: usize) -> (Tensor, Tensor) {
     (dw.matmul(&d.tr()), d)
 }
 
-/// The change at `LAMBDA`, and the weaker changes of heavier statistics weights for the breakage guard
+/// The change at `LAMBDA`, and (when asked for) the weaker changes of heavier statistics weights for the breakage guard
 /// to fall back on, weakest last.
 pub(super) struct Solved {
     pub delta: Delta,
@@ -103,11 +103,13 @@ pub(super) struct Solved {
     pub weaker: Vec<(f64, Delta)>,
 }
 
+/// Solves `params.layer`; `with_weaker`: also the weaker changes, which only a one-layer edit's guard tries.
 pub(super) fn run(
     model: &dyn Classifier,
     exemplars: &Exemplars,
     params: &EditParams,
     statistics: Option<&SecondMoment>,
+    with_weaker: bool,
     progress: &dyn Progress,
 ) -> Result<Solved, EditError> {
     let layer = params.layer.as_str();
@@ -172,6 +174,7 @@ pub(super) fn run(
     };
     let weaker = WEAKER
         .iter()
+        .filter(|_| with_weaker)
         .map(|factor| Ok((LAMBDA * factor, as_delta(truncate(&system.solve(LAMBDA * factor)?, rank)))))
         .collect::<Result<Vec<_>, EditError>>()?;
     progress.report(SOLVE_STEPS, SOLVE_STEPS, loss_after);
@@ -226,7 +229,7 @@ pub(super) fn run_layers(
         let at = EditParams { layer: layer.to_string(), following_layers: Vec::new(), ..params.clone() };
         // Each layer's steps after the earlier layers', so that the edit's progress only moves forward.
         let stage = Stage::new(progress, i * SOLVE_STEPS, (count - 1 - i) * SOLVE_STEPS);
-        let solved = run(edited.as_ref(), exemplars, &at, statistics.get(i).copied(), &stage)?;
+        let solved = run(edited.as_ref(), exemplars, &at, statistics.get(i).copied(), false, &stage)?;
         let gated = matches!(solved.delta, Delta::Gated { .. });
         solved.delta.scaled(if gated { 1.0 / gate::GAIN } else { 1.0 }).apply(edited.as_mut())?;
         changes.push(solved.delta);

@@ -85,7 +85,7 @@ impl Jobs {
         images: StatisticsImages,
     ) -> Result<JobRecord, CoreError> {
         let package = self.registry.package(model)?;
-        let layer = layer.unwrap_or_else(|| package.surface.default_edit_layer.clone());
+        let layer = layer.unwrap_or_else(|| package.surface.default_edit_layer().to_string());
         if package.surface.layer(&layer).is_none() {
             return Err(invalid(format!("'{layer}' is not an editable layer of '{model}'")));
         }

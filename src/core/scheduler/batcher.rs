@@ -132,11 +132,7 @@ impl Worker {
         let seconds = started.elapsed().as_secs_f64();
         metrics::gauge!("editserve_model_load_seconds", "model" => package.name.clone()).set(seconds);
         tracing::info!(model = %package.name, device = ?self.device, seconds, "model loaded and warmed up");
-        let surface = EditSurface {
-            editable_layers: model.editable_layers(),
-            default_edit_layer: model.default_edit_layer().to_string(),
-            default_edit_layers: model.default_edit_layers(),
-        };
+        let surface = EditSurface::of(model.as_ref());
         self.models.insert(package.name, model);
         Ok(surface)
     }

@@ -25,7 +25,7 @@ mod executors;
 
 use super::CoreError;
 use crate::imaging::InputTensor;
-use crate::models::{EditableLayer, ModelPackage};
+use crate::models::{Classifier, EditableLayer, ModelPackage};
 use batcher::Worker;
 use executors::Executors;
 
@@ -73,11 +73,28 @@ impl Target {
 #[derive(Debug, Clone)]
 pub struct EditSurface {
     pub editable_layers: Vec<EditableLayer>,
-    pub default_edit_layer: String,
-    pub default_edit_layers: Vec<String>,
+    /// The layers a default gated rewrite from one exemplar spreads over, never empty: the first is the
+    /// layer other edits and statistics jobs take by default.
+    default_edit_layers: Vec<String>,
 }
 
 impl EditSurface {
+    pub fn of(model: &dyn Classifier) -> Self {
+        let mut default_edit_layers = model.default_edit_layers();
+        if default_edit_layers.first().map(String::as_str) != Some(model.default_edit_layer()) {
+            default_edit_layers.insert(0, model.default_edit_layer().to_string());
+        }
+        Self { editable_layers: model.editable_layers(), default_edit_layers }
+    }
+
+    pub fn default_edit_layer(&self) -> &str {
+        &self.default_edit_layers[0]
+    }
+
+    pub fn default_edit_layers(&self) -> &[String] {
+        &self.default_edit_layers
+    }
+
     pub fn layer(&self, name: &str) -> Option<&EditableLayer> {
         self.editable_layers.iter().find(|layer| layer.name == name)
     }
