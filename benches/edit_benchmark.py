@@ -77,6 +77,8 @@ CONFIGS = {
                             "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "gated_b10_11_12": {"solver": "gated_least_squares",
                         "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv", "_blocks.12._project_conv"]},
+    "gated_b9_10_11": {"solver": "gated_least_squares",
+                       "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "gated_b9_10": {"solver": "gated_least_squares",
                     "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv"]},
     "least_squares_b10": {"solver": "least_squares", "layer": "_blocks.10._project_conv"},
