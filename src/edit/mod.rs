@@ -85,8 +85,9 @@ impl Solver {
     /// model's `default_edit_layers` (its default edit layer first): all of them for the gated rewrite from one
     /// exemplar, the first alone otherwise. Measured on the concept-shift benchmark (README "Edit quality"):
     /// over EfficientNet-Lite0's three, one exemplar corrects more than at one layer (road->snow 10% against
-    /// 6%) within the breakage constraint; the gate fitted on several exemplars opens wider, and spread over
-    /// three layers it changed 3-5% of real photos. The other solvers were measured at the one layer.
+    /// 6%) within the breakage constraint; from several exemplars, spread over three layers, it changed 3-5% of
+    /// the benchmark's real photos (mostly two near-ties; a gate per exemplar changed as many). The other solvers
+    /// were measured at the one layer.
     pub fn default_layers(self, exemplars: usize, default_edit_layers: &[String]) -> Vec<String> {
         match self {
             Solver::GatedLeastSquares if exemplars == 1 => default_edit_layers.to_vec(),

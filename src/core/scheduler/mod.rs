@@ -80,6 +80,8 @@ pub struct EditSurface {
 
 impl EditSurface {
     pub fn of(model: &dyn Classifier) -> Self {
+        // The default layers start at the default edit layer; an architecture that lists others still edits
+        // that one by default.
         let mut default_edit_layers = model.default_edit_layers();
         if default_edit_layers.first().map(String::as_str) != Some(model.default_edit_layer()) {
             default_edit_layers.insert(0, model.default_edit_layer().to_string());
