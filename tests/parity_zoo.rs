@@ -45,6 +45,12 @@ fn check_editable_layers(model: &dyn Classifier, count: usize, default_layer: &s
     assert_eq!(layers.len(), count);
     assert_eq!(model.default_edit_layer(), default_layer);
     assert!(layers.iter().any(|l| l.name == default_layer));
+    // The layers a default edit spreads over: from the default layer on, editable, in forward order.
+    let spread = model.default_edit_layers();
+    assert_eq!(spread.first().map(String::as_str), Some(default_layer));
+    let positions: Vec<_> =
+        spread.iter().map(|name| layers.iter().position(|l| &l.name == name).expect("an editable layer")).collect();
+    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{spread:?} in forward order");
     for layer in &layers {
         let name = layer.name.as_str();
         let block = model.edit_block(&input, name).unwrap();
