@@ -187,6 +187,20 @@ def top1s(api, paths):
     return out
 
 
+def benchmark_photos(bench):
+    """The real photos whose top-1 changes the constraint counts: the kit's photos/ and the 20 foolbox photos."""
+    photos = sorted(os.path.join(bench, "photos", f) for f in os.listdir(os.path.join(bench, "photos")))
+    foolbox = os.path.join(ROOT, "data", "foolbox")
+    return photos + sorted(os.path.join(foolbox, f) for f in os.listdir(foolbox) if f.startswith("imagenet_"))
+
+
+def upload_exemplar(api, stem):
+    """The exemplar `stem`_{orig,mask,mod}.png, uploaded; its id."""
+    return api.multipart("/v1/exemplars", [("image", ("orig.png", read(stem + "_orig.png"))),
+                                           ("mask", ("mask.png", read(stem + "_mask.png"))),
+                                           ("modified", ("mod.png", read(stem + "_mod.png")))])["id"]
+
+
 def kit_exemplars(d, stamps):
     """(trial, composition, file stem, label) of the kit's exemplars: trial = exemplar stamp."""
     for ex in json.load(open(os.path.join(d, "exemplars.json"))):
@@ -244,9 +258,7 @@ def main():
     else:
         api, process = start_server(a.port)
     try:
-        photos = sorted(os.path.join(bench, "photos", f) for f in os.listdir(os.path.join(bench, "photos")))
-        foolbox = os.path.join(ROOT, "data", "foolbox")
-        photos += sorted(os.path.join(foolbox, f) for f in os.listdir(foolbox) if f.startswith("imagenet_"))
+        photos = benchmark_photos(bench)
         photo_set = api.multipart("/v1/datasets", [("kind", "unlabelled"), ("name", "bench photos")]
                                   + [("image", (os.path.basename(p), read(p))) for p in photos])["id"]
         rows = []
@@ -279,10 +291,7 @@ def main():
             exemplar_ids = {}
             for stamp, g, stem, label in (item_exemplars(d, item_pool, stamps, max(counts), a.item_exemplars)
                                           if a.item_exemplars else kit_exemplars(d, stamps)):
-                created = api.multipart("/v1/exemplars", [("image", ("orig.png", read(stem + "_orig.png"))),
-                                                          ("mask", ("mask.png", read(stem + "_mask.png"))),
-                                                          ("modified", ("mod.png", read(stem + "_mod.png")))])
-                exemplar_ids[(stamp, g)] = (created["id"], label)
+                exemplar_ids[(stamp, g)] = (upload_exemplar(api, stem), label)
             print(f"[{case}] {len(kept)} of {len(items)} items kept; {len(exemplar_ids)} exemplars", flush=True)
             for count in counts:
                 trials = {name: [] for name in configs}

@@ -30,9 +30,7 @@ def main():
                          os.path.expanduser("~/.cache/editserve-bench-dev"))
     api, process = B.start_server(a.port)
     try:
-        photos = sorted(os.path.join(bench, "photos", f) for f in os.listdir(os.path.join(bench, "photos")))
-        foolbox = os.path.join(B.ROOT, "data", "foolbox")
-        photos += sorted(os.path.join(foolbox, f) for f in os.listdir(foolbox) if f.startswith("imagenet_"))
+        photos = B.benchmark_photos(bench)
 
         def classify(version):
             """(top-1 index, top-1 minus top-2 probability) of each photo."""
@@ -48,11 +46,7 @@ def main():
         base = classify(0)
         for case in a.cases.split(","):
             d = os.path.join(bench, case)
-            exemplars = {}
-            for stamp, g, stem, _ in B.kit_exemplars(d, range(5)):
-                exemplars[(stamp, g)] = api.multipart("/v1/exemplars", [
-                    ("image", ("orig.png", B.read(stem + "_orig.png"))), ("mask", ("mask.png", B.read(stem + "_mask.png"))),
-                    ("modified", ("mod.png", B.read(stem + "_mod.png")))])["id"]
+            exemplars = {(stamp, g): B.upload_exemplar(api, stem) for stamp, g, stem, _ in B.kit_exemplars(d, range(5))}
             for count in (int(c) for c in a.exemplars.split(",")):
                 for stamp in range(5):
                     body = {"solver": "gated_least_squares", "layers": a.layers.split(","),

@@ -95,8 +95,8 @@ pub fn truncate(dw: &Tensor, rank: usize) -> (Tensor, Tensor) {
     (dw.matmul(&d.tr()), d)
 }
 
-/// The change at `LAMBDA`, and (when asked for) the weaker changes of heavier statistics weights for the breakage guard
-/// to fall back on, weakest last.
+/// The change at `LAMBDA`, and (when asked for) the weaker changes of heavier statistics weights for the
+/// breakage guard to fall back on, weakest last.
 pub(super) struct Solved {
     pub delta: Delta,
     pub metrics: EditMetrics,
