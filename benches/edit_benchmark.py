@@ -11,7 +11,7 @@ efficientnet-lite0:
   * the originals the base model classifies correctly are kept (classified over HTTP by version 0);
   * one pairs dataset per case (kept originals and their re-textured copies, with labels) and one unlabelled
     dataset of real photos (the kit's photos/ and the 20 foolbox ImageNet photos) are uploaded;
-  * per setting, per exemplar count (1: composition 0; 3: all three) and per exemplar stamp (5), an edit of
+  * per setting, per exemplar count (1: composition 0, or --composition; 3: all three) and per exemplar stamp (5), an edit of
     version 0 from that stamp's exemplars (uploaded as exemplars: image, mask, modified);
   * evaluation jobs score every version against version 0: % errors corrected on the re-textured items of
     classes other than the stamp's, accuracy on their originals (100% before), photos whose top-1 changed.
@@ -69,6 +69,7 @@ CONFIGS = {
                                   "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv", "_conv_head"]},
     "gated": {"solver": "gated_least_squares"},
     "gated_unguarded": {"solver": "gated_least_squares", "guard": {"max_changed": 1.0}},
+    "gated_b10": {"solver": "gated_least_squares", "layer": "_blocks.10._project_conv"},
     "gated_b10_11": {"solver": "gated_least_squares",
                      "layers": ["_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "gated_b10_11_head": {"solver": "gated_least_squares",
@@ -237,6 +238,8 @@ def main():
     ap.add_argument("--cases", default="grass2sand,road2snow")
     ap.add_argument("--exemplars", default="1,3")
     ap.add_argument("--stamps", default="0,1,2,3,4")
+    ap.add_argument("--composition", type=int, default=0, choices=[0, 1, 2],
+                    help="the kit's composition a one-exemplar trial edits from (the protocol's: 0)")
     ap.add_argument("--server")
     ap.add_argument("--port", type=int, default=18181)
     ap.add_argument("--kit", default=os.path.join(ROOT, "..", "shared", "bench-dev"))
@@ -296,7 +299,8 @@ def main():
             for count in counts:
                 trials = {name: [] for name in configs}
                 for stamp in stamps:
-                    ids = [exemplar_ids[(stamp, g)][0] for g in range(count)]
+                    compositions = range(count) if count > 1 else [a.composition]
+                    ids = [exemplar_ids[(stamp, g)][0] for g in compositions]
                     label = exemplar_ids[(stamp, 0)][1]  # items of the exemplars' objects are not scored anyway
                     made = {}
                     for name, body in configs.items():
