@@ -26,21 +26,8 @@ import edit_gate as G  # noqa: E402
 import edit_research as R  # noqa: E402
 
 
-def features(layers, key, skip, edits, gate):
-    """The last conv's output (N x 1280 x 7 x 7) with `edits` behind `gate` (edit_gate.logits without the head)."""
-    x, g = None, None
-    for j in range(layers[0], R.HEAD + 1):
-        k, s = (key, skip) if j == layers[0] else ((x, None) if j == R.HEAD else R.block_pre(j, x))
-        x = R.block_post(j, k, s, R.weight0(j))
-        if j in edits:
-            if g is None:
-                g = G.gate_values(gate, k)
-            if g.shape[-2:] == x.shape[-2:]:
-                x = x + g * (R.block_post(j, k, s, edits[j]) - x)
-    return x
-
-
 def head(x):
+    """The classifier on the last conv's output."""
     return F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
 
 
@@ -58,7 +45,7 @@ def pairs(layers, case, ids, copies_each=R.N_SOLVE_AUG):
 
 def fit(layers, case, ids, gate, args, own):
     modified, original, masks = pairs(layers, case, ids, args.copies)
-    base_feat = features(layers, *original, {}, None)
+    base_feat = G.features(layers, *original, {}, None)
     base = F.log_softmax(head(base_feat), 1)
     ground = F.adaptive_avg_pool2d(masks, base_feat.shape[-2:])
     if args.init == "least_squares":
@@ -79,12 +66,12 @@ def fit(layers, case, ids, gate, args, own):
     with torch.enable_grad():
         for _ in range(args.steps):
             edits = {l: R.weight0(l) + dw for l, dw in deltas.items()}
-            x = features(layers, *modified, edits, gate)
+            x = G.features(layers, *modified, edits, gate)
             if args.objective == "features":
                 fit_loss = ((x - base_feat) ** 2 * ground).sum() / (ground.sum() * x.shape[1])
             else:
                 fit_loss = kl(head(x), base, others if args.objective == "kl_other" else None)
-            keep_loss = kl(head(features(layers, *original, edits, gate)), base)
+            keep_loss = kl(head(G.features(layers, *original, edits, gate)), base)
             loss = fit_loss + args.lam * keep_loss
             optimiser.zero_grad()
             loss.backward()
@@ -98,7 +85,7 @@ def run_case(case, args):
     ld = R.layer_data(layers[0])
     d = ld[case]
     batched = lambda fn, pair: G.batched(fn, *pair)
-    base_photos = batched(lambda k, s: head(features(layers, k, s, {}, None)), ld["photos"]).argmax(1)
+    base_photos = batched(lambda k, s: head(G.features(layers, k, s, {}, None)), ld["photos"]).argmax(1)
     rows = []
     for stamp in range(5):
         ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:args.exemplars]
@@ -117,7 +104,7 @@ def run_case(case, args):
 
         def top1(pair, s):
             edits = {l: R.weight0(l) + s * dw for l, dw in deltas.items()}
-            return batched(lambda k, sk: head(features(layers, k, sk, edits, gate)), pair).argmax(1)
+            return batched(lambda k, sk: head(G.features(layers, k, sk, edits, gate)), pair).argmax(1)
 
         guarded = next(s for s in R.GRID if s == 0.0 or
                        (top1(check, s) != check_top).sum().item() <= 0.02 * check_top.shape[0])

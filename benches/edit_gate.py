@@ -59,6 +59,11 @@ def gate_values(gate, key):
 
 def logits(layers, key, skip, edits, gate):
     """`edits` (layer -> weight) behind `gate`, or a list of (edits, gate) pairs whose changes add up."""
+    return F.linear(features(layers, key, skip, edits, gate).mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
+
+
+def features(layers, key, skip, edits, gate):
+    """The last conv's output (N x 1280 x 7 x 7) under `logits`' edits."""
     pairs = edits if isinstance(edits, list) else [(edits, gate)]
     x, gs = None, [None] * len(pairs)
     for j in range(layers[0], R.HEAD + 1):
@@ -71,7 +76,7 @@ def logits(layers, key, skip, edits, gate):
                     gs[p] = torch.ones_like(x[:, :1]) if g is None else gate_values(g, k)
                 if gs[p].shape[-2:] == x.shape[-2:]:
                     x = x + gs[p] * (R.block_post(j, k, s, e[j]) - base)
-    return F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
+    return x
 
 
 def batched(fn, key, skip, size=64):

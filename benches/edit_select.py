@@ -31,7 +31,7 @@ def gated_edit(case, ids, gain):
 
 def answers(pair, edit):
     edits, gate = edit
-    return G.batched(lambda k, s: A.head(A.features(LAYERS, k, s, edits, gate)), *pair)
+    return G.batched(lambda k, s: A.head(G.features(LAYERS, k, s, edits, gate)), *pair)
 
 
 def run_case(case, gain):
