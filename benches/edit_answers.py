@@ -26,27 +26,10 @@ import edit_gate as G  # noqa: E402
 import edit_research as R  # noqa: E402
 
 
-def head(x):
-    """The classifier on the last conv's output."""
-    return F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
-
-
-def pairs(layers, case, ids, copies_each=R.N_SOLVE_AUG):
-    d = R.layer_data(layers[0])[case]
-    copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in ids for j in range(copies_each)])
-    sel = lambda name, pick: (d[name][0][pick], None if d[name][1] is None else d[name][1][pick])
-    cat = lambda a, b: (torch.cat([a[0], b[0]]), None if a[1] is None else torch.cat([a[1], b[1]]))
-    ex = torch.tensor(ids)
-    modified = cat(sel("ex_mod", ex), sel("sa_mod", copies))
-    original = cat(sel("ex_orig", ex), sel("sa_orig", copies))
-    masks = torch.cat([R.DATA[case]["ex_mask"][ex], R.DATA[case]["sa_mask"][copies]])
-    return modified, original, masks
-
-
 def fit(layers, case, ids, gate, args, own):
-    modified, original, masks = pairs(layers, case, ids, args.copies)
+    modified, original, masks = R.exemplar_pairs(layers[0], case, ids, args.copies)
     base_feat = G.features(layers, *original, {}, None)
-    base = F.log_softmax(head(base_feat), 1)
+    base = F.log_softmax(G.head(base_feat), 1)
     ground = F.adaptive_avg_pool2d(masks, base_feat.shape[-2:])
     if args.init == "least_squares":
         init = R.solve_multi(layers[0], case, ids, layers=tuple(layers), lam=30, mu=10)
@@ -70,8 +53,8 @@ def fit(layers, case, ids, gate, args, own):
             if args.objective == "features":
                 fit_loss = ((x - base_feat) ** 2 * ground).sum() / (ground.sum() * x.shape[1])
             else:
-                fit_loss = kl(head(x), base, others if args.objective == "kl_other" else None)
-            keep_loss = kl(head(G.features(layers, *original, edits, gate)), base)
+                fit_loss = kl(G.head(x), base, others if args.objective == "kl_other" else None)
+            keep_loss = kl(G.logits(layers, *original, edits, gate), base)
             loss = fit_loss + args.lam * keep_loss
             optimiser.zero_grad()
             loss.backward()
@@ -85,7 +68,7 @@ def run_case(case, args):
     ld = R.layer_data(layers[0])
     d = ld[case]
     batched = lambda fn, pair: G.batched(fn, *pair)
-    base_photos = batched(lambda k, s: head(G.features(layers, k, s, {}, None)), ld["photos"]).argmax(1)
+    base_photos = batched(lambda k, s: G.logits(layers, k, s, {}, None), ld["photos"]).argmax(1)
     rows = []
     for stamp in range(5):
         ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:args.exemplars]
@@ -104,7 +87,7 @@ def run_case(case, args):
 
         def top1(pair, s):
             edits = {l: R.weight0(l) + s * dw for l, dw in deltas.items()}
-            return batched(lambda k, sk: head(G.features(layers, k, sk, edits, gate)), pair).argmax(1)
+            return batched(lambda k, sk: G.logits(layers, k, sk, edits, gate), pair).argmax(1)
 
         guarded = next(s for s in R.GRID if s == 0.0 or
                        (top1(check, s) != check_top).sum().item() <= 0.02 * check_top.shape[0])

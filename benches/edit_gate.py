@@ -59,7 +59,12 @@ def gate_values(gate, key):
 
 def logits(layers, key, skip, edits, gate):
     """`edits` (layer -> weight) behind `gate`, or a list of (edits, gate) pairs whose changes add up."""
-    return F.linear(features(layers, key, skip, edits, gate).mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
+    return head(features(layers, key, skip, edits, gate))
+
+
+def head(x):
+    """The classifier on the last conv's output."""
+    return F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias)
 
 
 def features(layers, key, skip, edits, gate):

@@ -516,15 +516,22 @@ def fit_answers(L, modified, orig, lam=1.0, steps=100, lr=1e-3, labels=None):
     return {L: delta.detach()}
 
 
+def exemplar_pairs(L, case, idx, copies=N_SOLVE_AUG):
+    """(key, skip) at layer L of the exemplars idx and their first `copies` transformed copies, re-textured and
+    original, and their concept masks (N x 1 x 224 x 224)."""
+    d = layer_data(L)[case]
+    ex = torch.tensor(idx)
+    ids = torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(copies)])
+    both = lambda name: tuple(None if t is None else torch.cat([t[ex], d["sa_" + name][j][ids]])
+                              for j, t in enumerate(d["ex_" + name]))
+    masks = torch.cat([DATA[case]["ex_mask"][ex], DATA[case]["sa_mask"][ids]])
+    return both("mod"), both("orig"), masks
+
+
 def solve_logits(L, case, idx, lam=1.0, steps=100, lr=1e-3, **_):
     """fit_answers from the exemplar and its copies: their re-textured versions should get the answers the
     unedited model gives their originals."""
-    d = layer_data(L)[case]
-    ids = torch.tensor([i * N_SOLVE_AUG + j for i in idx for j in range(N_SOLVE_AUG)])
-    pick = lambda pair, sel: (pair[0][sel], None if pair[1] is None else pair[1][sel])
-    cat = lambda a, b: (torch.cat([a[0], b[0]]), None if a[1] is None else torch.cat([a[1], b[1]]))
-    modified = cat(pick(d["ex_mod"], torch.tensor(idx)), pick(d["sa_mod"], ids))
-    orig = cat(pick(d["ex_orig"], torch.tensor(idx)), pick(d["sa_orig"], ids))
+    modified, orig, _ = exemplar_pairs(L, case, idx)
     return fit_answers(L, modified, orig, lam, steps, lr)
 
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import edit_answers as A  # noqa: E402
 import edit_gate as G  # noqa: E402
 import edit_research as R  # noqa: E402
 
@@ -31,7 +30,7 @@ def gated_edit(case, ids, gain):
 
 def answers(pair, edit):
     edits, gate = edit
-    return G.batched(lambda k, s: A.head(G.features(LAYERS, k, s, edits, gate)), *pair)
+    return G.batched(lambda k, s: G.logits(LAYERS, k, s, edits, gate), *pair)
 
 
 def run_case(case, gain):
@@ -58,7 +57,7 @@ def run_case(case, gain):
         for i in ids:
             edit = gated_edit(case, [i], gain)
             others = [j for j in ids if j != i]
-            modified, original, _ = A.pairs(LAYERS, case, others)
+            modified, original, _ = R.exemplar_pairs(LAYERS[0], case, others)
             target = F.log_softmax(answers(original, ({}, None)), 1)
             kl = F.kl_div(F.log_softmax(answers(modified, edit), 1), target, log_target=True, reduction="batchmean")
             scores.append(kl.item())
