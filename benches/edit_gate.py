@@ -24,14 +24,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edit_research as R  # noqa: E402
 
 
-def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None):
+def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None, extra=()):
+    """`extra`: more (modified keys, original keys, masks) of the new concept, beside the exemplars' and their
+    copies'."""
     ld = R.layer_data(L)[case]
     data = R.DATA[case]
     copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in idx for j in range(R.N_SOLVE_AUG)])
+    sets = [(ld[pre + "_mod"][0][sel], ld[pre + "_orig"][0][sel], data[pre + "_mask"][sel])
+            for pre, sel in (("ex", torch.tensor(idx)), ("sa", copies))]
     concept, leave = [], []
-    for pre, sel in (("ex", torch.tensor(idx)), ("sa", copies)):
-        new, old = ld[pre + "_mod"][0][sel].double(), ld[pre + "_orig"][0][sel].double()
-        m = R.flat(F.adaptive_avg_pool2d(data[pre + "_mask"][sel], new.shape[-2:]).double())[:, 0]
+    for new, old, mask in [*sets, *extra]:
+        new, old = new.double(), old.double()
+        m = R.flat(F.adaptive_avg_pool2d(mask, new.shape[-2:]).double())[:, 0]
         concept.append(R.flat(new)[m > 0.5])
         leave += [R.flat(old), R.flat(new)[m < 0.1]]
     if statistics:
