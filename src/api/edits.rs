@@ -32,7 +32,7 @@ pub struct EditRequest {
     /// statistics' keys).
     pub solver: Option<Solver>,
     /// An editable layer. When neither this nor `layers` is given: the model's `default_edit_layers` for
-    /// `gated_least_squares` (the default) from one exemplar, its `default_edit_layer` otherwise.
+    /// `gated_least_squares` (the default), its `default_edit_layer` otherwise.
     pub layer: Option<String>,
     /// Instead of `layer`: editable layers in forward order, each solved on the model the earlier ones changed
     /// (`least_squares` or `gated_least_squares` for more than one). Given statistics are of the first layer;

@@ -70,8 +70,8 @@ pub struct ModelView {
     /// The layer edits and statistics jobs take when the request names none (a one-exemplar gated rewrite
     /// aside).
     default_edit_layer: String,
-    /// The layers, from `default_edit_layer` on, a gated rewrite (the default edit) from one exemplar spreads
-    /// over when the request names none.
+    /// The layers, from `default_edit_layer` on, a gated rewrite (the default edit) spreads over when the
+    /// request names none.
     default_edit_layers: Vec<String>,
 }
 

@@ -17,8 +17,7 @@ pub struct EditArgs {
     #[arg(long, required = true)]
     pub mask: Vec<PathBuf>,
     /// Edited conv; repeated, the convs a least-squares rewrite spreads over, in forward order [default:
-    /// the architecture's default edit layers for gated_least_squares from one exemplar, its default edit
-    /// layer otherwise].
+    /// the architecture's default edit layers for gated_least_squares, its default edit layer otherwise].
     #[arg(long)]
     pub layer: Vec<String>,
     /// rewrite, finetune_local or finetune_global.
@@ -99,7 +98,7 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu)?;
     let solver = args.solver.unwrap_or(Solver::default_for(args.method));
     let layers = match args.layer.as_slice() {
-        [] => solver.default_layers(triples.len(), EditSurface::of(model.as_ref()).default_edit_layers()),
+        [] => solver.default_layers(EditSurface::of(model.as_ref()).default_edit_layers()),
         given => given.to_vec(),
     };
     let layer = &layers[0];

@@ -23,8 +23,9 @@ const BN_EPS: f64 = 1e-3;
 const DEPTH_DIVISOR: f64 = 8.0;
 const CLASSIFIER: &str = "_fc";
 /// Project convs the default gated rewrite spreads over. Measured from each of the benchmark's 15 exemplar
-/// images (README "Edit quality", "Which exemplar image"): two correct more on grass->sand than three (31.5 against
-/// 26.9%) and keep the photos (three changed 3.5% on road->snow), for less on road->snow (6.5 against 9.0%).
+/// images (README "Edit quality", "Which exemplar image"; gates shut at the 0.99 quantile then): two correct more
+/// on grass->sand than three (31.5 against 26.9%) and keep the photos (three changed 3.5% on road->snow), for
+/// less on road->snow (6.5 against 9.0%).
 const SPREAD_LAYERS: usize = 2;
 
 /// Width/depth coefficients and native resolution of the published variants.
@@ -107,8 +108,7 @@ pub struct EfficientNetLite {
     /// The project conv of the last block at stride 16 (the block before the last stride-2 block):
     /// `_blocks.10._project_conv` in Lite0. On the concept-shift benchmark (README, "Edit quality") the
     /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first. Then the
-    /// project convs of the two blocks after it: the gated rewrite from one exemplar over all three (Lite0's
-    /// blocks 10 to 12) corrected more than at the first alone, on road->snow above all.
+    /// project convs of the blocks after it that the gated rewrite spreads over (`SPREAD_LAYERS`).
     default_layers: Vec<String>,
 }
 

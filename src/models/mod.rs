@@ -81,8 +81,8 @@ pub trait Classifier: Send {
     fn editable_layers(&self) -> Vec<EditableLayer>;
     /// The layer an edit rewrites unless told otherwise (chosen by measurement; see README).
     fn default_edit_layer(&self) -> &str;
-    /// The layers, in forward order from `default_edit_layer`, that a gated rewrite (the default edit) from one
-    /// exemplar spreads over unless told otherwise; that layer alone where none was measured better.
+    /// The layers, in forward order from `default_edit_layer`, that a gated rewrite (the default edit) spreads
+    /// over unless told otherwise; that layer alone where none was measured better.
     fn default_edit_layers(&self) -> Vec<String> {
         vec![self.default_edit_layer().to_string()]
     }

@@ -73,8 +73,8 @@ impl Target {
 #[derive(Debug, Clone)]
 pub struct EditSurface {
     pub editable_layers: Vec<EditableLayer>,
-    /// The layers a default gated rewrite from one exemplar spreads over, never empty: the first is the
-    /// layer other edits and statistics jobs take by default.
+    /// The layers a default gated rewrite spreads over, never empty: the first is the layer other edits and
+    /// statistics jobs take by default.
     default_edit_layers: Vec<String>,
 }
 
