@@ -12,7 +12,6 @@ photos changed and the mean gate value over the items' re-textured ground and ov
 composition and over all 15 images, and the paired difference of each gate against `plain`.
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -59,12 +58,9 @@ def looks(case, layer):
     path = os.path.join(R.CACHE, f"looks_{case}_{layer}.pt")
     if os.path.exists(path):
         return torch.load(path)
-    root = os.path.join(R.BENCH, case)
     gen = torch.Generator().manual_seed(7)
     originals, modified, masks = [], [], []
-    for e in json.load(open(os.path.join(root, "exemplars.json"))):
-        stem = os.path.join(root, "exemplars", f"{e['index']:02d}_{e['composition']}")
-        o, m, k = R.load_rgb(stem + "_orig.png"), R.load_rgb(stem + "_mod.png"), R.load_mask(stem + "_mask.png")
+    for o, m, k in R.exemplar_images(case):
         for p in R.aug_params(gen, COPIES):
             mask = R.apply_aug(k, p)
             originals.append(R.apply_aug(o, p))

@@ -105,6 +105,14 @@ def aug_params(gen, n):
     return out
 
 
+def exemplar_images(case):
+    """(original, modified, mask) of each of the case's exemplar images, in exemplars.json order."""
+    root = os.path.join(BENCH, case)
+    for e in json.load(open(os.path.join(root, "exemplars.json"))):
+        stem = os.path.join(root, "exemplars", f"{e['index']:02d}_{e['composition']}")
+        yield load_rgb(stem + "_orig.png"), load_rgb(stem + "_mod.png"), load_mask(stem + "_mask.png")
+
+
 def apply_aug(img, p):
     """img: C x 224 x 224 (raw pixels or mask); the same geometric transform for orig, mod and mask."""
     x0, y0, w, h, flip = p

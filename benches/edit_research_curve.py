@@ -110,13 +110,10 @@ def add_jittered_copies(layers, texture_only=False, texture_resample=False):
     n = R.N_SOLVE_AUG
     jittered = {}
     for case in R.CASES:
-        root = os.path.join(R.BENCH, case)
         geometry = torch.Generator().manual_seed(99)  # the same crops and flips as edit_research's copies
         photometry = torch.Generator().manual_seed(7)
         origs, mods, masks = [], [], []
-        for e in json.load(open(os.path.join(root, "exemplars.json"))):
-            stem = os.path.join(root, "exemplars", f"{e['index']:02d}_{e['composition']}")
-            o, m, k = R.load_rgb(stem + "_orig.png"), R.load_rgb(stem + "_mod.png"), R.load_mask(stem + "_mask.png")
+        for o, m, k in R.exemplar_images(case):
             for p in R.aug_params(geometry, n):
                 if texture_resample:
                     origs.append(R.apply_aug(o, p))
