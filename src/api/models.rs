@@ -67,8 +67,8 @@ pub struct ModelView {
     input_size: [u32; 2],
     device: String,
     editable_layers: Vec<LayerView>,
-    /// The layer edits and statistics jobs take when the request names none (a one-exemplar gated rewrite
-    /// aside).
+    /// The layer edits and statistics jobs take when the request names none (the gated rewrite aside: it
+    /// spreads over `default_edit_layers`).
     default_edit_layer: String,
     /// The layers, from `default_edit_layer` on, a gated rewrite (the default edit) spreads over when the
     /// request names none.
