@@ -66,9 +66,8 @@ def looks(case, layer):
             originals.append(R.apply_aug(o, p))
             modified.append(recolour(R.apply_aug(m, p), mask, gen))
             masks.append(mask)
-    first = lambda images: torch.cat([R.to_first(R.normalise(images[s:s + 32])) for s in range(0, len(images), 32)])
-    out = dict(orig=R.keys_at(layer, first(torch.stack(originals))), mod=R.keys_at(layer, first(torch.stack(modified))),
-               mask=torch.stack(masks))
+    keys = lambda images: R.keys_at(layer, R.images_to_first(torch.stack(images)))
+    out = dict(orig=keys(originals), mod=keys(modified), mask=torch.stack(masks))
     torch.save(out, path)
     return out
 

@@ -135,6 +135,11 @@ def to_first(x):
     return h
 
 
+def images_to_first(imgs):
+    """Pixel images (N x 3 x 224 x 224) -> input of block FIRST, in batches of 32."""
+    return torch.cat([to_first(normalise(imgs[s:s + 32])) for s in range(0, imgs.shape[0], 32)])
+
+
 def block_pre(i, x):
     """Input of block i -> (key, skip) of its project conv."""
     b = BLOCKS[i]
@@ -211,9 +216,6 @@ def build_cache():
     t0 = time.time()
     D = {}
 
-    def first(imgs):
-        return torch.cat([to_first(normalise(imgs[s:s + 32])) for s in range(0, imgs.shape[0], 32)])
-
     def top1(imgs):
         return torch.cat([MODEL(normalise(imgs[s:s + 32])).argmax(1) for s in range(0, imgs.shape[0], 32)])
 
@@ -240,19 +242,19 @@ def build_cache():
                 sa_o.append(apply_aug(o, p)); sa_m.append(apply_aug(m, p)); sa_k.append(apply_aug(k, p))
         D[case] = dict(
             labels=labels[keep], keep=keep,
-            item_orig=first(orig[keep]), item_mod=first(mod),
+            item_orig=images_to_first(orig[keep]), item_mod=images_to_first(mod),
             ex_label=torch.tensor([e["label"] for e in exs]), ex_stamp=torch.tensor([e["index"] for e in exs]),
-            ex_orig=first(torch.stack([e[0] for e in ex])), ex_mod=first(torch.stack([e[1] for e in ex])),
+            ex_orig=images_to_first(torch.stack([e[0] for e in ex])), ex_mod=images_to_first(torch.stack([e[1] for e in ex])),
             ex_mask=torch.stack([e[2] for e in ex]),
-            guard=first(torch.stack(guard)),
-            sa_orig=first(torch.stack(sa_o)), sa_mod=first(torch.stack(sa_m)), sa_mask=torch.stack(sa_k),
+            guard=images_to_first(torch.stack(guard)),
+            sa_orig=images_to_first(torch.stack(sa_o)), sa_mod=images_to_first(torch.stack(sa_m)), sa_mask=torch.stack(sa_k),
         )
         print(f"[cache] {case}: kept {len(keep)}/{len(items)} ({time.time()-t0:.0f}s)", flush=True)
     photos = sorted(glob.glob(os.path.join(BENCH, "photos", "*.png")))
     fool = sorted(glob.glob(os.path.join(MAIN, "data/foolbox/imagenet_*.jpg")))
-    D["photos"] = first(torch.stack([load_rgb(p) for p in photos] + [load_photo(p) for p in fool]))
-    D["natural"] = first(torch.stack([load_upscaled(p) for p in sorted(glob.glob(os.path.join(MAIN, "data/foolbox/statistics/*.png")))]))
-    D["stats"] = first(torch.stack([load_rgb(p) for p in sorted(glob.glob(os.path.join(BENCH, "stats", "*.png")))]))
+    D["photos"] = images_to_first(torch.stack([load_rgb(p) for p in photos] + [load_photo(p) for p in fool]))
+    D["natural"] = images_to_first(torch.stack([load_upscaled(p) for p in sorted(glob.glob(os.path.join(MAIN, "data/foolbox/statistics/*.png")))]))
+    D["stats"] = images_to_first(torch.stack([load_rgb(p) for p in sorted(glob.glob(os.path.join(BENCH, "stats", "*.png")))]))
     torch.save(D, path)
     print(f"[cache] done ({time.time()-t0:.0f}s)", flush=True)
     return D

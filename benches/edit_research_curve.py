@@ -130,8 +130,8 @@ def add_jittered_copies(layers, texture_only=False, texture_resample=False):
                 photometry.set_state(state)
                 mods.append(jitter(R.apply_aug(m, p), photometry))
                 masks.append(R.apply_aug(k, p))
-        first = lambda imgs: torch.cat([R.to_first(R.normalise(imgs[s:s + 32])) for s in range(0, len(imgs), 32)])
-        jittered[case] = dict(orig=first(torch.stack(origs)), mod=first(torch.stack(mods)), mask=torch.stack(masks))
+        first = lambda images: R.images_to_first(torch.stack(images))
+        jittered[case] = dict(orig=first(origs), mod=first(mods), mask=torch.stack(masks))
 
     def per_exemplar(front, back):
         if front is None:
