@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edit_research as R  # noqa: E402
 
 
-def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None, extra=()):
+def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None, extra=(), ridge=1e-3):
     """`extra`: more (modified keys, original keys, masks) of the new concept, beside the exemplars' and their
-    copies'."""
+    copies'; `ridge`: added to the pooled covariance, relative to its mean eigenvalue."""
     ld = R.layer_data(L)[case]
     data = R.DATA[case]
     copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in idx for j in range(R.N_SOLVE_AUG)])
@@ -45,7 +45,7 @@ def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None, extra
     C = R.layer_data(L)["C"]
     if moment is not None:
         S = S + C
-    S = S + 1e-3 * torch.trace(S) / S.shape[0] * torch.eye(S.shape[0], dtype=S.dtype)
+    S = S + ridge * torch.trace(S) / S.shape[0] * torch.eye(S.shape[0], dtype=S.dtype)
     w = torch.linalg.solve(R.floored(S), P.mean(0) - N.mean(0))
     closed = torch.quantile(N @ w, closed_q).item()
     if moment is not None:
@@ -97,7 +97,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kw", default='{"layers":[10],"lam":30,"mu":10}')
     ap.add_argument("--scales", default="1,2,3,4")
-    ap.add_argument("--gates", default="0.98:0.5,0.99:0.5", help="closed:open quantiles; 'none' for no gate")
+    ap.add_argument("--gates", default="0.98:0.5,0.99:0.5", help="closed:open quantiles[:ridge]; 'none' for no gate")
     ap.add_argument("--no-statistics", action="store_true")
     ap.add_argument("--moment", type=float)
     ap.add_argument("--exemplars", type=int, default=1, help="compositions of the stamp used (1 or 3)")
@@ -125,8 +125,8 @@ def main():
             deltas = [R.solve_multi(layers[0], case, g, layers=layers, **kw) for g in groups]
             before = (d["item_mod_top1"][sel] != labels).sum().item()
             for quantiles in gates:
-                fit = lambda g: fit_gate(layers[0], case, g, *quantiles, statistics=not args.no_statistics,
-                                         moment=args.moment)
+                fit = lambda g: fit_gate(layers[0], case, g, *quantiles[:2], statistics=not args.no_statistics,
+                                         moment=args.moment, ridge=quantiles[2] if len(quantiles) > 2 else 1e-3)
                 if quantiles is None:
                     gs = [None] * len(groups)
                 elif args.union == "gates":
