@@ -3,15 +3,17 @@ items (the prototype of `edit_research.py`, one exemplar per stamp, layer `--lay
 
   1. the items' own original values put back at their re-textured ground (the item's mask at the layer's grid):
      what repairing the ground alone could correct at this layer;
-  2. the solved `least_squares` change (`--kw`) behind the items' own ground mask (a perfect gate) and behind
-     the fitted gate (`edit_gate.py`'s, 0.99:0.5), at scales 1, 2, 3;
+  2. the solved `least_squares` change (`--kw`) behind the items' own ground mask (a perfect gate), behind its
+     border cells alone (0.1 < m <= 0.5: the object's edge on the new ground) and behind the fitted gate
+     (`edit_gate.py`'s, `--closed`:0.5), at scales 1, 2, 3; and the fitted gate's mean value on the items'
+     ground, border and other cells;
   3. the exemplar's mean original value (or its mean original key through the conv) put at the ground instead;
   4. the keys' component in the r directions where the exemplar's modified keys differ most from its original
      ones (SVD of the differences) swapped for the original keys' mean there (r = 1..16), behind both gates.
 
     .venv/bin/python benches/edit_gate_ceiling.py --case road2snow [--layer 10] [--kw '{"lam":30,"mu":10}']
 
-Prints % errors corrected (mean ± sd over the 5 stamps, items of other classes).
+Prints % errors corrected and the gate's mean values (mean ± sd over the 5 stamps, items of other classes).
 """
 import argparse
 import json
@@ -31,6 +33,7 @@ def main():
     ap.add_argument("--case", default="road2snow", choices=R.CASES)
     ap.add_argument("--layer", type=int, default=10)
     ap.add_argument("--kw", default='{"lam":30,"mu":10}')
+    ap.add_argument("--closed", type=float, default=0.99, help="the fitted gate's shut quantile")
     args = ap.parse_args()
     case, L, kw = args.case, args.layer, json.loads(args.kw)
     R.DATA = R.build_cache()
@@ -61,6 +64,7 @@ def main():
 
     gates = {"items' ground m>0.5": lambda idx, k: (ground[idx] > 0.5).float(),
              "items' ground m>0.1": lambda idx, k: (ground[idx] > 0.1).float(),
+             "items' border 0.1<m<=0.5": lambda idx, k: ((ground[idx] > 0.1) & (ground[idx] <= 0.5)).float(),
              "items' mask, soft": lambda idx, k: ground[idx]}
     own_values = lambda idx, k, s: R.block_post(L, ko[idx], part(so, idx), W)
     results = {}
@@ -74,8 +78,14 @@ def main():
         for name, gate in gates.items():
             record(f"1. own original values at the {name}", top1(sel, gate, own_values))
         delta = R.solve_multi(L, case, ids, layers=(L,), **kw)[L]
-        fitted = G.fit_gate(L, case, ids, 0.99, 0.5)
+        fitted = G.fit_gate(L, case, ids, args.closed, 0.5)
+        opened, cells = G.gate_values(fitted, km[sel]), ground[sel]
+        for band, inside in (("ground m>0.5", cells > 0.5), ("border 0.1<m<=0.5", (cells > 0.1) & (cells <= 0.5)),
+                             ("other cells m<=0.1", cells <= 0.1)):
+            results.setdefault(f"2g. the fitted gate's mean value on the items' {band}", []).append(
+                opened[inside].mean().item())
         for name, gate in [("items' ground m>0.5", gates["items' ground m>0.5"]),
+                           ("items' border 0.1<m<=0.5", gates["items' border 0.1<m<=0.5"]),
                            ("fitted gate", lambda idx, k: G.gate_values(fitted, k))]:
             for scale in (1, 2, 3):
                 changed = lambda idx, k, s, w=W + scale * delta: R.block_post(L, k, s, w)
@@ -121,7 +131,8 @@ def main():
                 record(f"4. rank-{rank} difference subspace swapped behind the {name}", top1(sel, gate, swapped))
     for name, values in results.items():
         t = torch.tensor(values)
-        print(f"{case} layer {L}: {name}: corrected {t.mean():5.1f} ± {t.std():4.1f}", flush=True)
+        what = "mean" if name.startswith("2g.") else "corrected"
+        print(f"{case} layer {L}: {name}: {what} {t.mean():5.2f} ± {t.std():4.2f}", flush=True)
 
 
 if __name__ == "__main__":

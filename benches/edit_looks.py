@@ -21,22 +21,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edit_gate as G  # noqa: E402
+import edit_research_curve as C  # noqa: E402
 import edit_research as R  # noqa: E402
 
 COPIES = 24
 GAIN = 3.0
-
-
-def blur(image, sigma):
-    radius = int(math.ceil(2 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    image = F.conv2d(F.pad(image[None], (radius, radius, 0, 0), mode="reflect"),
-                     kernel.view(1, 1, 1, -1).repeat(3, 1, 1, 1), groups=3)
-    image = F.conv2d(F.pad(image, (0, 0, radius, radius), mode="reflect"),
-                     kernel.view(1, 1, -1, 1).repeat(3, 1, 1, 1), groups=3)
-    return image[0]
 
 
 def recolour(modified, mask, gen):
@@ -49,7 +38,7 @@ def recolour(modified, mask, gen):
     t = t * math.exp(u(-0.3, 0.3))
     t = t * torch.tensor([math.exp(u(-0.1, 0.1)) for _ in range(3)])[:, None, None]
     if torch.rand(1, generator=gen).item() < 0.3:
-        t = blur(t, u(0.5, 1.5))
+        t = C.gaussian_blur(t, u(0.5, 1.5))
     return modified * (1 - mask) + t.clamp(0, 255) * mask
 
 
