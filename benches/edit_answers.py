@@ -5,15 +5,18 @@ originals, the originals' copies keeping theirs.
 
     .venv/bin/python benches/edit_answers.py [--objective kl|kl_other|features] [--exemplars 1|3]
         [--layers 10] [--steps 60] [--lr 1e-3] [--lam 1] [--copies 24] [--init zero|least_squares] [--cases grass2sand]
+        [--pasted N] [--closed 0.99]
 
 Objectives: `kl` the whole answer (the exemplar's own class included: it also teaches "this ground means a
 fire engine"); `kl_other` the answer over the other classes only, each side renormalised (what the new
 ground adds or takes away, whatever the object); `features` the last conv's features at the ground positions
 (the mask pooled to 7x7) of the re-textured copies should be the originals'. Prints % errors corrected, clean
 originals kept and photos changed (means over the 5 stamps) under the product's guard (largest scale in
-edit_research.GRID with at most 2% of the check set's top-1 changed) and at scale 1.
+edit_research.GRID with at most 2% of the check set's top-1 changed) and at scale 1. `--pasted N` adds N scenes per
+exemplar to the fit: statistics photos with a transformed copy of the exemplar's ground pasted over them.
 """
 import argparse
+import glob
 import os
 import sys
 import time
@@ -26,8 +29,31 @@ import edit_gate as G  # noqa: E402
 import edit_research as R  # noqa: E402
 
 
+def pasted(layer, case, ids, count):
+    """(key, skip) pairs at `layer` of `count` scenes per exemplar: a statistics photo with the exemplar's ground
+    (a transformed copy of it) pasted over it, in the new concept and in the old, and the pasted masks: other
+    content beside the new concept, from the exemplar and the statistics set alone."""
+    images = list(R.exemplar_images(case))
+    photos = sorted(glob.glob(os.path.join(R.BENCH, "stats", "*.png")))
+    gen = torch.Generator().manual_seed(5 + 1000 * ids[0])
+    new, old, masks = [], [], []
+    for i in ids:
+        o, m, k = images[i]
+        for p, j in zip(R.aug_params(gen, count), torch.randperm(len(photos), generator=gen)[:count].tolist()):
+            photo, mask = R.load_rgb(photos[j]), R.apply_aug(k, p)
+            new.append(photo * (1 - mask) + R.apply_aug(m, p) * mask)
+            old.append(photo * (1 - mask) + R.apply_aug(o, p) * mask)
+            masks.append(mask)
+    keys = lambda scenes: R.keys_at(layer, R.images_to_first(torch.stack(scenes)))
+    return keys(new), keys(old), torch.stack(masks)
+
+
 def fit(layers, case, ids, gate, args, own):
     modified, original, masks = R.exemplar_pairs(layers[0], case, ids, args.copies)
+    if args.pasted:
+        join = lambda a, b: tuple(None if x is None else torch.cat([x, y]) for x, y in zip(a, b))
+        new, old, more = pasted(layers[0], case, ids, args.pasted)
+        modified, original, masks = join(modified, new), join(original, old), torch.cat([masks, more])
     base_feat = G.features(layers, *original, {}, None)
     base = F.log_softmax(G.head(base_feat), 1)
     ground = F.adaptive_avg_pool2d(masks, base_feat.shape[-2:])
@@ -73,7 +99,7 @@ def run_case(case, args):
     for stamp in range(5):
         ids = [int(i) for i in (data["ex_stamp"] == stamp).nonzero()[:, 0]][:args.exemplars]
         own = int(data["ex_label"][ids[0]])
-        gate = G.fit_gate(layers[0], case, ids, 0.99, 0.5)
+        gate = G.fit_gate(layers[0], case, ids, args.closed, 0.5)
         t0 = time.time()
         deltas = fit(layers, case, ids, gate, args, own)
         seconds = time.time() - t0
@@ -116,6 +142,9 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--lam", type=float, default=1.0)
     ap.add_argument("--copies", type=int, default=R.N_SOLVE_AUG, help="transformed copies per exemplar")
+    ap.add_argument("--pasted", type=int, default=0,
+                    help="scenes per exemplar: statistics photos with the exemplar's ground pasted over them")
+    ap.add_argument("--closed", type=float, default=0.99, help="the gate's shut quantile")
     ap.add_argument("--init", choices=["zero", "least_squares"], default="zero")
     ap.add_argument("--cases", default=",".join(R.CASES))
     args = ap.parse_args()
