@@ -7,7 +7,8 @@ only where a linear gate on the conv's input opens (the service's `gated_least_s
 A gate `closed:open` is shut below the `closed` quantile of the scores of the keys to leave alone (the
 exemplar's original and its copies, the modified images' unmasked positions, and the kit's statistics images
 unless --no-statistics) and fully open from the `open` quantile of the new concept's (the exemplar's masked
-positions and its copies'). --moment Z replaces the statistics' keys by C in the covariance and a bound of Z
+positions and its copies'); `closed:open:ridge` also sets the ridge added to the discriminant's pooled covariance,
+relative to its mean eigenvalue (0.001, the service's, when absent). --moment Z replaces the statistics' keys by C in the covariance and a bound of Z
 root-mean-square scores of C. Scales multiply the solved change. Prints % corrected, clean originals kept and
 photos changed per (gate, scale), means over the 5 stamps, one exemplar each. With several layers, the first
 layer's gate is used at the others of the same grid only.
