@@ -44,8 +44,7 @@ def pasted(layer, case, ids, count):
             new.append(photo * (1 - mask) + R.apply_aug(m, p) * mask)
             old.append(photo * (1 - mask) + R.apply_aug(o, p) * mask)
             masks.append(mask)
-    keys = lambda scenes: R.keys_at(layer, R.images_to_first(torch.stack(scenes)))
-    return keys(new), keys(old), torch.stack(masks)
+    return R.image_keys(layer, new), R.image_keys(layer, old), torch.stack(masks)
 
 
 def fit(layers, case, ids, gate, args, own):

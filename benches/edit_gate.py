@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import edit_research as R  # noqa: E402
 
 
-def fit_gate(L, case, idx, closed_q, open_q, statistics=True, moment=None, extra=(), ridge=1e-3):
+def fit_gate(L, case, idx, closed_q, open_q, ridge=1e-3, statistics=True, moment=None, extra=()):
     """`extra`: more (modified keys, original keys, masks) of the new concept, beside the exemplars' and their
     copies'; `ridge`: added to the pooled covariance, relative to its mean eigenvalue."""
     ld = R.layer_data(L)[case]
@@ -126,8 +126,8 @@ def main():
             deltas = [R.solve_multi(layers[0], case, g, layers=layers, **kw) for g in groups]
             before = (d["item_mod_top1"][sel] != labels).sum().item()
             for quantiles in gates:
-                fit = lambda g: fit_gate(layers[0], case, g, *quantiles[:2], statistics=not args.no_statistics,
-                                         moment=args.moment, ridge=quantiles[2] if len(quantiles) > 2 else 1e-3)
+                fit = lambda g: fit_gate(layers[0], case, g, *quantiles, statistics=not args.no_statistics,
+                                         moment=args.moment)
                 if quantiles is None:
                     gs = [None] * len(groups)
                 elif args.union == "gates":

@@ -62,10 +62,11 @@ def main():
             out.append(F.linear(x.mean((2, 3)), R.weight0(R.FC), R.MODEL._fc.bias).argmax(1))
         return torch.cat(out)
 
-    gates = {"items' ground m>0.5": lambda idx, k: (ground[idx] > 0.5).float(),
-             "items' ground m>0.1": lambda idx, k: (ground[idx] > 0.1).float(),
-             "items' border 0.1<m<=0.5": lambda idx, k: ((ground[idx] > 0.1) & (ground[idx] <= 0.5)).float(),
-             "items' mask, soft": lambda idx, k: ground[idx]}
+    cells = {"ground m>0.5": lambda m: m > 0.5, "ground m>0.1": lambda m: m > 0.1,
+             "border 0.1<m<=0.5": lambda m: (m > 0.1) & (m <= 0.5)}
+    gates = {f"items' {name}": lambda idx, k, inside=inside: inside(ground[idx]).float()
+             for name, inside in cells.items()}
+    gates["items' mask, soft"] = lambda idx, k: ground[idx]
     own_values = lambda idx, k, s: R.block_post(L, ko[idx], part(so, idx), W)
     results = {}
     for stamp in range(5):
@@ -79,9 +80,10 @@ def main():
             record(f"1. own original values at the {name}", top1(sel, gate, own_values))
         delta = R.solve_multi(L, case, ids, layers=(L,), **kw)[L]
         fitted = G.fit_gate(L, case, ids, args.closed, 0.5)
-        opened, cells = G.gate_values(fitted, km[sel]), ground[sel]
-        for band, inside in (("ground m>0.5", cells > 0.5), ("border 0.1<m<=0.5", (cells > 0.1) & (cells <= 0.5)),
-                             ("other cells m<=0.1", cells <= 0.1)):
+        opened, scored = G.gate_values(fitted, km[sel]), ground[sel]
+        bands = {name: cells[name](scored) for name in ("ground m>0.5", "border 0.1<m<=0.5")}
+        bands["other cells m<=0.1"] = ~cells["ground m>0.1"](scored)
+        for band, inside in bands.items():
             results.setdefault(f"2g. the fitted gate's mean value on the items' {band}", []).append(
                 opened[inside].mean().item())
         for name, gate in [("items' ground m>0.5", gates["items' ground m>0.5"]),

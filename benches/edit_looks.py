@@ -55,8 +55,7 @@ def looks(case, layer):
             originals.append(R.apply_aug(o, p))
             modified.append(recolour(R.apply_aug(m, p), mask, gen))
             masks.append(mask)
-    keys = lambda images: R.keys_at(layer, R.images_to_first(torch.stack(images)))
-    out = dict(orig=keys(originals), mod=keys(modified), mask=torch.stack(masks))
+    out = dict(orig=R.image_keys(layer, originals), mod=R.image_keys(layer, modified), mask=torch.stack(masks))
     torch.save(out, path)
     return out
 

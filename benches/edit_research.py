@@ -140,6 +140,11 @@ def images_to_first(imgs):
     return torch.cat([to_first(normalise(imgs[s:s + 32])) for s in range(0, imgs.shape[0], 32)])
 
 
+def image_keys(L, images):
+    """(key, skip) at layer L of a list of pixel images (3 x 224 x 224 each)."""
+    return keys_at(L, images_to_first(torch.stack(images)))
+
+
 def block_pre(i, x):
     """Input of block i -> (key, skip) of its project conv."""
     b = BLOCKS[i]
