@@ -8,6 +8,9 @@ Measures candidate weight-edit algorithms for editserve on the development conce
     /work/main/.venv/bin/python benches/edit_research.py --list          # the experiment names
 
 Caches (activations at the input of block 8 for every image set, statistics per layer) go to /tmp/research.
+EDITSERVE_PROTOTYPE_VIEW=service (for this and every script built on it) sees the kit as the service does:
+every image resized to 256 and centre-cropped to 224, the statistics from data/natural/statistics; its caches
+go to /tmp/research-service.
 
 Protocol (bench-dev README): keep items whose ORIGINAL the base model classifies right; a trial edits from
 the exemplar(s) of one exemplar stamp (1 exemplar: composition 0; 3: all three) and scores only items of
@@ -40,7 +43,9 @@ torch.set_grad_enabled(False)
 
 MAIN = "/work/main"
 BENCH = os.path.expanduser("~/.cache/editserve-bench-dev/bench")
-CACHE = "/tmp/research"
+# The kit as the service sees it (module comment); unset, its 224-pixel images as they are.
+SERVICE_VIEW = os.environ.get("EDITSERVE_PROTOTYPE_VIEW") == "service"
+CACHE = "/tmp/research-service" if SERVICE_VIEW else "/tmp/research"
 CASES = ["grass2sand", "road2snow"]
 GRID = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.0]
 N_GUARD_AUG = 32
@@ -62,8 +67,21 @@ def relu6(x):
 
 
 # ----------------------------------------------------------------------------------------------- images
+def service_crop(im, resample):
+    """The service's preprocessing geometry: the shorter side to 256, the centre 224 x 224."""
+    w, h = im.size
+    s = 256 / min(w, h)
+    im = im.resize((max(256, round(w * s)), max(256, round(h * s))), resample)
+    w, h = im.size
+    l, t = (w - 224) // 2, (h - 224) // 2
+    return im.crop((l, t, l + 224, t + 224))
+
+
 def load_rgb(path):
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1)
+    im = Image.open(path).convert("RGB")
+    if SERVICE_VIEW:
+        im = service_crop(im, Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
 
 
 def normalise(x):
@@ -71,17 +89,14 @@ def normalise(x):
 
 
 def load_mask(path):
-    return torch.from_numpy(np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)[None]
+    im = Image.open(path).convert("L")
+    if SERVICE_VIEW:
+        im = service_crop(im, Image.BILINEAR)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]
 
 
 def load_photo(path):
-    im = Image.open(path).convert("RGB")
-    w, h = im.size
-    s = 256 / min(w, h)
-    im = im.resize((max(256, round(w * s)), max(256, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    l, t = (w - 224) // 2, (h - 224) // 2
-    im = im.crop((l, t, l + 224, t + 224))
+    im = service_crop(Image.open(path).convert("RGB"), Image.BICUBIC)
     return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
 
 
@@ -259,7 +274,9 @@ def build_cache():
     fool = sorted(glob.glob(os.path.join(MAIN, "data/foolbox/imagenet_*.jpg")))
     D["photos"] = images_to_first(torch.stack([load_rgb(p) for p in photos] + [load_photo(p) for p in fool]))
     D["natural"] = images_to_first(torch.stack([load_upscaled(p) for p in sorted(glob.glob(os.path.join(MAIN, "data/foolbox/statistics/*.png")))]))
-    D["stats"] = images_to_first(torch.stack([load_rgb(p) for p in sorted(glob.glob(os.path.join(BENCH, "stats", "*.png")))]))
+    statistics = (sorted(glob.glob(os.path.join(MAIN, "data/natural/statistics/*.png"))) if SERVICE_VIEW
+                  else sorted(glob.glob(os.path.join(BENCH, "stats", "*.png"))))
+    D["stats"] = images_to_first(torch.stack([load_rgb(p) for p in statistics]))
     torch.save(D, path)
     print(f"[cache] done ({time.time()-t0:.0f}s)", flush=True)
     return D
