@@ -77,11 +77,13 @@ def service_crop(im, resample):
     return im.crop((l, t, l + 224, t + 224))
 
 
-def load_rgb(path):
-    im = Image.open(path).convert("RGB")
-    if SERVICE_VIEW:
-        im = service_crop(im, Image.BICUBIC)
+def pixels(im):
+    """An RGB PIL image -> 3 x H x W float pixels (0..255)."""
     return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+
+
+def load_rgb(path):
+    return load_photo(path) if SERVICE_VIEW else pixels(Image.open(path).convert("RGB"))
 
 
 def normalise(x):
@@ -96,13 +98,11 @@ def load_mask(path):
 
 
 def load_photo(path):
-    im = service_crop(Image.open(path).convert("RGB"), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels(service_crop(Image.open(path).convert("RGB"), Image.BICUBIC))
 
 
 def load_upscaled(path):
-    im = Image.open(path).convert("RGB").resize((224, 224), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
+    return pixels(Image.open(path).convert("RGB").resize((224, 224), Image.BICUBIC))
 
 
 def aug_params(gen, n):
