@@ -33,6 +33,7 @@ import json
 import os
 import random
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,15 @@ CONFIGS = {
                        "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "gated_b9_10": {"solver": "gated_least_squares",
                     "layers": ["_blocks.9._project_conv", "_blocks.10._project_conv"]},
+    "gated_b7": {"solver": "gated_least_squares", "layer": "_blocks.7._project_conv"},
+    "gated_b7_10_11": {"solver": "gated_least_squares",
+                       "layers": ["_blocks.7._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
+    "defaults_seed1": {"seed": 1},
+    "defaults_seed2": {"seed": 2},
+    "defaults_rank1": {"rank": 1},
+    "defaults_rank2": {"rank": 2},
+    "defaults_rank4": {"rank": 4},
+    "defaults_rank16": {"rank": 16},
     "least_squares_b10": {"solver": "least_squares", "layer": "_blocks.10._project_conv"},
     "least_squares_b10_unguarded": {"solver": "least_squares", "layer": "_blocks.10._project_conv",
                                     "guard": {"max_changed": 1.0}},
@@ -168,7 +178,7 @@ def start_server(port):
     for _ in range(600):
         try:
             if api.call("GET", "/readyz", expect=(200, 503)).get("status") == "ready":
-                return api, process
+                return api, process, data
         except (urllib.error.URLError, ConnectionError):
             pass
         if process.poll() is not None:
@@ -255,11 +265,12 @@ def main():
     counts = [int(n) for n in a.exemplars.split(",")]
     stamps = [int(s) for s in a.stamps.split(",")]
     bench = ensure_kit(a.kit, a.cache)
-    process = None
+    process, data = None, None
     if a.server:
         api = Api(a.server)
     else:
-        api, process = start_server(a.port)
+        api, process, data = start_server(a.port)
+    finished = False
     try:
         photos = benchmark_photos(bench)
         photo_set = api.multipart("/v1/datasets", [("kind", "unlabelled"), ("name", "bench photos")]
@@ -354,10 +365,16 @@ def main():
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(rows, f, indent=1)
+        finished = True
     finally:
         if process:
             process.terminate()
             process.wait(timeout=60)
+        # The server's data directory (its versions and log) is kept only when the run failed, to read why.
+        if data and finished:
+            shutil.rmtree(data, ignore_errors=True)
+        elif data:
+            print(f"the server's data directory and log are kept in {data}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Measures candidate weight-edit algorithms for editserve on the development conce
     /work/main/.venv/bin/python benches/edit_research.py --exp baseline  # one or more named experiments
     /work/main/.venv/bin/python benches/edit_research.py --list          # the experiment names
 
-Caches (activations at the input of block 8 for every image set, statistics per layer) go to /tmp/research.
+Caches (activations at the input of block 8 for every image set, statistics per layer) go to /tmp/research;
+EDITSERVE_PROTOTYPE_FIRST=N caches at block N's input instead (to reach layers before 8), in /tmp/research-firstN.
 EDITSERVE_PROTOTYPE_VIEW=service (for this and every script built on it) sees the kit as the service does:
 every image resized to 256 and centre-cropped to 224, the statistics from data/natural/statistics; its caches
 go to /tmp/research-service.
@@ -45,7 +46,10 @@ MAIN = "/work/main"
 BENCH = os.path.expanduser("~/.cache/editserve-bench-dev/bench")
 # The kit as the service sees it (module comment); unset, its 224-pixel images as they are.
 SERVICE_VIEW = os.environ.get("EDITSERVE_PROTOTYPE_VIEW") == "service"
-CACHE = "/tmp/research-service" if SERVICE_VIEW else "/tmp/research"
+# Activations are cached at the input of block FIRST: layers from FIRST on can be edited.
+# EDITSERVE_PROTOTYPE_FIRST=N (N < 8) reaches earlier layers, with caches of their own.
+FIRST = int(os.environ.get("EDITSERVE_PROTOTYPE_FIRST", "8"))
+CACHE = ("/tmp/research-service" if SERVICE_VIEW else "/tmp/research") + ("" if FIRST == 8 else f"-first{FIRST}")
 CASES = ["grass2sand", "road2snow"]
 GRID = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.0]
 N_GUARD_AUG = 32
@@ -53,7 +57,6 @@ N_SOLVE_AUG = 24
 CONF = 0.5
 HEAD = 16  # layer index of _conv_head; 0..15 are _blocks.i._project_conv
 FC = 17  # the classifier (_fc) on the pooled features, as a 1x1 "conv" on an N x 1280 x 1 x 1 key
-FIRST = 8  # activations are cached at the input of this block
 
 sys.path.insert(0, os.path.join(MAIN, "tools"))
 from reference import reference_model  # noqa: E402
@@ -210,6 +213,8 @@ def run_from(L, key, skip, edits, batch=64):
 
 def keys_at(L, x_first, batch=64):
     """Input of block FIRST -> (key, skip) at layer L (unedited model)."""
+    if L < FIRST:
+        raise ValueError(f"layer {L} lies before the cached block {FIRST}: set EDITSERVE_PROTOTYPE_FIRST={L}")
     ks, ss = [], []
     for s in range(0, x_first.shape[0], batch):
         h = x_first[s:s + batch]
