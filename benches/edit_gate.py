@@ -2,14 +2,16 @@
 only where a linear gate on the conv's input opens (the service's `gated_least_squares`, src/edit/gate.rs).
 
     .venv/bin/python benches/edit_gate.py [--kw '{"layers":[10],"lam":30,"mu":10}'] [--scales 1,2,3,4]
-        [--gates 0.98:0.5,0.99:0.5] [--no-statistics | --moment Z]
+        [--gates 0.98:0.5,0.99:0.5] [--no-statistics | --moment Z] [--smooth K]
 
 A gate `closed:open` is shut below the `closed` quantile of the scores of the keys to leave alone (the
 exemplar's original and its copies, the modified images' unmasked positions, and the kit's statistics images
 unless --no-statistics) and fully open from the `open` quantile of the new concept's (the exemplar's masked
 positions and its copies'); `closed:open:ridge` also sets the ridge added to the discriminant's pooled covariance,
 relative to its mean eigenvalue (0.001, the service's, when absent). --moment Z replaces the statistics' keys by C in the covariance and a bound of Z
-root-mean-square scores of C. Scales multiply the solved change. Prints % corrected, clean originals kept and
+root-mean-square scores of C. --smooth K scores each position by its K x K neighbourhood's mean score, the
+bounds being quantiles of the smoothed maps (a coherent region of the new concept against isolated ordinary keys
+that score high). Scales multiply the solved change. Prints % corrected, clean originals kept and
 photos changed per (gate, scale), means over the 5 stamps, one exemplar each. With several layers, the first
 layer's gate is used at the others of the same grid only.
 """
@@ -33,14 +35,16 @@ def fit_gate(L, case, idx, closed_q, open_q, ridge=1e-3, statistics=True, moment
     copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in idx for j in range(R.N_SOLVE_AUG)])
     sets = [(ld[pre + "_mod"][0][sel], ld[pre + "_orig"][0][sel], data[pre + "_mask"][sel])
             for pre, sel in (("ex", torch.tensor(idx)), ("sa", copies))]
-    concept, leave = [], []
+    concept, leave, maps = [], [], []
+    stats = R.keys_at(L, R.DATA["stats"])[0].double() if statistics else None
     for new, old, mask in [*sets, *extra]:
         new, old = new.double(), old.double()
         m = R.flat(F.adaptive_avg_pool2d(mask, new.shape[-2:]).double())[:, 0]
         concept.append(R.flat(new)[m > 0.5])
         leave += [R.flat(old), R.flat(new)[m < 0.1]]
+        maps.append((new, old, m))
     if statistics:
-        leave.append(R.flat(R.keys_at(L, R.DATA["stats"])[0].double()))
+        leave.append(R.flat(stats))
     P, N = torch.cat(concept), torch.cat(leave)
     S = torch.cov(P.T) + torch.cov(N.T)
     C = R.layer_data(L)["C"]
@@ -48,6 +52,17 @@ def fit_gate(L, case, idx, closed_q, open_q, ridge=1e-3, statistics=True, moment
         S = S + C
     S = S + ridge * torch.trace(S) / S.shape[0] * torch.eye(S.shape[0], dtype=S.dtype)
     w = torch.linalg.solve(R.floored(S), P.mean(0) - N.mean(0))
+    if SMOOTH > 1:
+        # The bounds are quantiles of the smoothed score maps, as gate_values scores.
+        score = lambda keys: R.flat(smoothed(torch.einsum("c,nchw->nhw", w, keys)[:, None]))[:, 0]
+        on, off = [], []
+        for new, old, m in maps:
+            on.append(score(new)[m > 0.5])
+            off += [score(old), score(new)[m < 0.1]]
+        if statistics:
+            off.append(score(stats))
+        closed = torch.quantile(torch.cat(off), closed_q).item()
+        return w.float(), closed, max(torch.quantile(torch.cat(on), open_q).item(), closed + 1e-6)
     closed = torch.quantile(N @ w, closed_q).item()
     if moment is not None:
         closed = max(closed, moment * (w @ C @ w).sqrt().item())
@@ -59,7 +74,17 @@ def gate_values(gate, key):
     if isinstance(gate, list):
         return torch.stack([gate_values(g, key) for g in gate]).amax(0)
     w, closed, open_ = gate
-    return ((torch.einsum("c,nchw->nhw", w, key)[:, None] - closed) / (open_ - closed)).clamp(0, 1)
+    return ((smoothed(torch.einsum("c,nchw->nhw", w, key)[:, None]) - closed) / (open_ - closed)).clamp(0, 1)
+
+
+SMOOTH = 1
+
+
+def smoothed(score):
+    """An N x 1 x H x W score map averaged over SMOOTH x SMOOTH neighbourhoods (--smooth; 1: as it is)."""
+    if SMOOTH == 1:
+        return score
+    return F.avg_pool2d(score, SMOOTH, stride=1, padding=SMOOTH // 2, count_include_pad=False)
 
 
 def logits(layers, key, skip, edits, gate):
@@ -101,11 +126,15 @@ def main():
     ap.add_argument("--gates", default="0.98:0.5,0.99:0.5", help="closed:open quantiles[:ridge]; 'none' for no gate")
     ap.add_argument("--no-statistics", action="store_true")
     ap.add_argument("--moment", type=float)
+    ap.add_argument("--smooth", type=int, default=1,
+                    help="the gate scores a position by its SMOOTH x SMOOTH neighbourhood's mean score (odd)")
     ap.add_argument("--exemplars", type=int, default=1, help="compositions of the stamp used (1 or 3)")
     ap.add_argument("--union", choices=["none", "gates", "changes"], default="none",
                     help="several exemplars: one solve behind the union of a gate per exemplar (gates), or a "
                          "solve and a gate per exemplar, the changes added up (changes)")
     args = ap.parse_args()
+    global SMOOTH
+    SMOOTH = args.smooth
     kw = json.loads(args.kw)
     layers = tuple(kw.pop("layers"))
     scales = [float(s) for s in args.scales.split(",")]
