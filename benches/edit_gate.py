@@ -52,21 +52,16 @@ def fit_gate(L, case, idx, closed_q, open_q, ridge=1e-3, statistics=True, moment
         S = S + C
     S = S + ridge * torch.trace(S) / S.shape[0] * torch.eye(S.shape[0], dtype=S.dtype)
     w = torch.linalg.solve(R.floored(S), P.mean(0) - N.mean(0))
-    if SMOOTH > 1:
-        # The bounds are quantiles of the smoothed score maps, as gate_values scores.
-        score = lambda keys: R.flat(smoothed(torch.einsum("c,nchw->nhw", w, keys)[:, None]))[:, 0]
-        on, off = [], []
-        for new, old, m in maps:
-            on.append(score(new)[m > 0.5])
-            off += [score(old), score(new)[m < 0.1]]
-        if statistics:
-            off.append(score(stats))
-        closed = torch.quantile(torch.cat(off), closed_q).item()
-        return w.float(), closed, max(torch.quantile(torch.cat(on), open_q).item(), closed + 1e-6)
-    closed = torch.quantile(N @ w, closed_q).item()
+    # The bounds are quantiles of the scores as gate_values computes them (smoothed with --smooth).
+    score = lambda keys: R.flat(smoothed(torch.einsum("c,nchw->nhw", w, keys)[:, None]))[:, 0]
+    on, off = [], ([score(stats)] if statistics else [])
+    for new, old, m in maps:
+        on.append(score(new)[m > 0.5])
+        off += [score(old), score(new)[m < 0.1]]
+    closed = torch.quantile(torch.cat(off), closed_q).item()
     if moment is not None:
         closed = max(closed, moment * (w @ C @ w).sqrt().item())
-    return w.float(), closed, max(torch.quantile(P @ w, open_q).item(), closed + 1e-6)
+    return w.float(), closed, max(torch.quantile(torch.cat(on), open_q).item(), closed + 1e-6)
 
 
 def gate_values(gate, key):
