@@ -35,17 +35,19 @@ def fit_gate(L, case, idx, closed_q, open_q, ridge=1e-3, statistics=True, moment
     copies = torch.tensor([i * R.N_SOLVE_AUG + j for i in idx for j in range(R.N_SOLVE_AUG)])
     sets = [(ld[pre + "_mod"][0][sel], ld[pre + "_orig"][0][sel], data[pre + "_mask"][sel])
             for pre, sel in (("ex", torch.tensor(idx)), ("sa", copies))]
-    concept, leave, maps = [], [], []
     stats = R.keys_at(L, R.DATA["stats"])[0].double() if statistics else None
+    maps = []
     for new, old, mask in [*sets, *extra]:
-        new, old = new.double(), old.double()
-        m = R.flat(F.adaptive_avg_pool2d(mask, new.shape[-2:]).double())[:, 0]
-        concept.append(R.flat(new)[m > 0.5])
-        leave += [R.flat(old), R.flat(new)[m < 0.1]]
-        maps.append((new, old, m))
-    if statistics:
-        leave.append(R.flat(stats))
-    P, N = torch.cat(concept), torch.cat(leave)
+        new = new.double()
+        maps.append((new, old.double(), R.flat(F.adaptive_avg_pool2d(mask, new.shape[-2:]).double())[:, 0]))
+
+    def split(per_position):
+        """per_position (N x C x H x W keys -> rows) of the new concept's positions and of the keys to leave alone."""
+        on = [per_position(new)[m > 0.5] for new, _, m in maps]
+        off = [rows for new, old, m in maps for rows in (per_position(old), per_position(new)[m < 0.1])]
+        return torch.cat(on), torch.cat(off + ([per_position(stats)] if statistics else []))
+
+    P, N = split(R.flat)
     S = torch.cov(P.T) + torch.cov(N.T)
     C = R.layer_data(L)["C"]
     if moment is not None:
@@ -54,14 +56,11 @@ def fit_gate(L, case, idx, closed_q, open_q, ridge=1e-3, statistics=True, moment
     w = torch.linalg.solve(R.floored(S), P.mean(0) - N.mean(0))
     # The bounds are quantiles of the scores as gate_values computes them (smoothed with --smooth).
     score = lambda keys: R.flat(smoothed(torch.einsum("c,nchw->nhw", w, keys)[:, None]))[:, 0]
-    on, off = [], ([score(stats)] if statistics else [])
-    for new, old, m in maps:
-        on.append(score(new)[m > 0.5])
-        off += [score(old), score(new)[m < 0.1]]
-    closed = torch.quantile(torch.cat(off), closed_q).item()
+    on, off = split(score)
+    closed = torch.quantile(off, closed_q).item()
     if moment is not None:
         closed = max(closed, moment * (w @ C @ w).sqrt().item())
-    return w.float(), closed, max(torch.quantile(torch.cat(on), open_q).item(), closed + 1e-6)
+    return w.float(), closed, max(torch.quantile(on, open_q).item(), closed + 1e-6)
 
 
 def gate_values(gate, key):
