@@ -2,7 +2,7 @@
 
     .venv/bin/python benches/edit_benchmark.py [--configs defaults,adam,...] [--cases road2snow,grass2sand]
         [--exemplars 1,3] [--server http://127.0.0.1:8080 | (default) start target/release/editserve]
-        [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json] [--own-check]
+        [--composition 0|1|2|all] [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json] [--own-check]
         [--item-exemplars varied|one-texture]
 
 Builds the kit's data when missing (its fetch.sh and build.py), then, against a live server (started here on
@@ -12,7 +12,8 @@ efficientnet-lite0:
   * one pairs dataset per case (kept originals and their re-textured copies, with labels) and one unlabelled
     dataset of real photos (the kit's photos/ and the 20 foolbox ImageNet photos) are uploaded;
   * per setting, per exemplar count (1: composition 0, or --composition; 3: all three) and per exemplar stamp (5), an edit of
-    version 0 from that stamp's exemplars (uploaded as exemplars: image, mask, modified);
+    version 0 from that stamp's exemplars (uploaded as exemplars: image, mask, modified); `--composition all`
+    makes one-exemplar trials from each of the three compositions, so a row covers all 15 exemplar images;
   * evaluation jobs score every version against version 0: % errors corrected on the re-textured items of
     classes other than the stamp's, accuracy on their originals (100% before), photos whose top-1 changed.
 With --own-check, the guard's check photos are an operator's own photos of the old concept instead of the
@@ -24,7 +25,7 @@ textures are scored: per trial, 1 or 3 exemplars whose new concept is in the poo
 all in one texture. It measures what the kit's exemplars cannot show (they all share one texture): the worth of
 exemplars that differ in how the new concept looks, judged on textures none of them shows. --stamps names the
 trials then.
-Prints one row per setting, case and exemplar count: mean +- sd over the 5 stamps. Nothing here is tuned on
+Prints one row per setting, case and exemplar count: mean +- sd over its trials (the 5 stamps, or 15). Nothing here is tuned on
 or specific to the kit's items: it only drives the service.
 """
 import argparse
@@ -248,8 +249,9 @@ def main():
     ap.add_argument("--cases", default="grass2sand,road2snow")
     ap.add_argument("--exemplars", default="1,3")
     ap.add_argument("--stamps", default="0,1,2,3,4")
-    ap.add_argument("--composition", type=int, default=0, choices=[0, 1, 2],
-                    help="the kit's composition a one-exemplar trial edits from (the protocol's: 0)")
+    ap.add_argument("--composition", default="0", choices=["0", "1", "2", "all"],
+                    help="the kit's composition a one-exemplar trial edits from (the protocol's: 0); all: a trial "
+                         "from each, 15 in all")
     ap.add_argument("--server")
     ap.add_argument("--port", type=int, default=18181)
     ap.add_argument("--kit", default=os.path.join(ROOT, "..", "shared", "bench-dev"))
@@ -264,6 +266,7 @@ def main():
     configs = {name: CONFIGS[name] for name in a.configs.split(",")}
     counts = [int(n) for n in a.exemplars.split(",")]
     stamps = [int(s) for s in a.stamps.split(",")]
+    one = [0, 1, 2] if a.composition == "all" else [int(a.composition)]  # a one-exemplar trial's compositions
     bench = ensure_kit(a.kit, a.cache)
     process, data = None, None
     if a.server:
@@ -303,14 +306,14 @@ def main():
                            ("transformed", (f"{it['id']}_mod.png", read(stem + "_mod.png")))]
             pairs = api.multipart("/v1/datasets", fields)["id"]
             exemplar_ids = {}
-            for stamp, g, stem, label in (item_exemplars(d, item_pool, stamps, max(counts), a.item_exemplars)
+            for stamp, g, stem, label in (item_exemplars(d, item_pool, stamps, max(counts + [g + 1 for g in one]), a.item_exemplars)
                                           if a.item_exemplars else kit_exemplars(d, stamps)):
                 exemplar_ids[(stamp, g)] = (upload_exemplar(api, stem), label)
             print(f"[{case}] {len(kept)} of {len(items)} items kept; {len(exemplar_ids)} exemplars", flush=True)
             for count in counts:
                 trials = {name: [] for name in configs}
-                for stamp in stamps:
-                    compositions = range(count) if count > 1 else [a.composition]
+                groups = [list(range(count))] if count > 1 else [[g] for g in one]
+                for stamp, compositions in ((stamp, g) for stamp in stamps for g in groups):
                     ids = [exemplar_ids[(stamp, g)][0] for g in compositions]
                     label = exemplar_ids[(stamp, 0)][1]  # items of the exemplars' objects are not scored anyway
                     made = {}
@@ -332,9 +335,9 @@ def main():
                             ev = api.call("POST", f"/v1/models/{MODEL}/evaluations",
                                           {"dataset": dataset, "versions": numbers[i:i + 8], "baseline": 0,
                                            "exclude_classes": exclude})
-                            finished = api.wait(ev["job"]["id"])
-                            if finished["state"] != "succeeded":
-                                raise RuntimeError(f"evaluation failed: {finished.get('error')}")
+                            evaluated = api.wait(ev["job"]["id"])
+                            if evaluated["state"] != "succeeded":
+                                raise RuntimeError(f"evaluation failed: {evaluated.get('error')}")
                             for r in api.call("GET", f"/v1/evaluations/{ev['evaluation']}")["results"]:
                                 scores[(dataset, r["version"])] = r
                     for name, (number, seconds) in made.items():
@@ -343,6 +346,7 @@ def main():
                         guard = metrics.get("guard") or {}
                         trials[name].append({
                             "stamp": stamp,
+                            "compositions": compositions,
                             "corrected": scores[(pairs, number)]["errors_corrected"],
                             "clean": 100.0 * scores[(pairs, number)]["accuracy"],
                             "photos_changed": 100.0 * scores[(photo_set, number)]["changed"],
