@@ -1,8 +1,10 @@
 //! Edit jobs over HTTP against the real `editserve serve` binary (EfficientNet-Lite0 on the CPU):
 //!
 //! 1. end-to-end edit job latency: `POST /v1/models/efficientnet-lite0/versions` until `GET /v1/jobs/{id}`
-//!    (polled every 20 ms) says succeeded, for rewrite/closed_form (median of 5) and rewrite/adam
-//!    (median of 3), beside the job's own `metrics.seconds` from the version;
+//!    (polled every 20 ms) says succeeded, for the default edit (no method or solver given: the gated
+//!    least-squares rewrite over the default layers; median of 3, the first run also computing the default
+//!    statistics), rewrite/closed_form (median of 5) and rewrite/adam (median of 3), beside the job's own
+//!    `metrics.seconds` from the version;
 //! 2. classification latency (`POST .../classify`, one raw image/jpeg photo) at concurrency 1 and 4: idle,
 //!    while a long adam edit runs (cancelled with `DELETE /v1/jobs/{id}` afterwards), and against a
 //!    materialised version (`.../versions/{n}/classify`) idle;
@@ -27,6 +29,7 @@ const POLL: Duration = Duration::from_millis(20);
 const JOB_TIMEOUT: Duration = Duration::from_secs(1800);
 const CLOSED_FORM_RUNS: usize = 5;
 const ADAM_RUNS: usize = 3;
+const DEFAULT_RUNS: usize = 3;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -333,10 +336,13 @@ async fn run() {
 
     // 1. Edit job latency.
     eprintln!("edit jobs:");
+    let defaults = json!({"exemplars": [exemplar]});
+    let (default_row, _) =
+        edit_row(&client, &server, "defaults (gated, default layers)", &defaults, DEFAULT_RUNS).await;
     let closed_form = json!({"exemplars": [exemplar], "method": "rewrite", "solver": "closed_form"});
     let (row, closed_form_version) =
         edit_row(&client, &server, "rewrite/closed_form", &closed_form, CLOSED_FORM_RUNS).await;
-    let mut edit_rows = vec![row];
+    let mut edit_rows = vec![default_row, row];
     for &steps in &adam_steps {
         let adam = json!({"exemplars": [exemplar], "method": "rewrite", "solver": "adam", "steps": steps});
         let name = format!("rewrite/adam {steps} steps");

@@ -1,6 +1,7 @@
-//! Wall time per edit on the CPU for each method and solver at EfficientNet-Lite0's default layer, with
-//! 1 and 3 exemplars, and a sweep of every editable layer with the real-model check (is the modified
-//! exemplar classified like the original again, how many of the 20 clean photos keep their top-1).
+//! Wall time per edit on the CPU for each method and solver at EfficientNet-Lite0's default layer, and of the
+//! default edit (the gated least-squares rewrite over the default layers), with 1 and 3 exemplars, without the
+//! breakage guard; and a sweep of every editable layer with the real-model check (is the modified exemplar
+//! classified like the original again, how many of the 20 clean photos keep their top-1).
 //! Run: `cargo bench --bench edit_speed`. BENCH_ADAM_STEPS (default "1000,10000,20000") sets the runs.
 
 #[path = "../tests/common/mod.rs"]
@@ -34,6 +35,8 @@ fn main() {
 
     let layer = model.default_edit_layer().to_string();
     let moment = moment_at(&layer);
+    let default_layers = model.default_edit_layers();
+    let default_moments: Vec<_> = default_layers.iter().map(|l| moment_at(l)).collect();
     for exemplars_count in [1, 3] {
         let triples: Vec<_> = (0..exemplars_count).map(striped_exemplar).collect();
         let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu).unwrap();
@@ -48,13 +51,21 @@ fn main() {
         runs.push(EditParams::new(Method::Rewrite, Solver::ClosedForm, &layer));
         runs.push(EditParams::new(Method::FinetuneLocal, Solver::Adam, &layer));
         runs.push(EditParams::new(Method::FinetuneGlobal, Solver::Adam, &layer));
+        let mut default_edit = EditParams::new(Method::Rewrite, Solver::GatedLeastSquares, &default_layers[0]);
+        default_edit.following_layers = default_layers[1..].to_vec();
+        runs.push(default_edit);
         for params in runs {
+            let statistics: Vec<_> =
+                if params.following_layers.is_empty() { vec![&moment] } else { default_moments.iter().collect() };
             let started = Instant::now();
-            let result = edit(model.as_ref(), &exemplars, &params, &[&moment], None, &Silent).unwrap();
+            let result = edit(model.as_ref(), &exemplars, &params, &statistics, None, &Silent).unwrap();
             let seconds = started.elapsed().as_secs_f64();
             let rate =
                 if params.steps > 0 { format!("{:7.0} steps/s", params.steps as f64 / seconds) } else { String::new() };
             let name = match params.method {
+                Method::Rewrite if !params.following_layers.is_empty() => {
+                    format!("{:?} over {}", params.solver, params.layers().collect::<Vec<_>>().join(", "))
+                }
                 Method::Rewrite => format!("rewrite/{:?}", params.solver),
                 other => format!("{other:?}"),
             };
