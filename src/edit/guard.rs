@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use super::augment::augmented;
-use super::{Delta, EditError, Exemplars, Progress};
+use super::{edit_blocks, Delta, EditError, Exemplars, Progress};
 use crate::models::{Classifier, EditBlock};
 use utoipa::ToSchema;
 
@@ -20,8 +20,6 @@ const SCALES: [f64; 10] = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.
 /// Transformed copies of each exemplar's original in the check set, and at most this many in all.
 const ORIGINAL_COPIES: usize = 32;
 const MAX_ORIGINAL_COPIES: usize = 96;
-/// Images per forward pass.
-const CHUNK: i64 = 32;
 /// The binary search's trials over the most candidates there are (the solved change, 4 weaker solutions and
 /// 9 scales: 14).
 const MOST_TRIALS: usize = 4;
@@ -92,9 +90,7 @@ impl Prefix {
         if images.size()[0] == 0 {
             return Ok(Self { blocks: Vec::new() });
         }
-        let blocks =
-            images.split(CHUNK, 0).iter().map(|chunk| parent.edit_block(chunk, layer)).collect::<Result<_, _>>()?;
-        Ok(Self { blocks })
+        Ok(Self { blocks: edit_blocks(parent, images, layer)? })
     }
 
     /// The top-1 of each image under `model` (the parent, or the parent with a change at or after `layer`).

@@ -18,7 +18,7 @@ use super::augment::augmented;
 use super::mask::{key_weights, loss_weights};
 use super::rewrite::{linear_targets, per_position};
 use super::statistics::SecondMoment;
-use super::{gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver, Stage};
+use super::{edit_block, gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver, Stage};
 use crate::models::layers::GatedChange;
 use crate::models::Classifier;
 
@@ -115,9 +115,9 @@ pub(super) fn run(
     let layer = params.layer.as_str();
     let all = both(exemplars, &augmented(exemplars, COPIES));
     let _guard = tch::no_grad_guard();
-    let original = model.edit_block(&all.original, layer)?;
+    let original = edit_block(model, &all.original, layer)?;
     let values = model.block_output(layer, &original, &original.weight)?;
-    let modified = model.edit_block(&all.modified, layer)?;
+    let modified = edit_block(model, &all.modified, layer)?;
     let w0 = modified.weight.detach().copy();
     let value_size = values.size();
     let weights = loss_weights(&all.mask.to_device(values.device()), (value_size[2], value_size[3]));
