@@ -113,6 +113,15 @@ def batched(fn, key, skip, size=64):
                       for i in range(0, key.shape[0], size)])
 
 
+def judged(run, pick, d, labels, before, photos, base_photos):
+    """(% errors corrected, % clean originals kept, % photos changed) of an edited model's top-1 `run(pair)`: on the
+    picked items' re-textured copies (`before` errors unedited), their originals, and the photos."""
+    after = (run(pick(d["item_mod"])) != labels).sum().item()
+    clean = (run(pick(d["item_orig"])) == labels).float().mean().item()
+    changed = (run(photos) != base_photos).float().mean().item()
+    return 100 * max((before - after) / max(before, 1), -1), 100 * clean, 100 * changed
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kw", default='{"layers":[10],"lam":30,"mu":10}')
@@ -160,11 +169,8 @@ def main():
                 for s in scales:
                     edits = [({l: R.weight0(l) + s * dw for l, dw in delta.items()}, g) for delta, g in zip(deltas, gs)]
                     run = lambda pair: batched(lambda k, sk: logits(layers, k, sk, edits, None), *pair).argmax(1)
-                    after = (run(pick(d["item_mod"])) != labels).sum().item()
-                    clean = (run(pick(d["item_orig"])) == labels).float().mean().item()
-                    changed = (run(photos) != base_photos).float().mean().item()
-                    corrected = 100 * max((before - after) / max(before, 1), -1)
-                    results.setdefault((quantiles, s), []).append((corrected, 100 * clean, 100 * changed))
+                    results.setdefault((quantiles, s), []).append(
+                        judged(run, pick, d, labels, before, photos, base_photos))
         for (quantiles, s), values in results.items():
             t = torch.tensor(values)
             mean, sd = t.mean(0), t.std(0)

@@ -82,11 +82,8 @@ def main():
                 for s in scales:
                     edits = {layer: R.weight0(layer) + s * delta[layer]}
                     run = lambda pair: G.batched(lambda k, sk: G.logits(layers, k, sk, edits, gate), *pair).argmax(1)
-                    after = (run(pick(d["item_mod"])) != labels).sum().item()
-                    clean = (run(pick(d["item_orig"])) == labels).float().mean().item()
-                    changed = (run(photos) != base_photos).float().mean().item()
-                    corrected = 100 * max((before - after) / max(before, 1), -1)
-                    results.setdefault((into, s), []).append((corrected, 100 * clean, 100 * changed))
+                    results.setdefault((into, s), []).append(
+                        G.judged(run, pick, d, labels, before, photos, base_photos))
         for (into, s), values in results.items():
             t = torch.tensor(values)
             mean, sd = t.mean(0), t.std(0)
