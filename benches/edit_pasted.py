@@ -31,15 +31,7 @@ def gather_with_pasted(L, case, idx, use_aug, *args, **kw):
     extra = PASTED.get((L, case, tuple(idx)))
     if extra is None:
         return g
-    (kn, sn), (ko, so), masks = extra
-    a, _ = R.affine(L)
-    m = R.pooled(masks, ko.shape[-2:]).double()
-    uo = R.conv_value(L, ko, so)
-    snn = torch.zeros_like(uo) if sn is None else sn.double() / a.double()[:, None, None]
-    umean = ((uo * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp_min(1e-9)).expand_as(uo)
-    sel = R.flat(m)[:, 0] > 1e-3
-    rows = dict(m=R.flat(m)[sel, 0], kn=R.flat(kn.double())[sel], ko=R.flat(ko.double())[sel],
-                uo=R.flat(uo)[sel], sn=R.flat(snn)[sel], umean=R.flat(umean)[sel])
+    rows = R.masked_rows(L, *extra)
     return {name: torch.cat([g[name], rows[name]]) for name in g}
 
 

@@ -330,32 +330,32 @@ def gather(L, case, idx, use_aug, n_aug=N_SOLVE_AUG, mask_floor=0.0):
     old keys Ko (P x Cin), conv-space targets: Un (value of the orig in conv units: W0 ko + so/a), and the
     pieces of the modified image: Sn = sm/a (skip of mod in conv units). Also the per-image mean target."""
     ld = layer_data(L)[case]
-    a, _ = affine(L)
-    W0 = weight0(L).double()
     sets = [("ex", idx)]
     if use_aug:
         sets.append(("sa", [i * N_SOLVE_AUG + j for i in idx for j in range(n_aug)]))
-    M, KN, KO, UO, SN, UMEAN = [], [], [], [], [], []
+    parts = []
     for pre, ids in sets:
         ids = torch.tensor(ids)
-        ko, so = ld[pre + "_orig"]
-        kn, sn = ld[pre + "_mod"]
-        mask = DATA[case][pre + "_mask"][ids]
-        ko, kn = ko[ids].double(), kn[ids].double()
-        m = pooled(mask, ko.shape[-2:]).double().clamp_min(mask_floor)  # N x 1 x h x w
-        uo = torch.einsum("oc,nchw->nohw", W0, ko)
-        if so is not None:
-            uo = uo + so[ids].double() / a.double()[:, None, None]
-            snn = sn[ids].double() / a.double()[:, None, None]
-        else:
-            snn = torch.zeros_like(uo)
-        umean = (uo * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp_min(1e-9)
-        umean = umean.expand_as(uo)
-        sel = flat(m)[:, 0] > 1e-3
-        M.append(flat(m)[sel, 0]); KN.append(flat(kn)[sel]); KO.append(flat(ko)[sel])
-        UO.append(flat(uo)[sel]); SN.append(flat(snn)[sel]); UMEAN.append(flat(umean)[sel])
-    return dict(m=torch.cat(M), kn=torch.cat(KN), ko=torch.cat(KO), uo=torch.cat(UO), sn=torch.cat(SN),
-                umean=torch.cat(UMEAN))
+        pick = lambda pair: (pair[0][ids], None if pair[1] is None else pair[1][ids])
+        parts.append(masked_rows(L, pick(ld[pre + "_mod"]), pick(ld[pre + "_orig"]), DATA[case][pre + "_mask"][ids],
+                                 mask_floor))
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+def masked_rows(L, new, old, mask, mask_floor=0.0):
+    """gather's rows of one set of images: `new`, `old` the (key, skip) pairs of the modified and original
+    images at layer L, `mask` their concept masks (N x 1 x H x W)."""
+    a, _ = affine(L)
+    (kn, sn), (ko, so) = new, old
+    ko, kn = ko.double(), kn.double()
+    m = pooled(mask, ko.shape[-2:]).double().clamp_min(mask_floor)  # N x 1 x h x w
+    uo = conv_value(L, ko, so)
+    snn = torch.zeros_like(uo) if sn is None else sn.double() / a.double()[:, None, None]
+    umean = (uo * m).sum((2, 3), keepdim=True) / m.sum((2, 3), keepdim=True).clamp_min(1e-9)
+    umean = umean.expand_as(uo)
+    sel = flat(m)[:, 0] > 1e-3
+    return dict(m=flat(m)[sel, 0], kn=flat(kn)[sel], ko=flat(ko)[sel], uo=flat(uo)[sel], sn=flat(snn)[sel],
+                umean=flat(umean)[sel])
 
 
 def flat(t):
