@@ -3,7 +3,7 @@
     .venv/bin/python benches/edit_benchmark.py [--configs defaults,adam,...] [--cases road2snow,grass2sand]
         [--exemplars 1,3] [--server http://127.0.0.1:8080 | (default) start target/release/editserve]
         [--composition 0|1|2|all] [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json] [--own-check]
-        [--item-exemplars varied|one-texture]
+        [--item-exemplars varied|one-texture] [--chain]
 
 Builds the kit's data when missing (its fetch.sh and build.py), then, against a live server (started here on
 a fresh data directory unless --server is given), follows the kit's protocol (its README) with
@@ -16,6 +16,9 @@ efficientnet-lite0:
     makes one-exemplar trials from each of the three compositions, so a row covers all 15 exemplar images;
   * evaluation jobs score every version against version 0: % errors corrected on the re-textured items of
     classes other than the stamp's, accuracy on their originals (100% before), photos whose top-1 changed.
+With --chain, several exemplars are one edit per exemplar in the order of their compositions, each of the
+version the one before made (what a client can do with `parent`); the last version is scored and its guard
+reported, and the chain's versions are deleted after scoring.
 With --own-check, the guard's check photos are an operator's own photos of the old concept instead of the
 server's natural photos: the kept originals of every other object stamp (sorted by name) become an unlabelled
 dataset passed as `guard.dataset`, and only the items of the remaining objects are scored.
@@ -257,6 +260,8 @@ def main():
     ap.add_argument("--kit", default=os.path.join(ROOT, "..", "shared", "bench-dev"))
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/editserve-bench-dev"))
     ap.add_argument("--json")
+    ap.add_argument("--chain", action="store_true",
+                    help="several exemplars as one edit per exemplar, each of the version the one before made")
     ap.add_argument("--own-check", action="store_true",
                     help="guard with the kept originals of half the objects; score the other half")
     ap.add_argument("--item-exemplars", choices=["varied", "one-texture"],
@@ -316,17 +321,24 @@ def main():
                 for stamp, compositions in ((stamp, g) for stamp in stamps for g in groups):
                     ids = [exemplar_ids[(stamp, g)][0] for g in compositions]
                     label = exemplar_ids[(stamp, 0)][1]  # items of the exemplars' objects are not scored anyway
-                    made = {}
+                    made, chained = {}, {}
                     for name, body in configs.items():
                         if own_check:
                             body = dict(body, guard=dict(body.get("guard", {}), dataset=own_check))
                         started = time.time()
-                        accepted = api.call("POST", f"/v1/models/{MODEL}/versions", dict(body, exemplars=ids))
-                        job = api.wait(accepted["job"]["id"])
-                        if job["state"] != "succeeded":
-                            raise RuntimeError(f"{name} edit failed: {job.get('error')}")
-                        number = accepted["version"]["number"]
+                        # --chain: one edit per exemplar, each of the version the one before made.
+                        steps = [[i] for i in ids] if a.chain else [ids]
+                        number, chain = 0, []
+                        for step in steps:
+                            accepted = api.call("POST", f"/v1/models/{MODEL}/versions",
+                                                dict(body, exemplars=step, parent=number))
+                            job = api.wait(accepted["job"]["id"])
+                            if job["state"] != "succeeded":
+                                raise RuntimeError(f"{name} edit failed: {job.get('error')}")
+                            number = accepted["version"]["number"]
+                            chain.append(number)
                         made[name] = (number, time.time() - started)
+                        chained[name] = chain[:-1]
                     # One evaluation per dataset scores all of this stamp's versions against version 0.
                     numbers = [number for number, _ in made.values()]
                     scores = {}
@@ -356,7 +368,8 @@ def main():
                             "seconds": seconds,
                             "job_seconds": metrics.get("seconds"),
                         })
-                        api.call("DELETE", f"/v1/models/{MODEL}/versions/{number}")
+                        for done in [number] + chained[name][::-1]:
+                            api.call("DELETE", f"/v1/models/{MODEL}/versions/{done}")
                 for name, rows_of in trials.items():
                     rows.append({"config": name, "case": case, "exemplars": count, "trials": rows_of})
                     scales = [t["scale"] for t in rows_of if t["scale"] is not None]
