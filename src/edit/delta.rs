@@ -28,6 +28,8 @@ const GATED_CHANGE: &str = "gated.change:";
 const GATED_DIRECTION: &str = "gated.direction:";
 /// `[closed, open]`, float64.
 const GATED_BOUNDS: &str = "gated.bounds:";
+/// Between a conv's name and the number of its second, third... gated change (no layer name holds it).
+const GATED_REPEAT: char = '#';
 
 impl Delta {
     /// The change as dense tensors by parameter name.
@@ -107,16 +109,27 @@ impl Delta {
             Delta::Dense { changes } => {
                 changes.iter().map(|(n, t)| (format!("{DENSE}{n}"), t.shallow_clone())).collect()
             }
-            Delta::Gated { changes } => changes
-                .iter()
-                .flat_map(|(layer, change)| {
-                    [
-                        (format!("{GATED_CHANGE}{layer}"), change.change.shallow_clone()),
-                        (format!("{GATED_DIRECTION}{layer}"), change.gate.direction.shallow_clone()),
-                        (format!("{GATED_BOUNDS}{layer}"), Tensor::from_slice(&[change.gate.closed, change.gate.open])),
-                    ]
-                })
-                .collect(),
+            Delta::Gated { changes } => {
+                // A conv's first change under its name, any further one (several exemplars, each in turn)
+                // under `{layer}#{k}`: versions stored before several changes per conv read the same.
+                let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+                changes
+                    .iter()
+                    .flat_map(|(layer, change)| {
+                        let k = seen.entry(layer.as_str()).or_default();
+                        let key = if *k == 0 { layer.clone() } else { format!("{layer}{GATED_REPEAT}{k}") };
+                        *k += 1;
+                        [
+                            (format!("{GATED_CHANGE}{key}"), change.change.shallow_clone()),
+                            (format!("{GATED_DIRECTION}{key}"), change.gate.direction.shallow_clone()),
+                            (
+                                format!("{GATED_BOUNDS}{key}"),
+                                Tensor::from_slice(&[change.gate.closed, change.gate.open]),
+                            ),
+                        ]
+                    })
+                    .collect()
+            }
         };
         to_safetensors(&named)
     }
@@ -170,7 +183,7 @@ impl Delta {
     }
 }
 
-/// Gated changes from their tensors: a change, a gate direction and the gate's bounds for each conv.
+/// Gated changes from their tensors: a change, a gate direction and the gate's bounds for each change.
 fn gated_from(tensors: Vec<(String, Tensor)>) -> Result<Delta, EditError> {
     let invalid = |why: String| EditError::Invalid(format!("not an editserve delta: {why}"));
     let mut parts: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
@@ -184,7 +197,8 @@ fn gated_from(tensors: Vec<(String, Tensor)>) -> Result<Delta, EditError> {
     }
     let changes = parts
         .into_iter()
-        .map(|(layer, [change, direction, bounds])| {
+        .map(|(key, [change, direction, bounds])| {
+            let layer = key.split(GATED_REPEAT).next().unwrap_or_default().to_string();
             let (Some(change), Some(direction), Some(bounds)) = (change, direction, bounds) else {
                 return Err(invalid(format!("the gated change of '{layer}' lacks its change, direction or bounds")));
             };
@@ -248,6 +262,28 @@ mod tests {
             assert_eq!((back.gate.closed, back.gate.open), (change.gate.closed, change.gate.open));
         }
         assert_eq!(delta.parameter_names(), ["_blocks.9.conv.weight", "_blocks.10.conv.weight"]);
+    }
+
+    #[test]
+    fn several_gated_changes_of_one_conv_survive_storage() {
+        let _rng = crate::edit::seeded(13);
+        let delta = Delta::Gated {
+            changes: vec![
+                gated("_blocks.10.conv", 4, -0.5),
+                gated("_blocks.11.conv", 4, 1.0),
+                gated("_blocks.10.conv", 4, 2.0),
+            ],
+        };
+        let Delta::Gated { changes: read } = Delta::from_safetensors(&delta.to_safetensors().unwrap()).unwrap() else {
+            panic!("gated changes read back as another kind");
+        };
+        let Delta::Gated { changes: written } = &delta else { unreachable!() };
+        assert_eq!(read.len(), 3);
+        for (layer, change) in written {
+            let back = read.iter().find(|(l, back)| l == layer && back.gate.closed == change.gate.closed);
+            let (_, back) = back.expect("each change is read back under its conv's name");
+            assert!(back.change.equal(&change.change) && back.gate.direction.equal(&change.gate.direction));
+        }
     }
 
     #[test]

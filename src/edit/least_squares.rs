@@ -62,10 +62,18 @@ pub struct System {
 }
 
 impl System {
-    pub fn new(new: &Tensor, residual: &Tensor, old: &Tensor, weight: &Tensor, moment: &Tensor, mu: f64) -> Self {
+    pub fn new(
+        new: &Tensor,
+        residual: &Tensor,
+        weight: &Tensor,
+        old: &Tensor,
+        old_weight: &Tensor,
+        moment: &Tensor,
+        mu: f64,
+    ) -> Self {
         let trace = |t: &Tensor| t.trace().double_value(&[]).max(f64::MIN_POSITIVE);
         let a_new = (new * weight).tr().matmul(new);
-        let a_old = (old * weight).tr().matmul(old);
+        let a_old = (old * old_weight).tr().matmul(old);
         let scale = trace(&a_new);
         Self {
             keys: &a_new + &a_old * (mu * scale / trace(&a_old)),
@@ -103,6 +111,15 @@ pub(super) struct Solved {
     pub weaker: Vec<(f64, Delta)>,
 }
 
+/// How a gated change is applied and what its gate leaves alone.
+pub(super) struct Gating<'a> {
+    /// The applied change over the solved one.
+    pub gain: f64,
+    /// Exemplars whose originals, and transformed copies of them, the change also holds (as it holds its own
+    /// exemplars'): the other exemplars of an edit that takes them in turn.
+    pub also_hold: Option<&'a Exemplars>,
+}
+
 /// Solves `params.layer`; `with_weaker`: also the weaker changes, which only a one-layer edit's guard tries.
 pub(super) fn run(
     model: &dyn Classifier,
@@ -110,8 +127,10 @@ pub(super) fn run(
     params: &EditParams,
     statistics: Option<&SecondMoment>,
     with_weaker: bool,
+    gating: &Gating,
     progress: &dyn Progress,
 ) -> Result<Solved, EditError> {
+    let gain = gating.gain;
     let layer = params.layer.as_str();
     let all = both(exemplars, &augmented(exemplars, COPIES));
     let _guard = tch::no_grad_guard();
@@ -139,7 +158,18 @@ pub(super) fn run(
             / total_weight
     };
     let loss_before = loss_of(&Tensor::zeros([c_out, c_in], (Kind::Double, old.device())));
-    let system = System::new(&targets.keys, &residual, &old, &weight, &moment, MU);
+    // The other exemplars' originals (an edit that takes them in turn) are held as this one's are.
+    let (held, held_weight) = match gating.also_hold {
+        Some(others) => {
+            let others = both(others, &augmented(others, COPIES));
+            let keys = per_position(&edit_block(model, &others.original, layer)?.key);
+            let mask = others.mask.to_device(values.device());
+            let others_weight = per_position(&loss_weights(&mask, (value_size[2], value_size[3]))).square();
+            (Tensor::cat(&[&old, &keys], 0), Tensor::cat(&[&weight, &others_weight], 0))
+        }
+        None => (old.shallow_clone(), weight.shallow_clone()),
+    };
+    let system = System::new(&targets.keys, &residual, &weight, &held, &held_weight, &moment, MU);
     let rank = if params.rank == FULL_RANK { usize::MAX } else { params.rank };
     let (l, d) = truncate(&system.solve(LAMBDA)?, rank);
     progress.report(2, SOLVE_STEPS, f64::NAN);
@@ -158,7 +188,7 @@ pub(super) fn run(
             changes: vec![(
                 layer.to_string(),
                 GatedChange {
-                    change: (l.matmul(&d) * gate::GAIN).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
+                    change: (l.matmul(&d) * gain).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
                     gate: gate.duplicate(Tensor::shallow_clone),
                 },
             )],
@@ -186,7 +216,7 @@ pub(super) fn run(
             gate::CLOSED_QUANTILE,
             if sample.is_some() { " and a sample of the statistics'" } else { "; the statistics hold no sample" },
             g.open,
-            gate::GAIN
+            gain
         ),
         (None, _) => String::new(),
     };
@@ -213,7 +243,13 @@ pub(super) fn run(
 /// layer takes up what the earlier ones left of the target (measured: two adjacent layers correct more
 /// within the same breakage budget than either alone, README "Edit quality"). One change over all the
 /// layers (dense, or a gated change per layer, each solved after the earlier ones at their solved strength
-/// and the whole applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`].
+/// and each applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`].
+///
+/// The gated rewrite takes several exemplars in turn: each one's layers are solved on the model the earlier
+/// exemplars' changes edit at `gate::GAIN_IN_TURN`, with its own gates, so that each exemplar's look of the
+/// new concept gets a gate of its own and a later exemplar takes up what the earlier ones left (measured
+/// against one solve and one gate over all of them: 37.5 against 33.8% of the errors corrected on
+/// grass->sand, 14.8 against 6.9% on road->snow, README "Edit quality"). The statistics stay the parent's.
 pub(super) fn run_layers(
     model: &dyn Classifier,
     exemplars: &Exemplars,
@@ -221,33 +257,56 @@ pub(super) fn run_layers(
     statistics: &[&SecondMoment],
     progress: &dyn Progress,
 ) -> Result<(Delta, EditMetrics), EditError> {
+    let in_turn = params.solver == Solver::GatedLeastSquares && exemplars.count() > 1;
+    let groups = if in_turn {
+        (0..exemplars.count()).map(|i| exemplars.one(i)).collect()
+    } else {
+        vec![exemplars.shallow_clone()]
+    };
+    let gain = if in_turn { gate::GAIN_IN_TURN } else { gate::GAIN };
     let mut edited = model.share();
     let mut changes = Vec::new();
     let mut combined: Option<EditMetrics> = None;
-    let count = params.layers().count();
-    for (i, layer) in params.layers().enumerate() {
-        let at = EditParams { layer: layer.to_string(), following_layers: Vec::new(), ..params.clone() };
-        // Each layer's steps after the earlier layers', so that the edit's progress only moves forward.
-        let stage = Stage::new(progress, i * SOLVE_STEPS, (count - 1 - i) * SOLVE_STEPS);
-        let solved = run(edited.as_ref(), exemplars, &at, statistics.get(i).copied(), false, &stage)?;
-        let gated = matches!(solved.delta, Delta::Gated { .. });
-        solved.delta.scaled(if gated { 1.0 / gate::GAIN } else { 1.0 }).apply(edited.as_mut())?;
-        changes.push(solved.delta);
-        // Each layer's error is in its own units: the first layer's stands for the edit, all are in the notes.
-        let m = &solved.metrics;
-        let notes = format!(
-            "{layer}: error {:.4} -> {:.4}, {}",
-            m.loss_before,
-            m.loss_after,
-            m.approximation.as_deref().unwrap_or_default()
-        );
-        combined = Some(match combined {
-            None => EditMetrics { approximation: Some(notes), ..solved.metrics },
-            Some(earlier) => {
-                let approximation = Some(format!("{}; {notes}", earlier.approximation.unwrap_or_default()));
-                EditMetrics { approximation, ..earlier }
+    let layer_count = params.layers().count();
+    let count = groups.len() * layer_count;
+    for (g, group) in groups.iter().enumerate() {
+        let mut solved_changes = Vec::new();
+        for (i, layer) in params.layers().enumerate() {
+            let at = EditParams { layer: layer.to_string(), following_layers: Vec::new(), ..params.clone() };
+            // Each solve's steps after the earlier ones', so that the edit's progress only moves forward.
+            let step = g * layer_count + i;
+            let stage = Stage::new(progress, step * SOLVE_STEPS, (count - 1 - step) * SOLVE_STEPS);
+            let others = in_turn.then(|| exemplars.except(g));
+            let gating = Gating { gain, also_hold: others.as_ref() };
+            let solved = run(edited.as_ref(), group, &at, statistics.get(i).copied(), false, &gating, &stage)?;
+            let gated = matches!(solved.delta, Delta::Gated { .. });
+            let at_solved_strength = solved.delta.scaled(if gated { 1.0 / gain } else { 1.0 });
+            at_solved_strength.apply(edited.as_mut())?;
+            solved_changes.push(at_solved_strength);
+            changes.push(solved.delta);
+            // Each layer's error is in its own units: the first solve's stands for the edit, all are in the notes.
+            let m = &solved.metrics;
+            let who = if in_turn { format!("exemplar {g}, ") } else { String::new() };
+            let notes = format!(
+                "{who}{layer}: error {:.4} -> {:.4}, {}",
+                m.loss_before,
+                m.loss_after,
+                m.approximation.as_deref().unwrap_or_default()
+            );
+            combined = Some(match combined {
+                None => EditMetrics { approximation: Some(notes), ..solved.metrics },
+                Some(earlier) => {
+                    let approximation = Some(format!("{}; {notes}", earlier.approximation.unwrap_or_default()));
+                    EditMetrics { approximation, ..earlier }
+                }
+            });
+        }
+        if in_turn {
+            // The next exemplar is solved on the model this one's changes edit as the version will.
+            for change in &solved_changes {
+                change.scaled(gain - 1.0).apply(edited.as_mut())?;
             }
-        });
+        }
     }
     let metrics = combined.ok_or_else(|| EditError::Invalid("an edit needs a layer".into()))?;
     Ok((Delta::combined(changes), metrics))
@@ -272,7 +331,7 @@ mod tests {
         let weight = Tensor::rand([p, 1], (Kind::Double, Device::Cpu));
         let a = randn(&[c_in, c_in]);
         let moment = a.matmul(&a.tr()) / c_in as f64 + Tensor::eye(c_in, (Kind::Double, Device::Cpu));
-        let dw = System::new(&new, &residual, &old, &weight, &moment, 0.7).solve(0.3).unwrap();
+        let dw = System::new(&new, &residual, &weight, &old, &weight, &moment, 0.7).solve(0.3).unwrap();
         // The gradient of the objective vanishes at the solution (up to the ridge, 1e-6 of the system).
         let a_new = (&new * &weight).tr().matmul(&new);
         let a_old = (&old * &weight).tr().matmul(&old);
@@ -294,9 +353,10 @@ mod tests {
         let residual = new.matmul(&truth.tr());
         let zero = Tensor::zeros([30, 5], (Kind::Double, Device::Cpu));
         let weight = Tensor::ones([30, 1], (Kind::Double, Device::Cpu));
-        let dw = System::new(&new, &residual, &zero, &weight, &Tensor::eye(5, (Kind::Double, Device::Cpu)), 0.0)
-            .solve(0.0)
-            .unwrap();
+        let dw =
+            System::new(&new, &residual, &weight, &zero, &weight, &Tensor::eye(5, (Kind::Double, Device::Cpu)), 0.0)
+                .solve(0.0)
+                .unwrap();
         assert!((dw - &truth).abs().max().double_value(&[]) < 1e-4 * truth.abs().max().double_value(&[]));
     }
 
@@ -308,9 +368,17 @@ mod tests {
         let residual = randn(&[20, 2]);
         let padded_old = Tensor::cat(&[old.shallow_clone(), Tensor::zeros([17, 8], (Kind::Double, Device::Cpu))], 0);
         let weight = Tensor::ones([20, 1], (Kind::Double, Device::Cpu));
-        let dw = System::new(&new, &residual, &padded_old, &weight, &Tensor::eye(8, (Kind::Double, Device::Cpu)), 1e8)
-            .solve(1e-3)
-            .unwrap();
+        let dw = System::new(
+            &new,
+            &residual,
+            &weight,
+            &padded_old,
+            &weight,
+            &Tensor::eye(8, (Kind::Double, Device::Cpu)),
+            1e8,
+        )
+        .solve(1e-3)
+        .unwrap();
         assert!(old.matmul(&dw.tr()).abs().max().double_value(&[]) < 1e-5);
     }
 

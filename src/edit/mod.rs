@@ -222,6 +222,42 @@ impl Exemplars {
         })
     }
 
+    pub fn count(&self) -> usize {
+        self.original.size()[0] as usize
+    }
+
+    /// The `i`-th exemplar alone.
+    pub fn one(&self, i: usize) -> Exemplars {
+        let i = i as i64;
+        Exemplars {
+            original: self.original.narrow(0, i, 1),
+            modified: self.modified.narrow(0, i, 1),
+            mask: self.mask.narrow(0, i, 1),
+            labels: self.labels.as_ref().map(|l| l.narrow(0, i, 1)),
+        }
+    }
+
+    /// Every exemplar but the `i`-th.
+    pub fn except(&self, i: usize) -> Exemplars {
+        let kept = Tensor::from_slice(&(0..self.count() as i64).filter(|&j| j != i as i64).collect::<Vec<_>>())
+            .to_device(self.original.device());
+        Exemplars {
+            original: self.original.index_select(0, &kept),
+            modified: self.modified.index_select(0, &kept),
+            mask: self.mask.index_select(0, &kept),
+            labels: self.labels.as_ref().map(|l| l.index_select(0, &kept)),
+        }
+    }
+
+    pub fn shallow_clone(&self) -> Exemplars {
+        Exemplars {
+            original: self.original.shallow_clone(),
+            modified: self.modified.shallow_clone(),
+            mask: self.mask.shallow_clone(),
+            labels: self.labels.as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
     fn validate(&self) -> Result<i64, EditError> {
         let n = self.original.size()[0];
         if n == 0 {
@@ -354,12 +390,16 @@ pub fn edit(
     let progress = &solving;
     // The change, and weaker ones the guard may fall back on before it scales the weakest down.
     let (delta, mut metrics, weaker) = match (params.method, params.solver) {
-        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) if layer_count > 1 => {
+        // Several layers, or several exemplars of the gated rewrite (each in turn).
+        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares)
+            if layer_count > 1 || (params.solver == Solver::GatedLeastSquares && exemplars.count() > 1) =>
+        {
             let (delta, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
             (delta, metrics, Vec::new())
         }
         (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) => {
-            let solved = least_squares::run(model, exemplars, params, first_statistics, true, progress)?;
+            let gating = least_squares::Gating { gain: gate::GAIN, also_hold: None };
+            let solved = least_squares::run(model, exemplars, params, first_statistics, true, &gating, progress)?;
             let weaker =
                 solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
             (solved.delta, solved.metrics, weaker)
