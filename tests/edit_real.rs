@@ -164,8 +164,8 @@ fn a_gated_edit_fixes_the_patch_leaves_the_clean_photos_and_survives_storage() {
 }
 
 /// Several exemplars in turn: a change and a gate of each, stored and read back under one conv's name. The
-/// mechanics, not the fix: each exemplar's change is applied at `GAIN_IN_TURN` (2), under which the stripes
-/// stay a stripe pattern at this layer.
+/// mechanics, not the fix: holding the other photo's original as well, the first exemplar's change at this
+/// layer no longer turns its stripes into the dog.
 #[test]
 fn a_gated_edit_from_two_exemplars_keeps_a_gate_per_exemplar_and_the_clean_photos() {
     gated_edit(&[LAST_PROJECT_CONV], 2, false);

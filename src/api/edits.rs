@@ -29,8 +29,8 @@ pub struct EditRequest {
     /// every masked position of the exemplars and of 24 transformed copies each, one covariance-weighted solve
     /// with the originals' keys held. `gated_least_squares`: that change, tripled, applied only at positions
     /// whose keys look like the new concept (a linear gate per layer fitted against the originals' keys and the
-    /// statistics' keys); several exemplars in turn, each with its own changes and gates (doubled), solved on
-    /// the model the earlier exemplars' changes edit.
+    /// statistics' keys); several exemplars in turn, each with its own changes and gates, solved on the model
+    /// the earlier exemplars' changes edit, holding the other exemplars' originals.
     pub solver: Option<Solver>,
     /// An editable layer. When neither this nor `layers` is given: the model's `default_edit_layers` for
     /// `gated_least_squares` (the default), its `default_edit_layer` otherwise.

@@ -22,11 +22,6 @@ pub const OPEN_QUANTILE: f64 = 0.5;
 /// looks; other looks of the concept open the gate partly, and measured, 3 corrects the most (2: 25%,
 /// 3: 33%, 4: 23% on grass->sand, nothing broken at any of them).
 pub const GAIN: f64 = 3.0;
-/// The gain of each exemplar's change when several are solved in turn (each on the model the earlier ones
-/// changed at this gain): their changes add up where their gates overlap. Measured through the service with
-/// three exemplars (README "Edit quality"): at 3 it broke clean images of the old concept (96.1% and 94.4% kept
-/// on grass->sand and road->snow), at 2 it corrects 37.5% and 14.8% (97.4% and 98.2% kept).
-pub const GAIN_IN_TURN: f64 = 2.0;
 /// A position counts as the new concept where the pooled mask is at least this share of its largest value,
 /// and as the modified image's surround where it is at most `SURROUND` of it.
 const CONCEPT: f64 = 0.5;
