@@ -354,23 +354,15 @@ mod tests {
 
     #[test]
     fn old_keys_are_held_when_weighted_heavily() {
+        // Old keys of their own number and weights (another exemplar's originals beside this one's).
         let _rng = crate::edit::seeded(7);
         let new = randn(&[20, 8]);
         let old = randn(&[3, 8]);
         let residual = randn(&[20, 2]);
-        let padded_old = Tensor::cat(&[old.shallow_clone(), Tensor::zeros([17, 8], (Kind::Double, Device::Cpu))], 0);
         let weight = Tensor::ones([20, 1], (Kind::Double, Device::Cpu));
-        let dw = System::new(
-            &new,
-            &residual,
-            &weight,
-            &padded_old,
-            &weight,
-            &Tensor::eye(8, (Kind::Double, Device::Cpu)),
-            1e8,
-        )
-        .solve(1e-3)
-        .unwrap();
+        let old_weight = Tensor::rand([3, 1], (Kind::Double, Device::Cpu)) + 0.5;
+        let identity = Tensor::eye(8, (Kind::Double, Device::Cpu));
+        let dw = System::new(&new, &residual, &weight, &old, &old_weight, &identity, 1e8).solve(1e-3).unwrap();
         assert!(old.matmul(&dw.tr()).abs().max().double_value(&[]) < 1e-5);
     }
 
