@@ -231,6 +231,11 @@ pub(super) fn run(
     Ok(Solved { delta: as_delta((l, d)), metrics, weaker })
 }
 
+/// Whether `run_layers` takes the exemplars in turn: several of them, for the gated rewrite.
+pub(super) fn in_turn(params: &EditParams, exemplars: &Exemplars) -> bool {
+    params.solver == Solver::GatedLeastSquares && exemplars.count() > 1
+}
+
 /// One solve per layer of `params.layers()`, each on the model the earlier solves changed, so that a later
 /// layer takes up what the earlier ones left of the target (measured: two adjacent layers correct more
 /// within the same breakage budget than either alone, README "Edit quality"). One change over all the
@@ -251,7 +256,7 @@ pub(super) fn run_layers(
     statistics: &[&SecondMoment],
     progress: &dyn Progress,
 ) -> Result<(Delta, EditMetrics), EditError> {
-    let in_turn = params.solver == Solver::GatedLeastSquares && exemplars.count() > 1;
+    let in_turn = in_turn(params, exemplars);
     let groups = if in_turn {
         (0..exemplars.count()).map(|i| exemplars.one(i)).collect()
     } else {

@@ -227,36 +227,30 @@ impl Exemplars {
         self.original.size()[0] as usize
     }
 
+    /// The same exemplars with `f` applied to each of their tensors.
+    fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> Exemplars {
+        Exemplars {
+            original: f(&self.original),
+            modified: f(&self.modified),
+            mask: f(&self.mask),
+            labels: self.labels.as_ref().map(&f),
+        }
+    }
+
     /// The `i`-th exemplar alone.
     pub fn one(&self, i: usize) -> Exemplars {
-        let i = i as i64;
-        Exemplars {
-            original: self.original.narrow(0, i, 1),
-            modified: self.modified.narrow(0, i, 1),
-            mask: self.mask.narrow(0, i, 1),
-            labels: self.labels.as_ref().map(|l| l.narrow(0, i, 1)),
-        }
+        self.map(|t| t.narrow(0, i as i64, 1))
     }
 
     /// Every exemplar but the `i`-th.
     pub fn except(&self, i: usize) -> Exemplars {
         let kept = Tensor::from_slice(&(0..self.count() as i64).filter(|&j| j != i as i64).collect::<Vec<_>>())
             .to_device(self.original.device());
-        Exemplars {
-            original: self.original.index_select(0, &kept),
-            modified: self.modified.index_select(0, &kept),
-            mask: self.mask.index_select(0, &kept),
-            labels: self.labels.as_ref().map(|l| l.index_select(0, &kept)),
-        }
+        self.map(|t| t.index_select(0, &kept))
     }
 
     pub fn shallow_clone(&self) -> Exemplars {
-        Exemplars {
-            original: self.original.shallow_clone(),
-            modified: self.modified.shallow_clone(),
-            mask: self.mask.shallow_clone(),
-            labels: self.labels.as_ref().map(Tensor::shallow_clone),
-        }
+        self.map(Tensor::shallow_clone)
     }
 
     fn validate(&self) -> Result<i64, EditError> {
@@ -393,7 +387,7 @@ pub fn edit(
     let (delta, mut metrics, weaker) = match (params.method, params.solver) {
         // Several layers, or several exemplars of the gated rewrite (each in turn).
         (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares)
-            if layer_count > 1 || (params.solver == Solver::GatedLeastSquares && exemplars.count() > 1) =>
+            if layer_count > 1 || least_squares::in_turn(params, exemplars) =>
         {
             let (delta, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
             (delta, metrics, Vec::new())
