@@ -9,6 +9,7 @@ use std::process::Command;
 
 use common::{foolbox_photos, model_dir, preprocess_batch, root, striped_exemplar, LIMITS};
 use editserve::cli::statistics_for;
+use editserve::edit::guard::{candidates, guard, Candidate};
 use editserve::edit::{edit, Delta, EditParams, Exemplars, Method, Progress, Silent, Solver};
 use editserve::imaging::decode;
 use editserve::models::layers::{Gate, GatedChange};
@@ -176,6 +177,60 @@ fn a_gated_edit_from_two_exemplars_keeps_a_gate_per_exemplar_and_the_clean_photo
 #[test]
 fn a_gated_edit_over_two_layers_keeps_a_gate_per_layer_and_the_clean_photos() {
     gated_edit(&["_blocks.10._project_conv", "_blocks.11._project_conv"], 1, false);
+}
+
+/// The breakage guard chooses each part's strength on its own: of two parts, one harmless and one that breaks
+/// the clean photos, the harmless one stays whole whichever comes first, and the kept change is within budget.
+#[test]
+fn the_guard_scales_down_the_part_that_breaks_and_keeps_the_one_that_does_not() {
+    let package = ModelPackage::open(&model_dir()).unwrap();
+    let model = load_package(&package, Device::Cpu).unwrap();
+    let exemplars = Exemplars::from_images(&package.config.preprocessing, &[striped_exemplar(0)], Device::Cpu).unwrap();
+    let photos: Vec<DynamicImage> =
+        foolbox_photos().iter().map(|(p, _)| decode(&std::fs::read(p).unwrap(), LIMITS).unwrap()).collect();
+    let photos = preprocess_batch(&package, &photos);
+    let layer = LAST_PROJECT_CONV;
+    let name = format!("{layer}.weight");
+    let weight = model.parameter(&name).unwrap();
+    tch::manual_seed(4);
+    let noise = |size: f64| {
+        let change = Tensor::randn(weight.size(), (Kind::Float, Device::Cpu)) * weight.std(true) * size;
+        Delta::Dense { changes: vec![(name.clone(), change)] }
+    };
+    let (harmless, breaking) = (noise(1e-3), noise(3.0));
+    let mut broken = model.duplicate();
+    breaking.apply(broken.as_mut()).unwrap();
+    let changed =
+        top1(model.as_ref(), &photos).iter().zip(top1(broken.as_ref(), &photos)).filter(|(a, b)| **a != *b).count();
+    assert!(changed > 2, "the breaking part must break the photos for the test to mean anything: {changed}/20");
+
+    for breaking_first in [false, true] {
+        let mut parts = vec![harmless.scaled(1.0), breaking.scaled(1.0)];
+        if breaking_first {
+            parts.reverse();
+        }
+        let candidates =
+            parts.into_iter().map(|delta| candidates(Candidate::solved(delta, None), Vec::new())).collect();
+        let (kept, report) = guard(model.as_ref(), candidates, layer, &photos, &exemplars, 0.1, &Silent).unwrap();
+        let (harmless_at, breaking_at) = if breaking_first { (1, 0) } else { (0, 1) };
+        assert_eq!(report.scales.len(), 2, "{report:?}");
+        assert_eq!(report.scales[harmless_at], 1.0, "the harmless part is kept whole: {report:?}");
+        assert!(report.scales[breaking_at] < 1.0, "the breaking part is scaled down: {report:?}");
+        assert!(
+            report.photos_changed <= 2 && report.originals_changed as f64 <= 0.1 * report.originals as f64,
+            "{report:?}"
+        );
+        // The kept change is the two parts at their scales, and changes the photos the report counts.
+        let mut edited = model.duplicate();
+        kept.apply(edited.as_mut()).unwrap();
+        let changed =
+            top1(model.as_ref(), &photos).iter().zip(top1(edited.as_ref(), &photos)).filter(|(a, b)| **a != *b).count();
+        assert_eq!(changed, report.photos_changed, "{report:?}");
+        let expected =
+            harmless.dense()[0].1.shallow_clone() + breaking.dense()[0].1.shallow_clone() * report.scales[breaking_at];
+        let kept_change = edited.parameter(&name).unwrap() - &weight;
+        assert!((kept_change - expected).abs().max().double_value(&[]) < 1e-6, "the parts are kept at their scales");
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use common::api::{
 };
 use common::datasets::unlabelled_form;
 use common::{foolbox_photos, root, striped_exemplar, TestServer};
-use editserve::edit::guard::STEPS as GUARD_STEPS;
+use editserve::edit::guard::steps as guard_steps;
 use image::DynamicImage;
 use reqwest::multipart::Form;
 use serde_json::{json, Value};
@@ -196,8 +196,8 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     assert_eq!(last.name, "final", "steps {steps:?}");
     assert_eq!(last.job["state"], "succeeded", "{}", last.job);
     // The steps count the solver's, then the breakage guard's (its preparation and trials), to the end.
-    assert_eq!(last.job["progress"]["step"], WATCHED_STEPS + GUARD_STEPS as u64, "{}", last.job);
-    assert_eq!(last.job["progress"]["total"], WATCHED_STEPS + GUARD_STEPS as u64, "{}", last.job);
+    assert_eq!(last.job["progress"]["step"], WATCHED_STEPS + guard_steps(1) as u64, "{}", last.job);
+    assert_eq!(last.job["progress"]["total"], WATCHED_STEPS + guard_steps(1) as u64, "{}", last.job);
     assert!(last.job["progress"]["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0), "{}", last.job);
     assert!(last.job["progress"]["remaining_seconds"].is_null(), "a finished job has nothing left: {}", last.job);
     assert!(progress.iter().all(|e| e.name == "progress" && !is_final(&e.job)), "steps {steps:?}");
@@ -373,7 +373,7 @@ async fn cancelling_running_and_queued_edit_jobs() {
 
     let (running, running_version) = api.start_edit(&long_adam(&exemplar, "cancelled while running")).await;
     let watched = api.wait_running(&running).await;
-    assert_eq!(watched["progress"]["total"], LONG_STEPS + GUARD_STEPS as u64, "{watched}");
+    assert_eq!(watched["progress"]["total"], LONG_STEPS + guard_steps(1) as u64, "{watched}");
     // A running job says how long it has run and, at its pace so far, how long it has left.
     assert!(watched["progress"]["elapsed_seconds"].as_f64().is_some_and(|s| s > 0.0), "{watched}");
     assert!(watched["progress"]["remaining_seconds"].as_f64().is_some_and(|s| s > 0.0), "{watched}");
@@ -787,6 +787,12 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
         let budget = (0.2 * guard[checked].as_f64().unwrap_or(0.0)).floor();
         assert!(guard[changed].as_f64().unwrap_or(f64::MAX) <= budget, "{changed} over the budget: {version}");
     }
+    // Taken in turn, each exemplar's part has a scale of its own; `scale` is their mean.
+    let scales: Vec<f64> =
+        guard["scales"].as_array().map(|s| s.iter().filter_map(|v| v.as_f64()).collect()).unwrap_or_default();
+    assert_eq!(scales.len(), 2, "a scale per exemplar: {version}");
+    let mean = scales.iter().sum::<f64>() / 2.0;
+    assert!((guard["scale"].as_f64().unwrap_or(f64::NAN) - mean).abs() < 1e-9, "scale is the parts' mean: {version}");
 }
 
 const B9: &str = "_blocks.9._project_conv";

@@ -157,9 +157,14 @@ impl Delta {
         }
     }
 
-    /// The changes of several solves (one per layer) as one: gated changes side by side, any other kind as
-    /// dense tensors.
-    pub fn combined(deltas: Vec<Delta>) -> Delta {
+    /// The changes of several solves (one per layer or per exemplar) as one: gated changes side by side, any
+    /// other kind as dense tensors; a single change as it is.
+    pub fn combined(mut deltas: Vec<Delta>) -> Delta {
+        if deltas.len() == 1 {
+            if let Some(delta) = deltas.pop() {
+                return delta;
+            }
+        }
         if deltas.iter().all(|d| matches!(d, Delta::Gated { .. })) {
             let changes = deltas
                 .into_iter()

@@ -20,12 +20,15 @@ const SCALES: [f64; 10] = [1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08, 0.05, 0.
 /// Transformed copies of each exemplar's original in the check set, and at most this many in all.
 const ORIGINAL_COPIES: usize = 32;
 const MAX_ORIGINAL_COPIES: usize = 96;
-/// The binary search's trials over the most candidates there are (the solved change, 4 weaker solutions and
+/// The binary search's trials over the most candidates a part has (the solved change, 4 weaker solutions and
 /// 9 scales: 14).
 const MOST_TRIALS: usize = 4;
-/// What an edit's progress counts for its guard: running the check images up to the layer (most of its time:
-/// 7 of 10 s for a default edit on 2 cores), then the trials.
-pub const STEPS: usize = 1 + MOST_TRIALS;
+
+/// What an edit's progress counts for its guard: running the check images up to the layer, then the trials
+/// of each of its `parts`.
+pub fn steps(parts: usize) -> usize {
+    1 + parts * MOST_TRIALS
+}
 
 /// A change the guard may keep: the solved one, a weaker solution, or one of those scaled down.
 pub struct Candidate {
@@ -56,8 +59,12 @@ pub fn candidates(solved: Candidate, weaker: Vec<Candidate>) -> Vec<Candidate> {
 /// What the guard found, recorded in the version's metrics.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct GuardReport {
-    /// The fraction of the (weakest solved) change the version keeps (0 when none fits the budget).
+    /// The fraction of the (weakest solved) change the version keeps (0 when none fits the budget); for an
+    /// edit of several parts, the mean of `scales`.
     pub scale: f64,
+    /// Each part's fraction, for an edit of several parts (one per exemplar taken in turn).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scales: Vec<f64>,
     /// The statistics weight of the least-squares solution kept (heavier than the solver's when the guard
     /// fell back on a weaker solution).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,12 +123,15 @@ fn differences(a: &Tensor, b: &Tensor) -> usize {
     a.ne_tensor(b).sum(Kind::Int64).int64_value(&[]) as usize
 }
 
-/// Keeps the strongest of `candidates` (strongest first; their parameters lie at or after `layer`) whose
-/// top-1 changes on `photos` (preprocessed, N x 3 x H x W) and on transformed copies of the exemplars'
-/// originals each stay within `max_changed` of their count; none of the change (scale 0) when none does.
+/// Keeps the strongest of each part's `candidates` (strongest first; their parameters lie at or after `layer`)
+/// under which the top-1 changes on `photos` (preprocessed, N x 3 x H x W) and on transformed copies of the
+/// exemplars' originals each stay within `max_changed` of their count; none of a part (scale 0) when none
+/// does. Parts are chosen in order, each on top of the earlier parts' choices: measured with three exemplars
+/// taken in turn, one scale over all of them gave up the parts that broke nothing along with the one that did
+/// (README "Three exemplars in turn").
 pub fn guard(
     parent: &dyn Classifier,
-    mut candidates: Vec<Candidate>,
+    parts: Vec<Vec<Candidate>>,
     layer: &str,
     photos: &Tensor,
     exemplars: &Exemplars,
@@ -142,7 +152,8 @@ pub fn guard(
     let original_prefix = Prefix::new(parent, layer, &originals)?;
     let modified_prefix = Prefix::new(parent, layer, &exemplars.modified)?;
     let before = (photo_prefix.top1(parent, layer)?, original_prefix.top1(parent, layer)?);
-    progress.report(1, STEPS, f64::NAN);
+    let total = steps(parts.len());
+    progress.report(1, total, f64::NAN);
     let (photo_count, original_count) = (photos.size()[0] as usize, originals.size()[0] as usize);
     // Each part on its own budget, as the constraint a user states is two: few photos change AND the old
     // concept's clean images stay right (one budget over both let the photos' slack hide broken originals:
@@ -154,60 +165,74 @@ pub fn guard(
     let fixed = |model: &dyn Classifier| -> Result<usize, EditError> {
         Ok(n - differences(&modified_prefix.top1(model, layer)?, &wanted))
     };
-    let applied = |delta: &Delta| -> Result<Box<dyn Classifier>, EditError> {
-        let mut model = parent.share();
+    let applied = |base: &dyn Classifier, delta: &Delta| -> Result<Box<dyn Classifier>, EditError> {
+        let mut model = base.share();
         delta.apply(model.as_mut())?;
         Ok(model)
     };
-    let strongest = candidates.first().map(|c| applied(&c.delta)).transpose()?;
-    let exemplar_fixed_unscaled = match strongest {
-        Some(model) => fixed(model.as_ref())? == n,
-        None => false,
-    };
-    let report = |scale, lambda, photos_changed, originals_changed, exemplars_fixed, trials| GuardReport {
+    let mut strongest = parent.share();
+    for delta in parts.iter().filter_map(|candidates| candidates.first().map(|c| &c.delta)) {
+        strongest = applied(strongest.as_ref(), delta)?;
+    }
+    let exemplar_fixed_unscaled = !parts.is_empty() && fixed(strongest.as_ref())? == n;
+    // A budget that allows every change keeps each part's strongest candidate, measured once.
+    let everything = allowed(photo_count) >= photo_count && allowed(original_count) >= original_count;
+    let mut trials = 0;
+    let mut chosen = parent.share();
+    let mut kept = Vec::with_capacity(parts.len());
+    let mut kept_measure = (0, 0);
+    for (index, mut candidates) in parts.into_iter().enumerate() {
+        // Top-1 changes grow with the candidates' strength: a binary search for the strongest within the
+        // budget takes at most `MOST_TRIALS`. `candidates.len()` stands for none of the part.
+        let mut measured: Vec<Option<(usize, usize)>> = vec![None; candidates.len()];
+        let searched = if everything { candidates.len().min(1) } else { candidates.len() };
+        let mut part_trials = 0;
+        let low = first_within(searched, |middle| {
+            if progress.cancelled() {
+                return Err(EditError::Cancelled);
+            }
+            let model = applied(chosen.as_ref(), &candidates[middle].delta)?;
+            let photos_changed = differences(&photo_prefix.top1(model.as_ref(), layer)?, &before.0);
+            let originals_changed = differences(&original_prefix.top1(model.as_ref(), layer)?, &before.1);
+            part_trials += 1;
+            progress.report(1 + index * MOST_TRIALS + part_trials, total, f64::NAN);
+            measured[middle] = Some((photos_changed, originals_changed));
+            Ok(within(photos_changed, originals_changed))
+        })?;
+        trials += part_trials;
+        let part = match measured.get(low).copied().flatten() {
+            Some(measure) => {
+                kept_measure = measure;
+                candidates.swap_remove(low)
+            }
+            None => {
+                let none = candidates.pop().ok_or_else(|| EditError::Invalid("nothing to guard".into()))?;
+                Candidate { delta: none.delta.scaled(0.0), scale: 0.0, lambda: None }
+            }
+        };
+        chosen = applied(chosen.as_ref(), &part.delta)?;
+        kept.push(part);
+    }
+    progress.report(total, total, f64::NAN);
+    let scales: Vec<f64> = kept.iter().map(|part| part.scale).collect();
+    let scale = scales.iter().sum::<f64>() / scales.len().max(1) as f64;
+    let lambda = if scale > 0.0 { kept.first().and_then(|part| part.lambda) } else { None };
+    let exemplars_fixed = fixed(chosen.as_ref())?;
+    let report = GuardReport {
         scale,
+        scales: if scales.len() > 1 { scales } else { Vec::new() },
         lambda,
         trials,
         max_changed,
         photos: photo_count,
-        photos_changed,
+        photos_changed: kept_measure.0,
         originals: original_count,
-        originals_changed,
+        originals_changed: kept_measure.1,
         exemplar_fixed: exemplars_fixed == n,
         exemplars_fixed,
         exemplar_fixed_unscaled,
     };
-    // Top-1 changes grow with the candidates' strength: a binary search for the strongest within the budget
-    // takes at most `MOST_TRIALS`. `candidates.len()` stands for the parent itself.
-    let mut measured: Vec<Option<GuardReport>> = (0..=candidates.len()).map(|_| None).collect();
-    // A budget that allows every change keeps the strongest candidate, measured once.
-    let everything = allowed(photo_count) >= photo_count && allowed(original_count) >= original_count;
-    let searched = if everything { 1 } else { candidates.len() };
-    let mut trials = 0;
-    let low = first_within(searched, |middle| {
-        if progress.cancelled() {
-            return Err(EditError::Cancelled);
-        }
-        let candidate = &candidates[middle];
-        let model = applied(&candidate.delta)?;
-        let photos_changed = differences(&photo_prefix.top1(model.as_ref(), layer)?, &before.0);
-        let originals_changed = differences(&original_prefix.top1(model.as_ref(), layer)?, &before.1);
-        trials += 1;
-        progress.report(1 + trials, STEPS, f64::NAN);
-        let found =
-            report(candidate.scale, candidate.lambda, photos_changed, originals_changed, fixed(model.as_ref())?, 0);
-        measured[middle] = Some(found);
-        Ok(within(photos_changed, originals_changed))
-    })?;
-    progress.report(STEPS, STEPS, f64::NAN);
-    if let Some(Some(found)) = measured.get_mut(low).map(Option::take) {
-        let kept = candidates.swap_remove(low);
-        return Ok((kept.delta, GuardReport { trials, ..found }));
-    }
-    let parent_report = report(0.0, None, 0, 0, fixed(parent)?, trials);
-    let nothing =
-        candidates.pop().map(|c| c.delta.scaled(0.0)).ok_or_else(|| EditError::Invalid("nothing to guard".into()))?;
-    Ok((nothing, parent_report))
+    Ok((Delta::combined(kept.into_iter().map(|part| part.delta).collect()), report))
 }
 
 /// The first of `count` candidates for which `within` holds (`count` when none), by binary search: the

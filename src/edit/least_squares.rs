@@ -242,6 +242,8 @@ pub(super) fn in_turn(params: &EditParams, exemplars: &Exemplars) -> bool {
 /// layers (dense, or a gated change per layer, each solved after the earlier ones at their solved strength
 /// and each applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`].
 ///
+/// The change comes in parts, one per exemplar taken in turn (else one), for the guard to scale each.
+///
 /// The gated rewrite takes several exemplars in turn: each one's layers are solved on the model the earlier
 /// exemplars' changes edit as the version will, with gates of its own, holding the other exemplars'
 /// originals as its own, so that each exemplar's look of the new concept gets its gates and a later exemplar
@@ -255,7 +257,7 @@ pub(super) fn run_layers(
     params: &EditParams,
     statistics: &[&SecondMoment],
     progress: &dyn Progress,
-) -> Result<(Delta, EditMetrics), EditError> {
+) -> Result<(Vec<Delta>, EditMetrics), EditError> {
     let in_turn = in_turn(params, exemplars);
     let groups = if in_turn {
         (0..exemplars.count()).map(|i| exemplars.one(i)).collect()
@@ -263,13 +265,14 @@ pub(super) fn run_layers(
         vec![exemplars.shallow_clone()]
     };
     let mut edited = model.share();
-    let mut changes = Vec::new();
+    let mut parts = Vec::new();
     let mut combined: Option<EditMetrics> = None;
     let layer_count = params.layers().count();
     let count = groups.len() * layer_count;
     for (g, group) in groups.iter().enumerate() {
         let others = in_turn.then(|| exemplars.except(g));
         let mut solved_changes = Vec::new();
+        let mut changes = Vec::new();
         for (i, layer) in params.layers().enumerate() {
             let at = EditParams { layer: layer.to_string(), following_layers: Vec::new(), ..params.clone() };
             // Each solve's steps after the earlier ones', so that the edit's progress only moves forward.
@@ -304,9 +307,10 @@ pub(super) fn run_layers(
                 change.scaled(gate::GAIN - 1.0).apply(edited.as_mut())?;
             }
         }
+        parts.push(Delta::combined(changes));
     }
     let metrics = combined.ok_or_else(|| EditError::Invalid("an edit needs a layer".into()))?;
-    Ok((Delta::combined(changes), metrics))
+    Ok((parts, metrics))
 }
 
 #[cfg(test)]

@@ -381,38 +381,41 @@ pub fn edit(
     let first_statistics = statistics.first().copied();
     tch::manual_seed(params.seed);
     let started = Instant::now();
-    let solving = Stage::new(progress, 0, if budget.is_some() { guard::STEPS } else { 0 });
+    let in_turn = least_squares::in_turn(params, exemplars);
+    let parts = if in_turn { exemplars.count() } else { 1 };
+    let solving = Stage::new(progress, 0, if budget.is_some() { guard::steps(parts) } else { 0 });
     let progress = &solving;
-    // The change, and weaker ones the guard may fall back on before it scales the weakest down.
-    let (delta, mut metrics, weaker) = match (params.method, params.solver) {
+    let lambda =
+        (params.solver.is_least_squares() && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
+    // The change's parts, each with weaker ones the guard may fall back on before it scales the weakest down.
+    let (parts, mut metrics): (Vec<(Delta, Vec<Candidate>)>, EditMetrics) = match (params.method, params.solver) {
         // Several layers, or several exemplars of the gated rewrite (each in turn).
-        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares)
-            if layer_count > 1 || least_squares::in_turn(params, exemplars) =>
-        {
-            let (delta, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
-            (delta, metrics, Vec::new())
+        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) if layer_count > 1 || in_turn => {
+            let (parts, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
+            (parts.into_iter().map(|part| (part, Vec::new())).collect(), metrics)
         }
         (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) => {
             let solved = least_squares::run(model, exemplars, params, first_statistics, true, None, progress)?;
             let weaker =
                 solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
-            (solved.delta, solved.metrics, weaker)
+            (vec![(solved.delta, weaker)], solved.metrics)
         }
         (Method::Rewrite, _) => {
             let whitening = first_statistics.map(SecondMoment::whitening);
             let (delta, metrics) = rewrite::run(model, exemplars, params, whitening.as_ref(), progress)?;
-            (delta, metrics, Vec::new())
+            (vec![(delta, Vec::new())], metrics)
         }
         (Method::FinetuneLocal | Method::FinetuneGlobal, _) => {
             let (delta, metrics) = finetune::run(model, exemplars, params, progress)?;
-            (delta, metrics, Vec::new())
+            (vec![(delta, Vec::new())], metrics)
         }
     };
     let delta = match budget {
         Some(budget) => {
-            let lambda =
-                (params.solver.is_least_squares() && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
-            let candidates = guard::candidates(Candidate::solved(delta, lambda), weaker);
+            let candidates = parts
+                .into_iter()
+                .map(|(delta, weaker)| guard::candidates(Candidate::solved(delta, lambda), weaker))
+                .collect();
             let photos = budget.photos.to_device(exemplars.original.device());
             let guarding = Stage::new(solving.whole, solving.end(), 0);
             let (kept, report) =
@@ -420,7 +423,7 @@ pub fn edit(
             metrics.guard = Some(report);
             kept
         }
-        None => delta,
+        None => Delta::combined(parts.into_iter().map(|(delta, _)| delta).collect()),
     };
     metrics.seconds = started.elapsed().as_secs_f64();
     metrics.delta_norm = delta.norm();
