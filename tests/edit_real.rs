@@ -9,8 +9,8 @@ use std::process::Command;
 
 use common::{foolbox_photos, model_dir, preprocess_batch, root, striped_exemplar, LIMITS};
 use editserve::cli::statistics_for;
-use editserve::edit::guard::{candidates, guard, Candidate};
-use editserve::edit::{edit, Delta, EditParams, Exemplars, Method, Progress, Silent, Solver};
+use editserve::edit::guard::Guard;
+use editserve::edit::{edit, Delta, EditParams, Exemplars, Keep, Method, Part, Progress, Silent, Solver};
 use editserve::imaging::decode;
 use editserve::models::layers::{Gate, GatedChange};
 use editserve::models::{load_package, Classifier, ModelPackage};
@@ -209,9 +209,12 @@ fn the_guard_scales_down_the_part_that_breaks_and_keeps_the_one_that_does_not() 
         if breaking_first {
             parts.reverse();
         }
-        let candidates =
-            parts.into_iter().map(|delta| candidates(Candidate::solved(delta, None), Vec::new())).collect();
-        let (kept, report) = guard(model.as_ref(), candidates, layer, &photos, &exemplars, 0.1, &Silent).unwrap();
+        let mut guard = Guard::new(model.as_ref(), layer, &photos, &exemplars, 0.1);
+        let kept: Vec<Delta> = parts
+            .into_iter()
+            .map(|delta| guard.keep(Part { delta, lambda: None, weaker: Vec::new() }, &Silent).unwrap())
+            .collect();
+        let report = guard.report().unwrap();
         let (harmless_at, breaking_at) = if breaking_first { (1, 0) } else { (0, 1) };
         assert_eq!(report.scales.len(), 2, "{report:?}");
         assert_eq!(report.scales[harmless_at], 1.0, "the harmless part is kept whole: {report:?}");
@@ -220,9 +223,9 @@ fn the_guard_scales_down_the_part_that_breaks_and_keeps_the_one_that_does_not() 
             report.photos_changed <= 2 && report.originals_changed as f64 <= 0.1 * report.originals as f64,
             "{report:?}"
         );
-        // The kept change is the two parts at their scales, and changes the photos the report counts.
+        // The kept parts are the two at their scales, and change the photos the report counts.
         let mut edited = model.duplicate();
-        kept.apply(edited.as_mut()).unwrap();
+        kept.iter().for_each(|part| part.apply(edited.as_mut()).unwrap());
         let changed =
             top1(model.as_ref(), &photos).iter().zip(top1(edited.as_ref(), &photos)).filter(|(a, b)| **a != *b).count();
         assert_eq!(changed, report.photos_changed, "{report:?}");

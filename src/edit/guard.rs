@@ -9,7 +9,7 @@ use serde::Serialize;
 use tch::{Kind, Tensor};
 
 use super::augment::augmented;
-use super::{edit_blocks, Delta, EditError, Exemplars, Progress};
+use super::{edit_blocks, Delta, EditError, Exemplars, Keep, Part, Progress};
 use crate::models::{Classifier, EditBlock};
 use utoipa::ToSchema;
 
@@ -24,8 +24,8 @@ const MAX_ORIGINAL_COPIES: usize = 96;
 /// 9 scales: 14).
 const MOST_TRIALS: usize = 4;
 
-/// What an edit's progress counts for its guard: running the check images up to the layer, then the trials
-/// of each of its `parts`.
+/// What an edit's progress counts for its guard: running the check images up to the layer (with the first
+/// part), then the trials of each of its `parts`.
 pub fn steps(parts: usize) -> usize {
     1 + parts * MOST_TRIALS
 }
@@ -89,15 +89,17 @@ pub struct GuardReport {
 /// Images run up to `layer` by the parent, in chunks.
 struct Prefix {
     blocks: Vec<EditBlock>,
+    count: usize,
 }
 
 impl Prefix {
     fn new(parent: &dyn Classifier, layer: &str, images: &Tensor) -> Result<Self, EditError> {
         let _guard = tch::no_grad_guard();
-        if images.size()[0] == 0 {
-            return Ok(Self { blocks: Vec::new() });
+        let count = images.size()[0] as usize;
+        if count == 0 {
+            return Ok(Self { blocks: Vec::new(), count });
         }
-        Ok(Self { blocks: edit_blocks(parent, images, layer)? })
+        Ok(Self { blocks: edit_blocks(parent, images, layer)?, count })
     }
 
     /// The top-1 of each image under `model` (the parent, or the parent with a change at or after `layer`).
@@ -123,86 +125,170 @@ fn differences(a: &Tensor, b: &Tensor) -> usize {
     a.ne_tensor(b).sum(Kind::Int64).int64_value(&[]) as usize
 }
 
-/// Keeps the strongest of each part's `candidates` (strongest first; their parameters lie at or after `layer`)
-/// under which the top-1 changes on `photos` (preprocessed, N x 3 x H x W) and on transformed copies of the
-/// exemplars' originals each stay within `max_changed` of their count; none of a part (scale 0) when none
-/// does. Parts are chosen in order, each on top of the earlier parts' choices: measured with three exemplars
-/// taken in turn, one scale over all of them gave up the parts that broke nothing along with the one that did
-/// (README "Three exemplars in turn").
-pub fn guard(
-    parent: &dyn Classifier,
-    parts: Vec<Vec<Candidate>>,
-    layer: &str,
-    photos: &Tensor,
-    exemplars: &Exemplars,
+/// The check images run up to the edited layer, and the parent's answers on them.
+struct Prepared {
+    photos: Prefix,
+    originals: Prefix,
+    modified: Prefix,
+    /// The parent's top-1 on the photos and on the originals' copies, and on the original exemplars.
+    before: (Tensor, Tensor),
+    wanted: Tensor,
+}
+
+/// The breakage guard of one edit: keeps the strongest of each part's candidates (strongest first; their
+/// parameters lie at or after `layer`) under which the top-1 changes on `photos` (preprocessed,
+/// N x 3 x H x W) and on transformed copies of the exemplars' originals each stay within `max_changed` of
+/// their count; none of a part (scale 0) when none does. Each part is judged on top of the earlier parts as
+/// kept: measured with three exemplars taken in turn, one scale over all of them gave up the parts that broke
+/// nothing along with the one that did (README "Three exemplars in turn").
+pub struct Guard<'a> {
+    parent: &'a dyn Classifier,
+    layer: &'a str,
+    photos: &'a Tensor,
+    exemplars: &'a Exemplars,
     max_changed: f64,
-    progress: &dyn Progress,
-) -> Result<(Delta, GuardReport), EditError> {
-    let n = exemplars.original.size()[0] as usize;
-    let copies = ORIGINAL_COPIES.min(MAX_ORIGINAL_COPIES / n.max(1)).max(1);
-    let wanted = Prefix::new(parent, layer, &exemplars.original)?.top1(parent, layer)?;
-    // Copies the parent reads as it reads their exemplar: the old concept's images that are classified
-    // right. A crop that lost the object is ambiguous and flips at any change; it says nothing of breakage.
-    let copies_of = augmented(exemplars, copies).original;
-    let read_as = tch::no_grad(|| parent.forward(&copies_of).argmax(-1, false));
-    let expected = wanted.repeat_interleave_self_int(copies as i64, 0, None);
-    let consistent = read_as.eq_tensor(&expected).nonzero().squeeze_dim(1);
-    let originals = copies_of.index_select(0, &consistent);
-    let photo_prefix = Prefix::new(parent, layer, photos)?;
-    let original_prefix = Prefix::new(parent, layer, &originals)?;
-    let modified_prefix = Prefix::new(parent, layer, &exemplars.modified)?;
-    let before = (photo_prefix.top1(parent, layer)?, original_prefix.top1(parent, layer)?);
-    let total = steps(parts.len());
-    progress.report(1, total, f64::NAN);
-    let (photo_count, original_count) = (photos.size()[0] as usize, originals.size()[0] as usize);
-    // Each part on its own budget, as the constraint a user states is two: few photos change AND the old
-    // concept's clean images stay right (one budget over both let the photos' slack hide broken originals:
-    // measured, README "Edit quality").
-    let allowed = |count: usize| (max_changed * count as f64 + 1e-9).floor() as usize;
-    let within = |photos_changed: usize, originals_changed: usize| {
-        photos_changed <= allowed(photo_count) && originals_changed <= allowed(original_count)
-    };
-    let fixed = |model: &dyn Classifier| -> Result<usize, EditError> {
-        Ok(n - differences(&modified_prefix.top1(model, layer)?, &wanted))
-    };
-    let applied = |base: &dyn Classifier, delta: &Delta| -> Result<Box<dyn Classifier>, EditError> {
-        let mut model = base.share();
-        delta.apply(model.as_mut())?;
-        Ok(model)
-    };
-    let mut strongest = parent.share();
-    for delta in parts.iter().filter_map(|candidates| candidates.first().map(|c| &c.delta)) {
-        strongest = applied(strongest.as_ref(), delta)?;
+    /// Made with the first part (it is most of the guard's time, and counts in its progress).
+    prepared: Option<Prepared>,
+    trials: usize,
+    /// The parts kept (their scale and statistics weight), and the top-1 changes with all of them.
+    kept: Vec<(f64, Option<f64>)>,
+    changed: (usize, usize),
+    /// The parent with the parts as kept so far (what the next part is judged on), and as solved.
+    edited: Box<dyn Classifier>,
+    unscaled: Box<dyn Classifier>,
+}
+
+fn applied(base: &dyn Classifier, delta: &Delta) -> Result<Box<dyn Classifier>, EditError> {
+    let mut model = base.share();
+    delta.apply(model.as_mut())?;
+    Ok(model)
+}
+
+impl<'a> Guard<'a> {
+    pub fn new(
+        parent: &'a dyn Classifier,
+        layer: &'a str,
+        photos: &'a Tensor,
+        exemplars: &'a Exemplars,
+        max_changed: f64,
+    ) -> Self {
+        Self {
+            parent,
+            layer,
+            photos,
+            exemplars,
+            max_changed,
+            prepared: None,
+            trials: 0,
+            kept: Vec::new(),
+            changed: (0, 0),
+            edited: parent.share(),
+            unscaled: parent.share(),
+        }
     }
-    let exemplar_fixed_unscaled = !parts.is_empty() && fixed(strongest.as_ref())? == n;
-    // A budget that allows every change keeps each part's strongest candidate, measured once.
-    let everything = allowed(photo_count) >= photo_count && allowed(original_count) >= original_count;
-    let mut trials = 0;
-    let mut chosen = parent.share();
-    let mut kept = Vec::with_capacity(parts.len());
-    let mut kept_measure = (0, 0);
-    for (index, mut candidates) in parts.into_iter().enumerate() {
+
+    fn prepare(&self) -> Result<Prepared, EditError> {
+        let (parent, layer, exemplars) = (self.parent, self.layer, self.exemplars);
+        let n = exemplars.count();
+        let copies = ORIGINAL_COPIES.min(MAX_ORIGINAL_COPIES / n.max(1)).max(1);
+        let wanted = Prefix::new(parent, layer, &exemplars.original)?.top1(parent, layer)?;
+        // Copies the parent reads as it reads their exemplar: the old concept's images that are classified
+        // right. A crop that lost the object is ambiguous and flips at any change; it says nothing of breakage.
+        let copies_of = augmented(exemplars, copies).original;
+        let read_as = tch::no_grad(|| parent.forward(&copies_of).argmax(-1, false));
+        let expected = wanted.repeat_interleave_self_int(copies as i64, 0, None);
+        let consistent = read_as.eq_tensor(&expected).nonzero().squeeze_dim(1);
+        let photos = Prefix::new(parent, layer, self.photos)?;
+        let originals = Prefix::new(parent, layer, &copies_of.index_select(0, &consistent))?;
+        let modified = Prefix::new(parent, layer, &exemplars.modified)?;
+        let before = (photos.top1(parent, layer)?, originals.top1(parent, layer)?);
+        Ok(Prepared { photos, originals, modified, before, wanted })
+    }
+
+    /// What the guard found over the parts kept so far, recorded in the version's metrics.
+    pub fn report(&self) -> Result<GuardReport, EditError> {
+        let n = self.exemplars.count();
+        let fixed = |model: &dyn Classifier| -> Result<usize, EditError> {
+            match &self.prepared {
+                Some(p) => Ok(n - differences(&p.modified.top1(model, self.layer)?, &p.wanted)),
+                None => Ok(0),
+            }
+        };
+        let scales: Vec<f64> = self.kept.iter().map(|(scale, _)| *scale).collect();
+        let scale = scales.iter().sum::<f64>() / scales.len().max(1) as f64;
+        let exemplars_fixed = fixed(self.edited.as_ref())?;
+        let (photos, originals) = match &self.prepared {
+            Some(p) => (p.photos.count, p.originals.count),
+            None => (0, 0),
+        };
+        Ok(GuardReport {
+            scale,
+            lambda: if scale > 0.0 { self.kept.first().and_then(|(_, lambda)| *lambda) } else { None },
+            scales: if scales.len() > 1 { scales } else { Vec::new() },
+            trials: self.trials,
+            max_changed: self.max_changed,
+            photos,
+            photos_changed: self.changed.0,
+            originals,
+            originals_changed: self.changed.1,
+            exemplar_fixed: exemplars_fixed == n,
+            exemplars_fixed,
+            exemplar_fixed_unscaled: fixed(self.unscaled.as_ref())? == n,
+        })
+    }
+}
+
+impl Keep for Guard<'_> {
+    fn steps(&self, index: usize) -> usize {
+        MOST_TRIALS + usize::from(index == 0)
+    }
+
+    fn keep(&mut self, part: Part, progress: &dyn Progress) -> Result<Delta, EditError> {
+        let total = self.steps(self.kept.len());
+        let prepared = match self.prepared.take() {
+            Some(prepared) => prepared,
+            None => {
+                let prepared = self.prepare()?;
+                progress.report(1, total, f64::NAN);
+                prepared
+            }
+        };
+        let done = total - MOST_TRIALS;
+        let weaker = part.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
+        let mut candidates = candidates(Candidate::solved(part.delta, part.lambda), weaker);
+        self.unscaled = applied(self.unscaled.as_ref(), &candidates[0].delta)?;
+        let (photo_count, original_count) = (prepared.photos.count, prepared.originals.count);
+        // Each part on its own budget, as the constraint a user states is two: few photos change AND the old
+        // concept's clean images stay right (one budget over both let the photos' slack hide broken originals:
+        // measured, README "Edit quality").
+        let allowed = |count: usize| (self.max_changed * count as f64 + 1e-9).floor() as usize;
+        // A budget that allows every change keeps the strongest candidate, measured once.
+        let everything = allowed(photo_count) >= photo_count && allowed(original_count) >= original_count;
+        let searched = if everything { 1 } else { candidates.len() };
+        let (layer, edited) = (self.layer, self.edited.as_ref());
+        let mut measured: Vec<Option<(usize, usize)>> = vec![None; candidates.len()];
+        let mut trials = 0;
         // Top-1 changes grow with the candidates' strength: a binary search for the strongest within the
         // budget takes at most `MOST_TRIALS`. `candidates.len()` stands for none of the part.
-        let mut measured: Vec<Option<(usize, usize)>> = vec![None; candidates.len()];
-        let searched = if everything { candidates.len().min(1) } else { candidates.len() };
-        let mut part_trials = 0;
         let low = first_within(searched, |middle| {
             if progress.cancelled() {
                 return Err(EditError::Cancelled);
             }
-            let model = applied(chosen.as_ref(), &candidates[middle].delta)?;
-            let photos_changed = differences(&photo_prefix.top1(model.as_ref(), layer)?, &before.0);
-            let originals_changed = differences(&original_prefix.top1(model.as_ref(), layer)?, &before.1);
-            part_trials += 1;
-            progress.report(1 + index * MOST_TRIALS + part_trials, total, f64::NAN);
+            let model = applied(edited, &candidates[middle].delta)?;
+            let photos_changed = differences(&prepared.photos.top1(model.as_ref(), layer)?, &prepared.before.0);
+            let originals_changed = differences(&prepared.originals.top1(model.as_ref(), layer)?, &prepared.before.1);
+            trials += 1;
+            progress.report(done + trials, total, f64::NAN);
             measured[middle] = Some((photos_changed, originals_changed));
-            Ok(within(photos_changed, originals_changed))
-        })?;
-        trials += part_trials;
-        let part = match measured.get(low).copied().flatten() {
-            Some(measure) => {
-                kept_measure = measure;
+            Ok(photos_changed <= allowed(photo_count) && originals_changed <= allowed(original_count))
+        });
+        self.prepared = Some(prepared);
+        let low = low?;
+        self.trials += trials;
+        progress.report(total, total, f64::NAN);
+        let kept = match measured.get(low).copied().flatten() {
+            Some(changed) => {
+                self.changed = changed;
                 candidates.swap_remove(low)
             }
             None => {
@@ -210,29 +296,10 @@ pub fn guard(
                 Candidate { delta: none.delta.scaled(0.0), scale: 0.0, lambda: None }
             }
         };
-        chosen = applied(chosen.as_ref(), &part.delta)?;
-        kept.push(part);
+        self.edited = applied(self.edited.as_ref(), &kept.delta)?;
+        self.kept.push((kept.scale, kept.lambda));
+        Ok(kept.delta)
     }
-    progress.report(total, total, f64::NAN);
-    let scales: Vec<f64> = kept.iter().map(|part| part.scale).collect();
-    let scale = scales.iter().sum::<f64>() / scales.len().max(1) as f64;
-    let lambda = if scale > 0.0 { kept.first().and_then(|part| part.lambda) } else { None };
-    let exemplars_fixed = fixed(chosen.as_ref())?;
-    let report = GuardReport {
-        scale,
-        scales: if scales.len() > 1 { scales } else { Vec::new() },
-        lambda,
-        trials,
-        max_changed,
-        photos: photo_count,
-        photos_changed: kept_measure.0,
-        originals: original_count,
-        originals_changed: kept_measure.1,
-        exemplar_fixed: exemplars_fixed == n,
-        exemplars_fixed,
-        exemplar_fixed_unscaled,
-    };
-    Ok((Delta::combined(kept.into_iter().map(|part| part.delta).collect()), report))
 }
 
 /// The first of `count` candidates for which `within` holds (`count` when none), by binary search: the

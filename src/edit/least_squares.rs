@@ -18,7 +18,9 @@ use super::augment::augmented;
 use super::mask::{key_weights, loss_weights};
 use super::rewrite::{linear_targets, per_position};
 use super::statistics::SecondMoment;
-use super::{edit_block, gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Progress, Solver, Stage};
+use super::{
+    edit_block, gate, Delta, EditError, EditMetrics, EditParams, Exemplars, Keep, Part, Progress, Solver, Stage,
+};
 use crate::models::layers::GatedChange;
 use crate::models::Classifier;
 
@@ -240,12 +242,11 @@ pub(super) fn in_turn(params: &EditParams, exemplars: &Exemplars) -> bool {
 /// layer takes up what the earlier ones left of the target (measured: two adjacent layers correct more
 /// within the same breakage budget than either alone, README "Edit quality"). One change over all the
 /// layers (dense, or a gated change per layer, each solved after the earlier ones at their solved strength
-/// and each applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`].
-///
-/// The change comes in parts, one per exemplar taken in turn (else one), for the guard to scale each.
+/// and each applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`]. The change comes in
+/// parts, one per exemplar taken in turn (else one), each kept by `keep` before the next is solved.
 ///
 /// The gated rewrite takes several exemplars in turn: each one's layers are solved on the model the earlier
-/// exemplars' changes edit as the version will, with gates of its own, holding the other exemplars'
+/// exemplars' changes edit as the version will (as the guard kept them), with gates of its own, holding the other exemplars'
 /// originals as its own, so that each exemplar's look of the new concept gets its gates and a later exemplar
 /// takes up what the earlier ones left. Measured with three exemplars against one solve and one gate over all
 /// of them (README "Three exemplars in turn"): 14.3 against 6.9% of the errors corrected on road->snow, 30.2
@@ -256,33 +257,36 @@ pub(super) fn run_layers(
     exemplars: &Exemplars,
     params: &EditParams,
     statistics: &[&SecondMoment],
+    keep: &mut dyn Keep,
     progress: &dyn Progress,
-) -> Result<(Vec<Delta>, EditMetrics), EditError> {
+) -> Result<(Delta, EditMetrics), EditError> {
     let in_turn = in_turn(params, exemplars);
     let groups = if in_turn {
         (0..exemplars.count()).map(|i| exemplars.one(i)).collect()
     } else {
         vec![exemplars.shallow_clone()]
     };
-    let mut edited = model.share();
+    // The parent with the parts as kept so far: what the next exemplar is solved on.
+    let mut kept_model = model.share();
     let mut parts = Vec::new();
     let mut combined: Option<EditMetrics> = None;
     let layer_count = params.layers().count();
-    let count = groups.len() * layer_count;
+    // Each part's steps (its solves, then keeping it) after the earlier parts', so that progress only moves forward.
+    let part_steps: Vec<usize> = (0..groups.len()).map(|g| layer_count * SOLVE_STEPS + keep.steps(g)).collect();
+    let total: usize = part_steps.iter().sum();
     for (g, group) in groups.iter().enumerate() {
         let others = in_turn.then(|| exemplars.except(g));
-        let mut solved_changes = Vec::new();
+        let start: usize = part_steps[..g].iter().sum();
+        let mut edited = kept_model.share();
         let mut changes = Vec::new();
         for (i, layer) in params.layers().enumerate() {
             let at = EditParams { layer: layer.to_string(), following_layers: Vec::new(), ..params.clone() };
-            // Each solve's steps after the earlier ones', so that the edit's progress only moves forward.
-            let step = g * layer_count + i;
-            let stage = Stage::new(progress, step * SOLVE_STEPS, (count - 1 - step) * SOLVE_STEPS);
+            let before = start + i * SOLVE_STEPS;
+            let stage = Stage::new(progress, before, total - before - SOLVE_STEPS);
             let solved = run(edited.as_ref(), group, &at, statistics.get(i).copied(), false, others.as_ref(), &stage)?;
+            // The next layer is solved on this one's change at its solved strength.
             let gated = matches!(solved.delta, Delta::Gated { .. });
-            let at_solved_strength = solved.delta.scaled(if gated { 1.0 / gate::GAIN } else { 1.0 });
-            at_solved_strength.apply(edited.as_mut())?;
-            solved_changes.push(at_solved_strength);
+            solved.delta.scaled(if gated { 1.0 / gate::GAIN } else { 1.0 }).apply(edited.as_mut())?;
             changes.push(solved.delta);
             // Each layer's error is in its own units: the first solve's stands for the edit, all are in the notes.
             let m = &solved.metrics;
@@ -301,16 +305,15 @@ pub(super) fn run_layers(
                 }
             });
         }
-        if in_turn {
-            // The next exemplar is solved on the model this one's changes edit as the version will.
-            for change in &solved_changes {
-                change.scaled(gate::GAIN - 1.0).apply(edited.as_mut())?;
-            }
-        }
-        parts.push(Delta::combined(changes));
+        let before = start + layer_count * SOLVE_STEPS;
+        let keeping = Stage::new(progress, before, total - before - keep.steps(g));
+        let part = Part { delta: Delta::combined(changes), lambda: Some(LAMBDA), weaker: Vec::new() };
+        let kept = keep.keep(part, &keeping)?;
+        kept.apply(kept_model.as_mut())?;
+        parts.push(kept);
     }
     let metrics = combined.ok_or_else(|| EditError::Invalid("an edit needs a layer".into()))?;
-    Ok((parts, metrics))
+    Ok((Delta::combined(parts), metrics))
 }
 
 #[cfg(test)]

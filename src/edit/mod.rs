@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use thiserror::Error;
 
 pub use delta::Delta;
-use guard::Candidate;
+use guard::Guard;
 pub use guard::GuardReport;
 pub use rewrite::{compose, directions, project};
 
@@ -363,8 +363,43 @@ pub struct EditResult {
     pub metrics: EditMetrics,
 }
 
-/// Runs one edit on `model` (which is not changed), then scales it to the budget when there is one.
-/// `statistics` holds the keys' second moment at each of `params.layers()`; empty means C = identity.
+/// A change an edit solves and keeps or scales as one (all of it, or one exemplar's taken in turn), with the
+/// weaker solutions the guard may fall back on before it scales the weakest down.
+pub struct Part {
+    pub delta: Delta,
+    /// The statistics weight of a least-squares solution, and the weaker solutions' with theirs.
+    pub lambda: Option<f64>,
+    pub weaker: Vec<(f64, Delta)>,
+}
+
+impl Part {
+    fn whole(delta: Delta) -> Self {
+        Self { delta, lambda: None, weaker: Vec::new() }
+    }
+}
+
+/// What becomes of each part of an edit once solved, in order: kept whole, or what the breakage guard
+/// keeps of it on top of the earlier parts as kept.
+pub trait Keep {
+    /// The progress steps `keep` counts for the part at `index`.
+    fn steps(&self, index: usize) -> usize;
+    fn keep(&mut self, part: Part, progress: &dyn Progress) -> Result<Delta, EditError>;
+}
+
+/// Every part whole: an edit without a budget.
+struct Whole;
+
+impl Keep for Whole {
+    fn steps(&self, _: usize) -> usize {
+        0
+    }
+    fn keep(&mut self, part: Part, _: &dyn Progress) -> Result<Delta, EditError> {
+        Ok(part.delta)
+    }
+}
+
+/// Runs one edit on `model` (which is not changed), and scales each of its parts to the budget when there is
+/// one. `statistics` holds the keys' second moment at each of `params.layers()`; empty means C = identity.
 pub fn edit(
     model: &dyn Classifier,
     exemplars: &Exemplars,
@@ -378,57 +413,57 @@ pub fn edit(
     if !statistics.is_empty() && statistics.len() != layer_count {
         return Err(EditError::Invalid(format!("{} statistics for {layer_count} layers", statistics.len())));
     }
-    let first_statistics = statistics.first().copied();
     tch::manual_seed(params.seed);
     let started = Instant::now();
-    let in_turn = least_squares::in_turn(params, exemplars);
-    let parts = if in_turn { exemplars.count() } else { 1 };
-    let solving = Stage::new(progress, 0, if budget.is_some() { guard::steps(parts) } else { 0 });
-    let progress = &solving;
-    let lambda =
-        (params.solver.is_least_squares() && params.method == Method::Rewrite).then_some(least_squares::LAMBDA);
-    // The change's parts, each with weaker ones the guard may fall back on before it scales the weakest down.
-    let (parts, mut metrics): (Vec<(Delta, Vec<Candidate>)>, EditMetrics) = match (params.method, params.solver) {
-        // Several layers, or several exemplars of the gated rewrite (each in turn).
-        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) if layer_count > 1 || in_turn => {
-            let (parts, metrics) = least_squares::run_layers(model, exemplars, params, statistics, progress)?;
-            (parts.into_iter().map(|part| (part, Vec::new())).collect(), metrics)
-        }
-        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) => {
-            let solved = least_squares::run(model, exemplars, params, first_statistics, true, None, progress)?;
-            let weaker =
-                solved.weaker.into_iter().map(|(lambda, delta)| Candidate::solved(delta, Some(lambda))).collect();
-            (vec![(solved.delta, weaker)], solved.metrics)
-        }
-        (Method::Rewrite, _) => {
-            let whitening = first_statistics.map(SecondMoment::whitening);
-            let (delta, metrics) = rewrite::run(model, exemplars, params, whitening.as_ref(), progress)?;
-            (vec![(delta, Vec::new())], metrics)
-        }
-        (Method::FinetuneLocal | Method::FinetuneGlobal, _) => {
-            let (delta, metrics) = finetune::run(model, exemplars, params, progress)?;
-            (vec![(delta, Vec::new())], metrics)
-        }
-    };
-    let delta = match budget {
+    let (delta, mut metrics) = match budget {
         Some(budget) => {
-            let candidates = parts
-                .into_iter()
-                .map(|(delta, weaker)| guard::candidates(Candidate::solved(delta, lambda), weaker))
-                .collect();
             let photos = budget.photos.to_device(exemplars.original.device());
-            let guarding = Stage::new(solving.whole, solving.end(), 0);
-            let (kept, report) =
-                guard::guard(model, candidates, &params.layer, &photos, exemplars, budget.max_changed, &guarding)?;
-            metrics.guard = Some(report);
-            kept
+            let mut guard = Guard::new(model, &params.layer, &photos, exemplars, budget.max_changed);
+            let (delta, mut metrics) = solve(model, exemplars, params, statistics, &mut guard, progress)?;
+            metrics.guard = Some(guard.report()?);
+            (delta, metrics)
         }
-        None => Delta::combined(parts.into_iter().map(|(delta, _)| delta).collect()),
+        None => solve(model, exemplars, params, statistics, &mut Whole, progress)?,
     };
     metrics.seconds = started.elapsed().as_secs_f64();
     metrics.delta_norm = delta.norm();
     metrics.layers = params.layers().map(String::from).collect();
     Ok(EditResult { delta, metrics })
+}
+
+/// The edit's change, each part solved and then kept by `keep` before the next is solved.
+fn solve(
+    model: &dyn Classifier,
+    exemplars: &Exemplars,
+    params: &EditParams,
+    statistics: &[&SecondMoment],
+    keep: &mut dyn Keep,
+    progress: &dyn Progress,
+) -> Result<(Delta, EditMetrics), EditError> {
+    let first_statistics = statistics.first().copied();
+    let solving = Stage::new(progress, 0, keep.steps(0));
+    let (part, metrics) = match (params.method, params.solver) {
+        // Several layers, or several exemplars of the gated rewrite (each in turn).
+        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares)
+            if params.layers().count() > 1 || least_squares::in_turn(params, exemplars) =>
+        {
+            return least_squares::run_layers(model, exemplars, params, statistics, keep, progress);
+        }
+        (Method::Rewrite, Solver::LeastSquares | Solver::GatedLeastSquares) => {
+            let solved = least_squares::run(model, exemplars, params, first_statistics, true, None, &solving)?;
+            (Part { delta: solved.delta, lambda: Some(least_squares::LAMBDA), weaker: solved.weaker }, solved.metrics)
+        }
+        (Method::Rewrite, _) => {
+            let whitening = first_statistics.map(SecondMoment::whitening);
+            let (delta, metrics) = rewrite::run(model, exemplars, params, whitening.as_ref(), &solving)?;
+            (Part::whole(delta), metrics)
+        }
+        (Method::FinetuneLocal | Method::FinetuneGlobal, _) => {
+            let (delta, metrics) = finetune::run(model, exemplars, params, &solving)?;
+            (Part::whole(delta), metrics)
+        }
+    };
+    Ok((keep.keep(part, &Stage::new(progress, solving.end(), 0))?, metrics))
 }
 
 #[cfg(test)]
