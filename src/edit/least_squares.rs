@@ -246,9 +246,9 @@ pub(super) fn in_turn(params: &EditParams, exemplars: &Exemplars) -> bool {
 /// parts, one per exemplar taken in turn (else one), each kept by `keep` before the next is solved.
 ///
 /// The gated rewrite takes several exemplars in turn: each one's layers are solved on the model the earlier
-/// exemplars' changes edit as the version will (as the guard kept them), with gates of its own, holding the other exemplars'
-/// originals as its own, so that each exemplar's look of the new concept gets its gates and a later exemplar
-/// takes up what the earlier ones left. Measured with three exemplars against one solve and one gate over all
+/// exemplars' changes edit as the version will (as the guard kept them), with gates of its own, holding the
+/// other exemplars' originals as its own, so that each exemplar's look of the new concept gets its gates and a
+/// later exemplar takes up what the earlier ones left. Measured with three exemplars against one solve and one gate over all
 /// of them (README "Three exemplars in turn"): 14.8 against 6.9% of the errors corrected on road->snow, 40.9
 /// against 33.8% on grass->sand, within the breakage constraint, each part kept by the guard before the next
 /// is solved (30.2% on grass->sand under one guard scale over the whole); without the held originals the guard
