@@ -301,8 +301,8 @@ impl Keep for Guard<'_> {
 
 /// The first of `count` candidates for which `within` holds (`count` when none): the strongest, else by
 /// binary search over the others, as the candidates are ordered strongest first, so that breakage only falls
-/// with the index. `within` is called
-/// once per trial, at most `MOST_TRIALS` times for the candidates an edit has.
+/// with the index. `within` is called once per trial, at most `MOST_TRIALS` times for the candidates an edit
+/// has.
 fn first_within(count: usize, mut within: impl FnMut(usize) -> Result<bool, EditError>) -> Result<usize, EditError> {
     // The strongest first: most parts fit whole (on the concept-shift benchmark every one-exemplar default edit,
     // and 11 and 13 of the 15 parts of the three-exemplar ones), and then one trial decides.
