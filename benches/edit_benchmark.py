@@ -267,6 +267,8 @@ def main():
     ap.add_argument("--item-exemplars", choices=["varied", "one-texture"],
                     help="exemplars are kept items of half the objects (the other half is scored): each trial's "
                          "exemplars show the new concept in different textures (varied) or all in one")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="each exemplar sent this many times in one edit (solved in turn on the model as kept)")
     a = ap.parse_args()
     configs = {name: CONFIGS[name] for name in a.configs.split(",")}
     counts = [int(n) for n in a.exemplars.split(",")]
@@ -319,7 +321,7 @@ def main():
                 trials = {name: [] for name in configs}
                 groups = [list(range(count))] if count > 1 else [[g] for g in one]
                 for stamp, compositions in ((stamp, g) for stamp in stamps for g in groups):
-                    ids = [exemplar_ids[(stamp, g)][0] for g in compositions]
+                    ids = [exemplar_ids[(stamp, g)][0] for g in compositions for _ in range(a.repeat)]
                     label = exemplar_ids[(stamp, 0)][1]  # items of the exemplars' objects are not scored anyway
                     made, chained = {}, {}
                     for name, body in configs.items():
