@@ -269,6 +269,8 @@ def main():
                          "exemplars show the new concept in different textures (varied) or all in one")
     ap.add_argument("--repeat", type=int, default=1,
                     help="each exemplar sent this many times in one edit (solved in turn on the model as kept)")
+    ap.add_argument("--reverse", action="store_true",
+                    help="several exemplars in the reverse of the kit's composition order (the last solved first)")
     a = ap.parse_args()
     configs = {name: CONFIGS[name] for name in a.configs.split(",")}
     counts = [int(n) for n in a.exemplars.split(",")]
@@ -322,6 +324,7 @@ def main():
                 groups = [list(range(count))] if count > 1 else [[g] for g in one]
                 for stamp, compositions in ((stamp, g) for stamp in stamps for g in groups):
                     ids = [exemplar_ids[(stamp, g)][0] for g in compositions for _ in range(a.repeat)]
+                    ids = ids[::-1] if a.reverse else ids
                     label = exemplar_ids[(stamp, 0)][1]  # items of the exemplars' objects are not scored anyway
                     made, chained = {}, {}
                     for name, body in configs.items():
