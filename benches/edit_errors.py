@@ -1,0 +1,66 @@
+"""Where the defaults' one-exemplar edits send the kit's re-textured items: fixed, newly wrong, and to which classes.
+
+    .venv/bin/python benches/edit_errors.py --server http://127.0.0.1:8080 [--case road2snow] [--body '{}']
+
+Against a live server (any build): every kept item of the case (its original classified right by version 0) is
+classified re-textured by version 0, then, for each of the kit's 15 exemplar images, by a one-exemplar edit of
+version 0 made with `--body` (the defaults unless given). Per edit it prints the errors on items of other classes,
+how many it fixes, how many items it turns wrong that version 0 read right, where those go (the exemplar's class
+or others, by name), and the totals over the 15 edits.
+"""
+import argparse
+import collections
+import json
+import os
+
+import edit_benchmark as B
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--server", required=True)
+    ap.add_argument("--case", default="road2snow")
+    ap.add_argument("--body", default="{}", help="the edit request's settings, as JSON")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/editserve-bench-dev"))
+    a = ap.parse_args()
+    api = B.Api(a.server)
+    d = os.path.join(a.cache, "bench", a.case)
+    names = json.load(open(os.path.join(B.ROOT, "models", B.MODEL, "config.json")))["labels"]
+    items = json.load(open(os.path.join(d, "items.json")))
+    originals = [os.path.join(d, "items", f"{it['id']:04d}_orig.png") for it in items]
+    kept = [it for it, top1 in zip(items, B.top1s(api, originals)) if top1 == it["label"]]
+    modified = [os.path.join(d, "items", f"{it['id']:04d}_mod.png") for it in kept]
+
+    def top1(version):
+        out = []
+        for i in range(0, len(modified), 32):
+            reply = api.multipart(f"/v1/models/{B.MODEL}/classify?top_k=1&version={version}",
+                                  [("image", (os.path.basename(p), B.read(p))) for p in modified[i:i + 32]])
+            out += [r["predictions"][0]["index"] for r in reply["results"]]
+        return out
+
+    before = top1(0)
+    totals, destinations = collections.Counter(), collections.Counter()
+    for stamp, composition, stem, label in B.kit_exemplars(d, range(5)):
+        accepted = api.call("POST", f"/v1/models/{B.MODEL}/versions",
+                            dict(json.loads(a.body), exemplars=[B.upload_exemplar(api, stem)], parent=0))
+        if api.wait(accepted["job"]["id"])["state"] != "succeeded":
+            raise RuntimeError(f"the edit from stamp {stamp}, composition {composition} failed")
+        after = top1(accepted["version"]["number"])
+        scored = [i for i, it in enumerate(kept) if it["label"] != label]
+        wrong_before = [i for i in scored if before[i] != kept[i]["label"]]
+        fixed = [i for i in wrong_before if after[i] == kept[i]["label"]]
+        broken = [i for i in scored if before[i] == kept[i]["label"] and after[i] != kept[i]["label"]]
+        to_exemplar = [i for i in broken if after[i] == label]
+        destinations.update(names[after[i]] for i in broken)
+        print(f"stamp {stamp}, composition {composition} ({names[label]}): {len(wrong_before)} errors, "
+              f"{len(fixed)} fixed, {len(broken)} right ones turned wrong ({len(to_exemplar)} to the exemplar's "
+              f"class): {', '.join(names[after[i]] for i in broken)}", flush=True)
+        totals.update(errors=len(wrong_before), fixed=len(fixed), broken=len(broken), to_exemplar=len(to_exemplar))
+    net = 100.0 * (totals["fixed"] - totals["broken"]) / max(totals["errors"], 1)
+    print(f"over the 15 edits: {dict(totals)}; net {net:.1f}% of the errors; turned wrong into: "
+          f"{', '.join(f'{n} {c}' for n, c in destinations.most_common(10))}")
+
+
+if __name__ == "__main__":
+    main()
