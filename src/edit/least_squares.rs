@@ -314,7 +314,19 @@ pub(super) fn run_layers(
         parts.push(kept);
     }
     let metrics = combined.ok_or_else(|| EditError::Invalid("an edit needs a layer".into()))?;
-    Ok((Delta::combined(parts), metrics))
+    Ok((Delta::combined(without_dropped(parts)), metrics))
+}
+
+/// The parts that change anything: one the guard dropped (scale 0) would still cost its gated convs at every
+/// inference once stored. When the guard dropped them all, the first stands for the edit (a version that
+/// changes nothing, as the guard decided, with the layers it was made at).
+fn without_dropped(parts: Vec<Delta>) -> Vec<Delta> {
+    let (kept, dropped): (Vec<Delta>, Vec<Delta>) = parts.into_iter().partition(|part| part.norm() > 0.0);
+    if kept.is_empty() {
+        dropped.into_iter().take(1).collect()
+    } else {
+        kept
+    }
 }
 
 #[cfg(test)]
@@ -377,6 +389,28 @@ mod tests {
         let identity = Tensor::eye(8, (Kind::Double, Device::Cpu));
         let dw = System::new(&new, &residual, &weight, &old, &old_weight, &identity, 1e8).solve(1e-3).unwrap();
         assert!(old.matmul(&dw.tr()).abs().max().double_value(&[]) < 1e-5);
+    }
+
+    #[test]
+    fn parts_the_guard_dropped_are_not_stored() {
+        let _rng = crate::edit::seeded(9);
+        let part = |layer: &str| {
+            let gate = crate::models::layers::Gate {
+                direction: Tensor::randn([4], (Kind::Float, Device::Cpu)),
+                closed: 0.0,
+                open: 1.0,
+            };
+            let change = Tensor::randn([2, 4, 1, 1], (Kind::Float, Device::Cpu));
+            Delta::Gated { changes: vec![(layer.to_string(), GatedChange { change, gate })] }
+        };
+        let names = |parts: &[Delta]| parts.iter().flat_map(Delta::parameter_names).collect::<Vec<_>>();
+        let (first, second, third) = (part("a"), part("b"), part("c"));
+        let kept = without_dropped(vec![first.scaled(1.0), second.scaled(0.0), third.scaled(0.5)]);
+        assert_eq!(names(&kept), ["a.weight", "c.weight"]);
+        // All dropped: the first stays, changing nothing.
+        let kept = without_dropped(vec![first.scaled(0.0), third.scaled(0.0)]);
+        assert_eq!(names(&kept), ["a.weight"]);
+        assert_eq!(kept[0].norm(), 0.0);
     }
 
     #[test]
