@@ -191,12 +191,12 @@ def start_server(port):
     raise RuntimeError("the server did not become ready")
 
 
-def top1s(api, paths):
-    """Version 0's top-1 of each image, classified over HTTP in multipart batches."""
+def top1s(api, paths, version=0):
+    """A version's top-1 of each image, classified over HTTP in multipart batches."""
     out = []
     for i in range(0, len(paths), 32):
         chunk = paths[i:i + 32]
-        reply = api.multipart(f"/v1/models/{MODEL}/classify?top_k=1&version=0",
+        reply = api.multipart(f"/v1/models/{MODEL}/classify?top_k=1&version={version}",
                               [("image", (os.path.basename(p), read(p))) for p in chunk])
         out += [r["predictions"][0]["index"] for r in reply["results"]]
     return out

@@ -30,23 +30,14 @@ def main():
     originals = [os.path.join(d, "items", f"{it['id']:04d}_orig.png") for it in items]
     kept = [it for it, top1 in zip(items, B.top1s(api, originals)) if top1 == it["label"]]
     modified = [os.path.join(d, "items", f"{it['id']:04d}_mod.png") for it in kept]
-
-    def top1(version):
-        out = []
-        for i in range(0, len(modified), 32):
-            reply = api.multipart(f"/v1/models/{B.MODEL}/classify?top_k=1&version={version}",
-                                  [("image", (os.path.basename(p), B.read(p))) for p in modified[i:i + 32]])
-            out += [r["predictions"][0]["index"] for r in reply["results"]]
-        return out
-
-    before = top1(0)
+    before = B.top1s(api, modified)
     totals, destinations = collections.Counter(), collections.Counter()
     for stamp, composition, stem, label in B.kit_exemplars(d, range(5)):
         accepted = api.call("POST", f"/v1/models/{B.MODEL}/versions",
                             dict(json.loads(a.body), exemplars=[B.upload_exemplar(api, stem)], parent=0))
         if api.wait(accepted["job"]["id"])["state"] != "succeeded":
             raise RuntimeError(f"the edit from stamp {stamp}, composition {composition} failed")
-        after = top1(accepted["version"]["number"])
+        after = B.top1s(api, modified, accepted["version"]["number"])
         scored = [i for i, it in enumerate(kept) if it["label"] != label]
         wrong_before = [i for i in scored if before[i] != kept[i]["label"]]
         fixed = [i for i in wrong_before if after[i] == kept[i]["label"]]
