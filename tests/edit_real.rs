@@ -272,6 +272,28 @@ fn a_least_squares_edit_on_top_of_a_gated_change_at_its_layer_solves_against_it(
     assert!(difference <= 1e-4 * solved_on_dense.abs().max().double_value(&[]), "the solved changes differ");
 }
 
+/// A gated change is the least-squares change times its layer's gain: the gated rewrite's own (3) from
+/// Lite0's default layer on, 1 at the blocks before the last stride-16 one, where 3 overshoots (README "An
+/// earlier layer at gain 1"). The version's notes say which.
+#[test]
+fn a_gated_change_is_the_least_squares_change_times_its_layers_gain() {
+    let package = ModelPackage::open(&model_dir()).unwrap();
+    let model = load_package(&package, Device::Cpu).unwrap();
+    let exemplars = Exemplars::from_images(&package.config.preprocessing, &[striped_exemplar(0)], Device::Cpu).unwrap();
+    for (layer, gain) in [("_blocks.5._project_conv", 1.0), ("_blocks.10._project_conv", 3.0)] {
+        let solve = |solver| {
+            let params = EditParams::new(Method::Rewrite, solver, layer);
+            edit(model.as_ref(), &exemplars, &params, &[], None, &Silent).unwrap()
+        };
+        let (gated, plain) = (solve(Solver::GatedLeastSquares), solve(Solver::LeastSquares));
+        let expected = plain.delta.dense()[0].1.view([-1]) * gain;
+        let difference = (gated.delta.dense()[0].1.view([-1]) - &expected).abs().max().double_value(&[]);
+        assert!(difference <= 1e-4 * expected.abs().max().double_value(&[]), "{layer}: not {gain} x the solve");
+        let notes = gated.metrics.approximation.unwrap_or_default();
+        assert!(notes.contains(&format!("gain {gain}")), "{layer}: the notes do not say gain {gain}: {notes}");
+    }
+}
+
 #[test]
 fn the_command_line_edits_and_classifies_with_the_delta() {
     let dir = tempfile::tempdir().unwrap();

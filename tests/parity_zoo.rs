@@ -123,6 +123,10 @@ fn efficientnet_lite_variants_equal_the_reference() {
         println!("{arch} [2, 3, {size}, {size}]: max |logit difference| vs efficientnet-lite-pytorch {diff:e}");
         assert!(diff <= TOLERANCE, "{arch}: max abs logit difference {diff}");
         check_editable_layers(model.as_ref(), blocks + 1, &format!("_blocks.{default}._project_conv"));
+        // The gated rewrite's own gain from the default layer on; 1 at the blocks before it.
+        let gain = |block: usize| model.gated_gain(&format!("_blocks.{block}._project_conv"));
+        assert_eq!((gain(0), gain(default - 1), gain(default), gain(blocks - 1)), (Some(1.0), Some(1.0), None, None));
+        assert_eq!(model.gated_gain("_conv_head"), None);
     }
 }
 

@@ -27,10 +27,11 @@ pub struct EditRequest {
     /// When absent: `gated_least_squares` for a `rewrite`, `adam` for fine-tuning. `closed_form`,
     /// `least_squares` and `gated_least_squares` only with `rewrite`, on a 1x1 conv. `least_squares`: keys of
     /// every masked position of the exemplars and of 24 transformed copies each, one covariance-weighted solve
-    /// with the originals' keys held. `gated_least_squares`: that change, tripled, applied only at positions
-    /// whose keys look like the new concept (a linear gate per layer fitted against the originals' keys and the
-    /// statistics' keys); several exemplars in turn, each with its own changes and gates, solved on the model
-    /// the earlier exemplars' changes edit, holding the other exemplars' originals.
+    /// with the originals' keys held. `gated_least_squares`: that change, tripled (as solved at the layers
+    /// where the architecture measured so: EfficientNet-Lite's blocks before the last stride-16 one), applied
+    /// only at positions whose keys look like the new concept (a linear gate per layer fitted against the
+    /// originals' keys and the statistics' keys); several exemplars in turn, each with its own changes and
+    /// gates, solved on the model the earlier exemplars' changes edit, holding the other exemplars' originals.
     pub solver: Option<Solver>,
     /// An editable layer. When neither this nor `layers` is given: the model's `default_edit_layers` for
     /// `gated_least_squares` (the default), its `default_edit_layer` otherwise.

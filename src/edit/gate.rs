@@ -20,7 +20,8 @@ pub const CLOSED_QUANTILE: f64 = 0.995;
 pub const OPEN_QUANTILE: f64 = 0.5;
 /// How much of the solved change the gated edit applies: the solve matches values at the exemplar's own
 /// looks; other looks of the concept open the gate partly, and measured, 3 corrects the most (2: 25%,
-/// 3: 33%, 4: 23% on grass->sand, nothing broken at any of them).
+/// 3: 33%, 4: 23% on grass->sand, nothing broken at any of them). An architecture may measure another gain
+/// at a layer (`Classifier::gated_gain`).
 pub const GAIN: f64 = 3.0;
 /// A position counts as the new concept where the pooled mask is at least this share of its largest value,
 /// and as the modified image's surround where it is at most `SURROUND` of it.

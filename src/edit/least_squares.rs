@@ -182,7 +182,7 @@ pub(super) fn run(
             changes: vec![(
                 layer.to_string(),
                 GatedChange {
-                    change: (l.matmul(&d) * gate::GAIN).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
+                    change: (l.matmul(&d) * gain_at(model, layer)).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
                     gate: gate.duplicate(Tensor::shallow_clone),
                 },
             )],
@@ -210,7 +210,7 @@ pub(super) fn run(
             gate::CLOSED_QUANTILE,
             if sample.is_some() { " and a sample of the statistics'" } else { "; the statistics hold no sample" },
             g.open,
-            gate::GAIN
+            gain_at(model, layer)
         ),
         (None, _) => String::new(),
     };
@@ -233,6 +233,12 @@ pub(super) fn run(
     Ok(Solved { delta: as_delta((l, d)), metrics, weaker })
 }
 
+/// How much of its solved change a gated rewrite applies at `layer`: the architecture's measured gain there,
+/// else `gate::GAIN`.
+fn gain_at(model: &dyn Classifier, layer: &str) -> f64 {
+    model.gated_gain(layer).unwrap_or(gate::GAIN)
+}
+
 /// Whether `run_layers` takes the exemplars in turn: several of them, for the gated rewrite.
 pub(super) fn in_turn(params: &EditParams, exemplars: &Exemplars) -> bool {
     params.solver == Solver::GatedLeastSquares && exemplars.count() > 1
@@ -242,8 +248,8 @@ pub(super) fn in_turn(params: &EditParams, exemplars: &Exemplars) -> bool {
 /// layer takes up what the earlier ones left of the target (measured: two adjacent layers correct more
 /// within the same breakage budget than either alone, README "Edit quality"). One change over all the
 /// layers (dense, or a gated change per layer, each solved after the earlier ones at their solved strength
-/// and each applied at `gate::GAIN`); `statistics` are per layer, as for [`super::edit`]. The change comes in
-/// parts, one per exemplar taken in turn (else one), each kept by `keep` before the next is solved.
+/// and each applied at its gain, `gain_at`); `statistics` are per layer, as for [`super::edit`]. The change
+/// comes in parts, one per exemplar taken in turn (else one), each kept by `keep` before the next is solved.
 ///
 /// The gated rewrite takes several exemplars in turn: each one's layers are solved on the model the earlier
 /// exemplars' changes edit as the version will (as the guard kept them), with gates of its own, holding the
@@ -287,7 +293,10 @@ pub(super) fn run_layers(
             let solved = run(edited.as_ref(), group, &at, statistics.get(i).copied(), false, others.as_ref(), &stage)?;
             // The next layer is solved on this one's change at its solved strength.
             let gated = matches!(solved.delta, Delta::Gated { .. });
-            solved.delta.scaled(if gated { 1.0 / gate::GAIN } else { 1.0 }).apply(edited.as_mut())?;
+            solved
+                .delta
+                .scaled(if gated { 1.0 / gain_at(edited.as_ref(), layer) } else { 1.0 })
+                .apply(edited.as_mut())?;
             changes.push(solved.delta);
             // Each layer's error is in its own units: the first solve's stands for the edit, all are in the notes.
             let m = &solved.metrics;

@@ -86,6 +86,11 @@ pub trait Classifier: Send {
     fn default_edit_layers(&self) -> Vec<String> {
         vec![self.default_edit_layer().to_string()]
     }
+    /// How much of a gated rewrite's solved change the version applies at `layer`, where the architecture
+    /// measured a gain other than the gated rewrite's own (None: that one).
+    fn gated_gain(&self, _layer: &str) -> Option<f64> {
+        None
+    }
     /// Runs the network up to the edited conv of `layer`.
     fn edit_block(&self, x: &Tensor, layer: &str) -> Result<EditBlock, ModelError>;
     /// The block that `layer` feeds, as a function of the conv weight (differentiable in it).
