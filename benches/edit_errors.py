@@ -31,7 +31,7 @@ def main():
     kept = [it for it, top1 in zip(items, B.top1s(api, originals)) if top1 == it["label"]]
     modified = [os.path.join(d, "items", f"{it['id']:04d}_mod.png") for it in kept]
     before = B.top1s(api, modified)
-    totals, destinations = collections.Counter(), collections.Counter()
+    totals, destinations, by_style = collections.Counter(), collections.Counter(), collections.defaultdict(collections.Counter)
     for stamp, composition, stem, label in B.kit_exemplars(d, range(5)):
         accepted = api.call("POST", f"/v1/models/{B.MODEL}/versions",
                             dict(json.loads(a.body), exemplars=[B.upload_exemplar(api, stem)], parent=0))
@@ -48,9 +48,14 @@ def main():
               f"{len(fixed)} fixed, {len(broken)} right ones turned wrong ({len(to_exemplar)} to the exemplar's "
               f"class): {', '.join(names[after[i]] for i in broken)}", flush=True)
         totals.update(errors=len(wrong_before), fixed=len(fixed), broken=len(broken), to_exemplar=len(to_exemplar))
+        for kind, chosen in (("scored", scored), ("errors", wrong_before), ("fixed", fixed), ("broken", broken)):
+            for i in chosen:
+                by_style[kept[i]["style"]][kind] += 1
     net = 100.0 * (totals["fixed"] - totals["broken"]) / max(totals["errors"], 1)
     print(f"over the 15 edits: {dict(totals)}; net {net:.1f}% of the errors; turned wrong into: "
           f"{', '.join(f'{n} {c}' for n, c in destinations.most_common(10))}")
+    for style, counts in sorted(by_style.items()):
+        print(f"  items on {style}: {dict(counts)}; net {100.0 * (counts['fixed'] - counts['broken']) / max(counts['errors'], 1):.1f}%")
 
 
 if __name__ == "__main__":
