@@ -5,6 +5,8 @@
         [--composition 0|1|2|all] [--kit ../shared/bench-dev] [--cache ~/.cache/editserve-bench-dev] [--json out.json] [--own-check]
         [--item-exemplars varied|one-texture] [--chain]
 
+A config is a named request (`CONFIGS`); NAME_seedN is NAME's with `"seed": N`.
+
 Builds the kit's data when missing (its fetch.sh and build.py), then, against a live server (started here on
 a fresh data directory unless --server is given), follows the kit's protocol (its README) with
 efficientnet-lite0:
@@ -90,8 +92,6 @@ CONFIGS = {
     "gated_b1": {"solver": "gated_least_squares", "layer": "_blocks.1._project_conv"},
     "gated_b2": {"solver": "gated_least_squares", "layer": "_blocks.2._project_conv"},
     "gated_b4": {"solver": "gated_least_squares", "layer": "_blocks.4._project_conv"},
-    "gated_b3_seed1": {"solver": "gated_least_squares", "layer": "_blocks.3._project_conv", "seed": 1},
-    "gated_b3_seed2": {"solver": "gated_least_squares", "layer": "_blocks.3._project_conv", "seed": 2},
     "gated_b3_5": {"solver": "gated_least_squares", "layers": ["_blocks.3._project_conv", "_blocks.5._project_conv"]},
     "gated_b3": {"solver": "gated_least_squares", "layer": "_blocks.3._project_conv"},
     "gated_b5": {"solver": "gated_least_squares", "layer": "_blocks.5._project_conv"},
@@ -99,15 +99,9 @@ CONFIGS = {
                        "layers": ["_blocks.3._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "gated_b5_10_11": {"solver": "gated_least_squares",
                        "layers": ["_blocks.5._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
-    "gated_b5_10_11_seed1": {"solver": "gated_least_squares", "seed": 1,
-                             "layers": ["_blocks.5._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
-    "gated_b5_10_11_seed2": {"solver": "gated_least_squares", "seed": 2,
-                             "layers": ["_blocks.5._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
     "gated_b7": {"solver": "gated_least_squares", "layer": "_blocks.7._project_conv"},
     "gated_b7_10_11": {"solver": "gated_least_squares",
                        "layers": ["_blocks.7._project_conv", "_blocks.10._project_conv", "_blocks.11._project_conv"]},
-    "defaults_seed1": {"seed": 1},
-    "defaults_seed2": {"seed": 2},
     "defaults_rank1": {"rank": 1},
     "defaults_rank2": {"rank": 2},
     "defaults_rank4": {"rank": 4},
@@ -123,6 +117,14 @@ CONFIGS = {
     "finetune_local": {"method": "finetune_local"},
     "finetune_global": {"method": "finetune_global"},
 }
+
+
+def config(name):
+    """The request settings of a named config; NAME_seedN is NAME's with `"seed": N` (other transformed copies)."""
+    base, _, seed = name.rpartition("_seed")
+    if name not in CONFIGS and base in CONFIGS and seed.isdigit():
+        return dict(CONFIGS[base], seed=int(seed))
+    return CONFIGS[name]
 
 
 class Api:
@@ -288,7 +290,7 @@ def main():
     ap.add_argument("--reverse", action="store_true",
                     help="several exemplars in the reverse of the kit's composition order (the last solved first)")
     a = ap.parse_args()
-    configs = {name: CONFIGS[name] for name in a.configs.split(",")}
+    configs = {name: config(name) for name in a.configs.split(",")}
     counts = [int(n) for n in a.exemplars.split(",")]
     stamps = [int(s) for s in a.stamps.split(",")]
     one = [0, 1, 2] if a.composition == "all" else [int(a.composition)]  # a one-exemplar trial's compositions

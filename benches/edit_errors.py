@@ -6,7 +6,7 @@ Against a live server (any build): every kept item of the case (its original cla
 classified re-textured by version 0, then, for each of the kit's 15 exemplar images, by a one-exemplar edit of
 version 0 made with `--body` (the defaults unless given). Per edit it prints the errors on items of other classes,
 how many it fixes, how many items it turns wrong that version 0 read right, where those go (the exemplar's class
-or others, by name), and the totals over the 15 edits.
+or others, by name), and the totals over the 15 edits, also per texture of the items' new concept (`style`).
 """
 import argparse
 import collections
@@ -31,7 +31,8 @@ def main():
     kept = [it for it, top1 in zip(items, B.top1s(api, originals)) if top1 == it["label"]]
     modified = [os.path.join(d, "items", f"{it['id']:04d}_mod.png") for it in kept]
     before = B.top1s(api, modified)
-    totals, destinations, by_style = collections.Counter(), collections.Counter(), collections.defaultdict(collections.Counter)
+    totals, destinations = collections.Counter(), collections.Counter()
+    by_style = collections.defaultdict(collections.Counter)  # per texture of the new concept
     for stamp, composition, stem, label in B.kit_exemplars(d, range(5)):
         accepted = api.call("POST", f"/v1/models/{B.MODEL}/versions",
                             dict(json.loads(a.body), exemplars=[B.upload_exemplar(api, stem)], parent=0))
@@ -55,7 +56,8 @@ def main():
     print(f"over the 15 edits: {dict(totals)}; net {net:.1f}% of the errors; turned wrong into: "
           f"{', '.join(f'{n} {c}' for n, c in destinations.most_common(10))}")
     for style, counts in sorted(by_style.items()):
-        print(f"  items on {style}: {dict(counts)}; net {100.0 * (counts['fixed'] - counts['broken']) / max(counts['errors'], 1):.1f}%")
+        net = 100.0 * (counts["fixed"] - counts["broken"]) / max(counts["errors"], 1)
+        print(f"  items on {style}: {dict(counts)}; net {net:.1f}%")
 
 
 if __name__ == "__main__":
