@@ -177,12 +177,13 @@ pub(super) fn run(
         }
         _ => None,
     };
+    let gain = gain_at(model, layer);
     let as_delta = |(l, d): (Tensor, Tensor)| match &gate {
         Some(gate) => Delta::Gated {
             changes: vec![(
                 layer.to_string(),
                 GatedChange {
-                    change: (l.matmul(&d) * gain_at(model, layer)).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
+                    change: (l.matmul(&d) * gain).to_kind(Kind::Float).view([c_out, c_in, 1, 1]),
                     gate: gate.duplicate(Tensor::shallow_clone),
                 },
             )],
@@ -210,7 +211,7 @@ pub(super) fn run(
             gate::CLOSED_QUANTILE,
             if sample.is_some() { " and a sample of the statistics'" } else { "; the statistics hold no sample" },
             g.open,
-            gain_at(model, layer)
+            gain
         ),
         (None, _) => String::new(),
     };

@@ -111,8 +111,6 @@ pub struct EfficientNetLite {
     /// least-squares solver corrected the most there; blocks 13 and 15 broke clean originals first. Then the
     /// project convs of the blocks after it that the gated rewrite spreads over (`SPREAD_LAYERS`).
     default_layers: Vec<String>,
-    /// The index of that last stride-16 block: the gated rewrite's gain applies from it on (`gated_gain`).
-    last_stride16_block: usize,
 }
 
 impl EfficientNetLite {
@@ -167,7 +165,7 @@ impl EfficientNetLite {
         let first = last_downsampling.saturating_sub(1);
         let default_layers =
             blocks.iter().skip(first).take(SPREAD_LAYERS).map(|block| block.project.name().to_string()).collect();
-        Ok(Self { stem, bn0, blocks, head, bn1, fc, default_layers, last_stride16_block: first })
+        Ok(Self { stem, bn0, blocks, head, bn1, fc, default_layers })
     }
 
     fn stem(&self, x: &Tensor) -> Tensor {
@@ -241,8 +239,12 @@ impl Classifier for EfficientNetLite {
     /// service on road->snow from one exemplar (README "An earlier layer at gain 1"): `_blocks.3`, `.5`, `.7`
     /// alone correct 9.0, 5.3, 6.3% at gain 1 against 0.0, -22.1, -20.0% at 3.
     fn gated_gain(&self, layer: &str) -> Option<f64> {
+        let last_stride16 = match self.parse_layer(&self.default_layers[0])? {
+            LayerRef::Project(block) => block,
+            LayerRef::Head => return None,
+        };
         match self.parse_layer(layer)? {
-            LayerRef::Project(block) if block < self.last_stride16_block => Some(1.0),
+            LayerRef::Project(block) if block < last_stride16 => Some(1.0),
             _ => None,
         }
     }
@@ -322,7 +324,6 @@ impl Classifier for EfficientNetLite {
             bn1: self.bn1.duplicate(copy),
             fc: self.fc.duplicate(copy),
             default_layers: self.default_layers.clone(),
-            last_stride16_block: self.last_stride16_block,
         })
     }
 }
