@@ -308,6 +308,47 @@ fn a_gated_change_is_the_least_squares_change_times_its_layers_gain() {
     }
 }
 
+/// Two edits at once in one process (a worker per device; several servers in one test binary) each give the
+/// version the same request gives alone: an edit holds libtorch's global generator while it seeds it and draws
+/// its transformed copies, so the other cannot reseed it or draw from the same sequence in between.
+#[test]
+fn two_edits_at_once_each_give_the_version_one_alone_gives() {
+    let _generator = generator();
+    let package = ModelPackage::open(&model_dir()).unwrap();
+    // Two exemplars, taken in turn: each draws its copies after the forward passes of the one before.
+    let triples = [striped_exemplar(0), striped_exemplar(1)];
+    let prepared = || {
+        let preprocessing = &package.config.preprocessing;
+        (
+            load_package(&package, Device::Cpu).unwrap(),
+            Exemplars::from_images(preprocessing, &triples, Device::Cpu).unwrap(),
+        )
+    };
+    let version = |(model, exemplars): (Box<dyn Classifier>, Exemplars)| {
+        let params = EditParams::new(Method::Rewrite, Solver::GatedLeastSquares, LAST_PROJECT_CONV);
+        edit(model.as_ref(), &exemplars, &params, &[], None, &Silent).unwrap().delta.to_safetensors().unwrap()
+    };
+    let alone = version(prepared());
+    // Both edits start together, once their models are loaded.
+    let start = std::sync::Barrier::new(2);
+    let at_once: Vec<Vec<u8>> = std::thread::scope(|scope| {
+        let edits: Vec<_> = [prepared(), prepared()]
+            .into_iter()
+            .map(|inputs| {
+                let (version, start) = (&version, &start);
+                scope.spawn(move || {
+                    start.wait();
+                    version(inputs)
+                })
+            })
+            .collect();
+        edits.into_iter().map(|edit| edit.join().unwrap()).collect()
+    });
+    for (i, version) in at_once.iter().enumerate() {
+        assert!(*version == alone, "edit {i} of two at once stored other tensors than the same edit alone");
+    }
+}
+
 #[test]
 fn the_command_line_edits_and_classifies_with_the_delta() {
     let dir = tempfile::tempdir().unwrap();

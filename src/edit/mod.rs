@@ -277,12 +277,20 @@ pub fn input_tensor(input: &InputTensor, channels: i64) -> Tensor {
     Tensor::from_slice(&input.data).view([channels, i64::from(input.height), i64::from(input.width)])
 }
 
-/// libtorch's random generator is global: a unit test that seeds it and depends on what it draws holds this
-/// guard, so that tests running in parallel do not seed or draw in between.
+/// libtorch's random generator is global, and an edit seeds it and draws its transformed copies from it. An
+/// edit holds this for its whole run, so that nothing else in the process seeds or draws in between (another
+/// edit: a worker per device, several servers in one test binary) and the same request always gives the same
+/// version.
+fn generator() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The generator, held and seeded: for a unit test that depends on what it draws (it must not call `edit`,
+/// which takes the same lock).
 #[cfg(test)]
 pub(crate) fn seeded(seed: i64) -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let guard = generator();
     tch::manual_seed(seed);
     guard
 }
@@ -413,6 +421,7 @@ pub fn edit(
     if !statistics.is_empty() && statistics.len() != layer_count {
         return Err(EditError::Invalid(format!("{} statistics for {layer_count} layers", statistics.len())));
     }
+    let _generator = generator();
     tch::manual_seed(params.seed);
     let started = Instant::now();
     let (delta, mut metrics) = match budget {
