@@ -795,6 +795,44 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
     assert!((guard["scale"].as_f64().unwrap_or(f64::NAN) - mean).abs() < 1e-9, "scale is the parts' mean: {version}");
 }
 
+/// An edit of an edited version is guarded against its parent, so a chain of edits can move further from the
+/// base than one budget allows: its report also counts the check photos whose top-1 the chain has changed since
+/// the base, which the edit of the base does not repeat.
+#[tokio::test]
+async fn an_edit_of_an_edit_reports_the_photos_changed_since_the_base() {
+    let server = TestServer::start(&[]).await;
+    let api = Api::new(&server);
+    let photos = [1, 2, 3, 4, 5, 6];
+    let dataset = id_of(&api.create_dataset(unlabelled_form(&photos)).await);
+    // The whole change each time, so that the chain moves photos.
+    let guarded = |body: Value, parent: u64| {
+        merged(&body, json!({ "parent": parent, "guard": {"dataset": dataset, "max_changed": 1} }))
+    };
+    let first = api.create_exemplar(striped_form(0)).await;
+    let (_, v1) = api.edit(&guarded(closed_form(&first, "on the base"), 0)).await;
+    let second = api.create_exemplar(striped_form(3)).await;
+    let (_, v2) = api.edit(&guarded(closed_form(&second, "on version 1"), v1)).await;
+    let v1 = api.version(v1).await.ok(200, "GET the edit of the base");
+    assert!(
+        v1["metrics"]["guard"]["photos"] == 6 && v1["metrics"]["guard"].get("photos_changed_from_base").is_none(),
+        "{v1}"
+    );
+    let v2 = api.version(v2).await.ok(200, "GET the edit of version 1");
+    let reported = v2["metrics"]["guard"]["photos_changed_from_base"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no photos_changed_from_base: {v2}"));
+    let chained_route = format!("/versions/{}/classify", v2["number"]);
+    let mut changed = 0;
+    for &i in &photos {
+        let base = api.classify("/versions/0/classify", &Image::photo(i)).await.ok(200, "classify a photo");
+        let chained = api.classify(&chained_route, &Image::photo(i)).await.ok(200, "classify a photo");
+        changed += u64::from(top1(&base) != top1(&chained));
+    }
+    assert_eq!(reported, changed, "top-1 changes since the base on the check photos: {v2}");
+    // Here the first edit moved a photo and the second none more: only the count since the base shows it.
+    assert!(changed > v2["metrics"]["guard"]["photos_changed"].as_u64().unwrap_or(u64::MAX), "{v1}\n{v2}");
+}
+
 const B9: &str = "_blocks.9._project_conv";
 const B10: &str = "_blocks.10._project_conv";
 const B11: &str = "_blocks.11._project_conv";

@@ -63,9 +63,10 @@ pub struct EditRequest {
 /// The breakage budget. After solving, the version keeps the strongest fraction of the change (for
 /// `least_squares` first heavier statistics weights, then scales 1 down to 0.03, else 0) under which at most
 /// `max_changed` of the check photos (the dataset's images, or the server's natural check photos) and at most
-/// `max_changed` of the transformed copies of the exemplars' originals change their top-1. The version's
-/// `metrics.guard` records the scale, the changes counted and `exemplar_fixed`. An edit that cannot fix its
-/// exemplar within the budget still ends ready.
+/// `max_changed` of the transformed copies of the exemplars' originals change their top-1, against the parent.
+/// The version's `metrics.guard` records the scale, the changes counted and `exemplar_fixed`, and for an edit of
+/// an edited version `photos_changed_from_base`: the check photos whose top-1 the whole chain has changed. An
+/// edit that cannot fix its exemplar within the budget still ends ready.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuardRequest {

@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 
 use super::cpu_pool::lower_priority;
 use super::directories::files;
-use super::evaluations::{evaluate, EvaluationWork};
+use super::evaluations::{evaluate, top1, EvaluationWork, EVALUATION_BATCH};
 use super::registry::LoadedPackage;
 use super::scheduler::{EditActivity, Lineage};
 use super::CoreError;
@@ -266,6 +266,14 @@ impl Thread {
                 let result = edit(parent.as_ref(), &exemplars, &params, &moments, budget.as_ref(), progress)?;
                 let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
                 metrics["statistics_source"] = source.into();
+                // The guard holds each edit to its budget against its parent, so a chain of edits can move
+                // further from the base than any one budget allows: the version says how far, on the same photos.
+                if let (false, Some(budget)) = (lineage.is_empty(), &budget) {
+                    let mut edited = parent.share();
+                    result.delta.apply(edited.as_mut())?;
+                    let changed = top1_changes(self.base(package)?, edited.as_ref(), budget.photos)?;
+                    metrics["guard"]["photos_changed_from_base"] = changed.into();
+                }
                 Ok(Outcome::Edit { delta: result.delta.to_safetensors()?, metrics })
             }
             Work::Statistics { layer, images } => {
@@ -301,4 +309,14 @@ impl Thread {
             }
         }
     }
+}
+
+/// How many of `photos` the two models give different top-1 classes, a batch at a time.
+fn top1_changes(a: &dyn Classifier, b: &dyn Classifier, photos: &Tensor) -> Result<usize, EditError> {
+    let _no_grad = tch::no_grad_guard();
+    let mut changed = 0;
+    for batch in photos.split(EVALUATION_BATCH as i64, 0) {
+        changed += top1(a, &batch)?.iter().zip(top1(b, &batch)?).filter(|(x, y)| **x != *y).count();
+    }
+    Ok(changed)
 }

@@ -11,7 +11,7 @@
 mod run;
 mod score;
 
-pub(crate) use run::{evaluate, evaluation_work};
+pub(crate) use run::{evaluate, evaluation_work, top1, EVALUATION_BATCH};
 pub use score::*;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

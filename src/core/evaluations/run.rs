@@ -3,7 +3,7 @@
 use super::*;
 
 /// Images per forward pass.
-pub(super) const EVALUATION_BATCH: usize = 16;
+pub(crate) const EVALUATION_BATCH: usize = 16;
 
 /// Reads what the evaluation job `job` runs on: the dataset's images, the versions' lineages and, when its
 /// exemplars' classes are left out, the exemplars' original images (those of every edit in each evaluated
@@ -47,7 +47,7 @@ pub(crate) async fn evaluation_work(
 
 /// The top-1 class of each image of `batch`, as the classify routes rank them (softmax, lowest index first
 /// among equals).
-pub(super) fn top1(model: &dyn Classifier, batch: &Tensor) -> Result<Vec<u32>, EditError> {
+pub(crate) fn top1(model: &dyn Classifier, batch: &Tensor) -> Result<Vec<u32>, EditError> {
     let classes = model.forward(batch).softmax(-1, Kind::Float).argmax(-1, false).to_device(Device::Cpu);
     let classes: Vec<i64> = classes.try_into()?;
     Ok(classes.into_iter().map(|c| c as u32).collect())
