@@ -84,6 +84,11 @@ pub struct GuardReport {
     pub exemplars_fixed: usize,
     /// Whether the unscaled change fixed every exemplar (so a scale below 1 is the budget's doing).
     pub exemplar_fixed_unscaled: bool,
+    /// For an edit of an edited version, the check photos whose top-1 differs from the base's: the budget is
+    /// against the parent, so a chain of edits can move further than any one of them (set by the edit's caller,
+    /// which holds the base).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub photos_changed_from_base: Option<usize>,
 }
 
 /// Images run up to `layer` by the parent, in chunks.
@@ -234,6 +239,7 @@ impl<'a> Guard<'a> {
             exemplar_fixed: exemplars_fixed == n,
             exemplars_fixed,
             exemplar_fixed_unscaled: fixed(self.unscaled.as_ref())? == n,
+            photos_changed_from_base: None,
         })
     }
 }

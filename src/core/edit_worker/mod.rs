@@ -263,17 +263,15 @@ impl Thread {
                     .zip(photos.as_ref())
                     .map(|(plan, photos)| Budget { photos, max_changed: plan.max_changed });
                 let moments: Vec<&SecondMoment> = moments.iter().collect();
-                let result = edit(parent.as_ref(), &exemplars, &params, &moments, budget.as_ref(), progress)?;
-                let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
-                metrics["statistics_source"] = source.into();
-                // The guard holds each edit to its budget against its parent, so a chain of edits can move
-                // further from the base than any one budget allows: the version says how far, on the same photos.
-                if let (false, Some(budget)) = (lineage.is_empty(), &budget) {
+                let mut result = edit(parent.as_ref(), &exemplars, &params, &moments, budget.as_ref(), progress)?;
+                if let (false, Some(budget), Some(report)) = (lineage.is_empty(), &budget, &mut result.metrics.guard) {
                     let mut edited = parent.share();
                     result.delta.apply(edited.as_mut())?;
-                    let changed = top1_changes(self.base(package)?, edited.as_ref(), budget.photos)?;
-                    metrics["guard"]["photos_changed_from_base"] = changed.into();
+                    report.photos_changed_from_base =
+                        Some(top1_changes(self.base(package)?, edited.as_ref(), budget.photos)?);
                 }
+                let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
+                metrics["statistics_source"] = source.into();
                 Ok(Outcome::Edit { delta: result.delta.to_safetensors()?, metrics })
             }
             Work::Statistics { layer, images } => {
