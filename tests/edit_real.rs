@@ -23,9 +23,10 @@ fn top1(model: &dyn Classifier, x: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(predictions).unwrap()
 }
 
-/// libtorch's random generator is global, and every edit seeds it and draws its transformed copies from it: a
-/// test that edits or draws holds this, so that no test running beside it seeds or draws in between (one did,
-/// and a two-exemplar edit drew other copies and kept 18 of the 20 clean photos instead of 19).
+/// libtorch's random generator is global. An edit holds the library's own lock on it while it runs, but tests
+/// here also seed and draw outside an edit (random changes, the guard run directly): each test that edits or
+/// draws holds this as well, so that no test beside it seeds or draws in between (one did, and a two-exemplar
+/// edit drew other copies and kept 18 of the 20 clean photos instead of 19).
 fn generator() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(PoisonError::into_inner)
