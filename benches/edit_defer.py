@@ -1,12 +1,12 @@
 """Would deferring to the unedited model where it is confident keep what an edit fixes and drop what it breaks?
 
     .venv/bin/python benches/edit_defer.py --server http://127.0.0.1:8080 [--case road2snow] [--body '{}']
-        [--taus 0.9,0.7,0.5,0.4,0.3,0.2]
+        [--taus 0.9,0.7,0.5,0.4,0.3,0.2] [--exemplars 1|3]
 
 Against a live server (any build): the kept items of the case (originals version 0 classifies right), their
 re-textured copies and the benchmark's photos are classified by version 0 with its top-1 probability, then by a
 one-exemplar edit of version 0 (made with `--body`, the defaults unless given) from each of the kit's 15 exemplar
-images. For each threshold tau it scores, offline, the rule "the edit's answer where version 0's top-1
+images (`--exemplars 3`: one edit per stamp from its three images, composition 0 standing for the stamp). For each threshold tau it scores, offline, the rule "the edit's answer where version 0's top-1
 probability is below tau, version 0's elsewhere", under the kit's metrics (% errors corrected on items of classes
 other than the exemplar's, clean originals kept, photos changed): the mean over composition 0's five trials (the
 protocol's) and over all 15, with the items fixed and turned wrong summed over the 15. It also prints version 0's
@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--case", default="road2snow")
     ap.add_argument("--body", default="{}", help="the edit request's settings, as JSON")
     ap.add_argument("--taus", default="0.9,0.7,0.6,0.5,0.4,0.3,0.2")
+    ap.add_argument("--exemplars", type=int, choices=(1, 3), default=1)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/editserve-bench-dev"))
     a = ap.parse_args()
     api = B.Api(a.server)
@@ -52,9 +53,13 @@ def main():
     images = {"mod": paths(kept, "mod"), "orig": paths(kept, "orig"), "photo": B.benchmark_photos(os.path.join(a.cache, "bench"))}
     base = {kind: classify(api, p) for kind, p in images.items()}
     trials = []
+    groups = {}
     for stamp, composition, stem, label in B.kit_exemplars(d, range(5)):
+        groups.setdefault((stamp, composition if a.exemplars == 1 else 0, label), []).append(stem)
+    for (stamp, composition, label), stems in groups.items():
+        exemplars = [B.upload_exemplar(api, stem) for stem in stems]
         accepted = api.call("POST", f"/v1/models/{B.MODEL}/versions",
-                            dict(json.loads(a.body), exemplars=[B.upload_exemplar(api, stem)], parent=0))
+                            dict(json.loads(a.body), exemplars=exemplars, parent=0))
         if api.wait(accepted["job"]["id"])["state"] != "succeeded":
             raise RuntimeError(f"the edit from stamp {stamp}, composition {composition} failed")
         number = accepted["version"]["number"]
