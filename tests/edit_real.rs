@@ -141,8 +141,20 @@ fn gated_edit(layers: &[&str], count: usize, fixes: bool) {
         }
         _ => panic!("a gated solve gives a gated change"),
     }
-    let notes = result.metrics.approximation.unwrap_or_default();
-    assert_eq!(notes.matches("gated").count(), layers.len() * count, "the metrics say where each gate sits: {notes}");
+    // The metrics report each solve: its layer, its exemplar when they are taken in turn, its keys and gate.
+    let solves = &result.metrics.solves;
+    let solved: Vec<(&str, Option<usize>)> = solves.iter().map(|s| (s.layer.as_str(), s.exemplar)).collect();
+    let expected: Vec<(&str, Option<usize>)> =
+        (0..count).flat_map(|g| layers.iter().map(move |&l| (l, (count > 1).then_some(g)))).collect();
+    assert_eq!(solved, expected, "one solve per exemplar and layer, in order");
+    for s in solves {
+        let gate = s.gate.as_ref().expect("a gated solve reports its gate");
+        assert!(gate.open > gate.closed && gate.statistics_sample, "{s:?}");
+        // Masked positions of the exemplar and its transformed copies; at least the originals' are held.
+        assert!(s.keys > s.copies_per_exemplar && s.held_keys >= s.keys, "{s:?}");
+        assert!(s.rank > 1 && s.loss_after < s.loss_before, "the whole change, which lowers the error: {s:?}");
+    }
+    let notes = format!("{solves:?}");
 
     let mut edited = model.duplicate();
     result.delta.apply(edited.as_mut()).unwrap();
@@ -288,7 +300,7 @@ fn a_least_squares_edit_on_top_of_a_gated_change_at_its_layer_solves_against_it(
 
 /// A gated change is the least-squares change times its layer's gain: the gated rewrite's own (3) from
 /// Lite0's default layer on, 1 at the blocks before the last stride-16 one, where 3 overshoots (README "An
-/// earlier layer at gain 1"). The version's notes say which.
+/// earlier layer at gain 1"). The version's metrics say which.
 #[test]
 fn a_gated_change_is_the_least_squares_change_times_its_layers_gain() {
     let _generator = generator();
@@ -304,8 +316,12 @@ fn a_gated_change_is_the_least_squares_change_times_its_layers_gain() {
         let expected = plain.delta.dense()[0].1.view([-1]) * gain;
         let difference = (gated.delta.dense()[0].1.view([-1]) - &expected).abs().max().double_value(&[]);
         assert!(difference <= 1e-4 * expected.abs().max().double_value(&[]), "{layer}: not {gain} x the solve");
-        let notes = gated.metrics.approximation.unwrap_or_default();
-        assert!(notes.contains(&format!("gain {gain}")), "{layer}: the notes do not say gain {gain}: {notes}");
+        let reported = gated.metrics.solves.first().and_then(|s| s.gate.as_ref()).map(|g| g.gain);
+        assert_eq!(reported, Some(gain), "{layer}: the metrics do not say gain {gain}");
+        assert!(
+            plain.metrics.solves.first().is_some_and(|s| s.gate.is_none()),
+            "{layer}: an ungated solve has no gate"
+        );
     }
 }
 

@@ -848,10 +848,16 @@ async fn a_least_squares_edit_spread_over_two_layers_changes_both() {
     let version = api.version(number).await.ok(200, "GET the two-layer edit");
     assert_eq!(version["metrics"]["layers"], json!([B10, B11]), "{version}");
     assert_eq!(version["metrics"]["guard"]["scale"], 1.0, "{version}");
-    assert!(
-        version["metrics"]["approximation"].as_str().is_some_and(|a| a.contains(B10) && a.contains(B11)),
-        "{version}"
-    );
+    // Each layer's solve: the keys it used, the change's rank (the whole change), no gate.
+    let solves = version["metrics"]["solves"].as_array().cloned().unwrap_or_default();
+    assert_eq!(solves.iter().map(|s| s["layer"].clone()).collect::<Vec<_>>(), [B10, B11], "{version}");
+    for solve in &solves {
+        assert!(
+            solve["keys"].as_u64().is_some_and(|k| k > 0) && solve["rank"].as_u64().is_some_and(|r| r > 1),
+            "{solve}"
+        );
+        assert!(solve.get("gate").is_none() && solve.get("exemplar").is_none(), "{solve}");
+    }
     // Both layers' whole weights are stored (a dense change of each, float32, plus the safetensors header).
     let model = api.get(&model_path("")).await.ok(200, "GET the model");
     let weights = |name: &str| -> u64 {
@@ -883,7 +889,8 @@ async fn a_gated_edit_stores_its_change_and_gate_and_takes_a_further_edit() {
     let (_, gated) = api.edit(&body).await;
     let version = api.version(gated).await.ok(200, "GET the gated edit");
     assert_eq!(version["solver"], "gated_least_squares", "{version}");
-    assert!(version["metrics"]["approximation"].as_str().is_some_and(|a| a.contains("gated: shut below")), "{version}");
+    let gate = &version["metrics"]["solves"][0]["gate"];
+    assert!(gate["open"].as_f64() > gate["closed"].as_f64() && gate["gain"] == 3.0, "{version}");
     // The change (the weight's shape) and the gate's direction (one per input channel), float32, plus the header.
     let model = api.get(&model_path("")).await.ok(200, "GET the model");
     let shape: Vec<u64> = model["editable_layers"]
@@ -913,8 +920,8 @@ async fn a_gated_edit_stores_its_change_and_gate_and_takes_a_further_edit() {
     let spread = json!({ "exemplars": [exemplar], "solver": "gated_least_squares", "layers": [B10, B11] });
     let (_, both) = api.edit(&spread).await;
     let version = api.version(both).await.ok(200, "GET the gated edit over two layers");
-    let notes = version["metrics"]["approximation"].as_str().unwrap_or_default();
-    assert_eq!(notes.matches("gated: shut below").count(), 2, "{version}");
+    let solves = version["metrics"]["solves"].as_array().cloned().unwrap_or_default();
+    assert_eq!(solves.iter().filter(|s| s["gate"].is_object()).count(), 2, "a gate per layer: {version}");
     assert!(version["stored_bytes"].as_u64().is_some_and(|n| n > held + 4096), "more than one layer's: {version}");
     let spread_after = api.classify(&route(both), &modified).await.ok(200, "classify with the edit over two layers");
     assert_ne!(spread_after["predictions"], before["predictions"]);

@@ -35,6 +35,11 @@ pub struct VersionView {
     statistics: Option<String>,
     exemplars: Vec<String>,
     description: Option<String>,
+    /// What the edit measured: losses before and after, the change's norm, steps, seconds, the statistics
+    /// (`statistics`, `statistics_source`), `layers`, `approximation`; for the least-squares solvers `solves`
+    /// (per layer, and per exemplar taken in turn: the keys used, the change's rank, lambda and mu, the error
+    /// before and after, and for `gated_least_squares` the gate's bounds and the gain); with a budget `guard`
+    /// (the scale it kept and what changed under it).
     metrics: Option<serde_json::Value>,
     error: Option<String>,
     job: Option<String>,

@@ -59,6 +59,7 @@ pub(super) fn run(
         statistics: "identity",
         approximation: None,
         layers: Vec::new(),
+        solves: Vec::new(),
         guard: None,
     };
     Ok((Delta::Dense { changes }, metrics))

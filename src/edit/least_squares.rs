@@ -12,7 +12,9 @@
 //! not depend on the layer's scale. The old keys in the solve are what makes this work: without them the
 //! change moves the old concept with the new one (README, "Edit quality").
 
+use serde::Serialize;
 use tch::{Kind, Tensor};
+use utoipa::ToSchema;
 
 use super::augment::augmented;
 use super::mask::{key_weights, loss_weights};
@@ -113,6 +115,52 @@ pub(super) struct Solved {
     pub weaker: Vec<(f64, Delta)>,
 }
 
+/// What one solve used and reached: a layer's change for the exemplars, or, when they are taken in turn, for
+/// one of them. A version's `metrics.solves` lists them in the order they were solved.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SolveReport {
+    pub layer: String,
+    /// The exemplar (its place in the request) this change is for, when several are taken in turn.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exemplar: Option<usize>,
+    /// Positions whose keys the solve maps to the old concept's values: the masked positions of the exemplars
+    /// and of their transformed copies.
+    pub keys: usize,
+    /// Positions whose outputs the solve holds (weighted by `mu`): the same positions of the exemplars'
+    /// originals and of their copies, and, when the exemplars are taken in turn, the other exemplars'.
+    pub held_keys: usize,
+    /// Transformed copies made of each exemplar.
+    pub copies_per_exemplar: usize,
+    /// The change's rank.
+    pub rank: usize,
+    /// The statistics penalty's weight, relative to the new keys' trace over C's.
+    pub lambda: f64,
+    /// The held keys' weight, relative to the new keys' trace over theirs.
+    pub mu: f64,
+    /// The weighted mean squared error of the values at the new concept's positions, in the conv's output
+    /// units, before and after the change (as solved, before any gain or guard scale).
+    pub loss_before: f64,
+    pub loss_after: f64,
+    /// Where the change applies, for `gated_least_squares`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateReport>,
+}
+
+/// A gated change's gate (`gate::fit`) and gain.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct GateReport {
+    /// The score at or below which the gate is shut: the `closed_quantile` of the keys to leave alone.
+    pub closed: f64,
+    pub closed_quantile: f64,
+    /// The score from which the gate is fully open: the median of the new concept's.
+    pub open: f64,
+    /// Whether the keys to leave alone include a sample of the statistics' keys (statistics computed before
+    /// the sample was kept have none).
+    pub statistics_sample: bool,
+    /// How many times the solved change the version applies behind the gate.
+    pub gain: f64,
+}
+
 /// Solves `params.layer`; `with_weaker`: also the weaker changes, which only a one-layer edit's guard tries;
 /// `also_hold`: exemplars whose originals, and transformed copies of them, the change holds as it holds its own
 /// exemplars' (the other exemplars of an edit that takes them in turn).
@@ -203,17 +251,25 @@ pub(super) fn run(
         .map(|factor| Ok((LAMBDA * factor, as_delta(truncate(&system.solve(LAMBDA * factor)?, rank)))))
         .collect::<Result<Vec<_>, EditError>>()?;
     progress.report(SOLVE_STEPS, SOLVE_STEPS, loss_after);
-    let rank = d.size()[0];
-    let gate_note = match (&gate, statistics.and_then(|s| s.sample.as_ref())) {
-        (Some(g), sample) => format!(
-            "; gated: shut below {:.4} (the {} quantile of the originals' and surround's keys{}), open from {:.4}, gain {}",
-            g.closed,
-            gate::CLOSED_QUANTILE,
-            if sample.is_some() { " and a sample of the statistics'" } else { "; the statistics hold no sample" },
-            g.open,
-            gain
-        ),
-        (None, _) => String::new(),
+    let count = |weights: &Tensor| weights.gt(0.0).sum(Kind::Int64).int64_value(&[]) as usize;
+    let report = SolveReport {
+        layer: layer.to_string(),
+        exemplar: None,
+        keys: count(&weight),
+        held_keys: count(&held_weight),
+        copies_per_exemplar: COPIES,
+        rank: d.size()[0] as usize,
+        lambda: LAMBDA,
+        mu: MU,
+        loss_before,
+        loss_after,
+        gate: gate.as_ref().map(|g| GateReport {
+            closed: g.closed,
+            closed_quantile: gate::CLOSED_QUANTILE,
+            open: g.open,
+            statistics_sample: statistics.is_some_and(|s| s.sample.is_some()),
+            gain,
+        }),
     };
     let metrics = EditMetrics {
         loss_before,
@@ -222,13 +278,9 @@ pub(super) fn run(
         steps: 0,
         seconds: 0.0,
         statistics: if statistics.is_some() { "second_moment" } else { "identity" },
-        approximation: Some(format!(
-            "{}; keys of {} positions ({} transformed copies per exemplar), lambda {LAMBDA}, mu {MU}, rank {rank}{gate_note}",
-            targets.note,
-            targets.keys.size()[0],
-            COPIES
-        )),
+        approximation: Some(format!("{layer}: {}", targets.note)),
         layers: Vec::new(),
+        solves: vec![report],
         guard: None,
     };
     Ok(Solved { delta: as_delta((l, d)), metrics, weaker })
@@ -299,20 +351,23 @@ pub(super) fn run_layers(
                 .scaled(if gated { 1.0 / gain_at(edited.as_ref(), layer) } else { 1.0 })
                 .apply(edited.as_mut())?;
             changes.push(solved.delta);
-            // Each layer's error is in its own units: the first solve's stands for the edit, all are in the notes.
-            let m = &solved.metrics;
-            let who = if in_turn { format!("exemplar {g}, ") } else { String::new() };
-            let notes = format!(
-                "{who}{layer}: error {:.4} -> {:.4}, {}",
-                m.loss_before,
-                m.loss_after,
-                m.approximation.as_deref().unwrap_or_default()
-            );
+            let mut metrics = solved.metrics;
+            if in_turn {
+                metrics.solves.iter_mut().for_each(|s| s.exemplar = Some(g));
+            }
+            // Each layer's error is in its own units: the first solve's stands for the edit, all are in `solves`.
             combined = Some(match combined {
-                None => EditMetrics { approximation: Some(notes), ..solved.metrics },
-                Some(earlier) => {
-                    let approximation = Some(format!("{}; {notes}", earlier.approximation.unwrap_or_default()));
-                    EditMetrics { approximation, ..earlier }
+                None => metrics,
+                Some(mut earlier) => {
+                    earlier.solves.append(&mut metrics.solves);
+                    // Each layer's note once, however many exemplars were solved there.
+                    let note = metrics.approximation.unwrap_or_default();
+                    let notes = earlier.approximation.get_or_insert_with(String::new);
+                    if !notes.contains(note.as_str()) {
+                        notes.push_str("; ");
+                        notes.push_str(&note);
+                    }
+                    earlier
                 }
             });
         }

@@ -354,6 +354,10 @@ pub struct EditMetrics {
     pub approximation: Option<String>,
     /// The layers the change rewrites.
     pub layers: Vec<String>,
+    /// The least-squares solvers' solves, in the order they ran: per layer (and per exemplar taken in turn)
+    /// the keys used, the change's rank, the weights and, gated, the gate and gain.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub solves: Vec<least_squares::SolveReport>,
     /// The breakage guard's choice of scale and what it measured, when the edit had a budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guard: Option<GuardReport>,

@@ -140,6 +140,7 @@ pub(super) fn run(
         statistics: if whitening.is_some() { "second_moment" } else { "identity" },
         approximation,
         layers: Vec::new(),
+        solves: Vec::new(),
         guard: None,
     };
     Ok((Delta::LowRank { layer: layer.to_string(), l, d }, metrics))
