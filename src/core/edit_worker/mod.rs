@@ -115,6 +115,7 @@ impl EditWorker {
                     activity,
                     bases: HashMap::new(),
                     check_photos: HashMap::new(),
+                    base_check_answers: HashMap::new(),
                     moments: HashMap::new(),
                 }
                 .run(receiver)
@@ -170,6 +171,9 @@ struct Thread {
     bases: HashMap<String, (u64, Box<dyn Classifier>)>,
     /// The natural check photos preprocessed for each model, with the load generation they are for.
     check_photos: HashMap<String, (u64, Tensor)>,
+    /// The base's top-1 on those photos, with the load generation it is of: what an edit of an edited
+    /// version compares its own answers with (`photos_changed_from_base`).
+    base_check_answers: HashMap<String, (u64, Vec<u32>)>,
     /// Default statistics by model, load generation and key of layer and lineage: finding them on disk
     /// hashes the weights and the photos, which an edit need not do again.
     moments: HashMap<(String, u64, String), SecondMoment>,
@@ -185,6 +189,7 @@ impl Thread {
                 Message::Forget(model) => {
                     self.bases.remove(&model);
                     self.check_photos.remove(&model);
+                    self.base_check_answers.remove(&model);
                     self.moments.retain(|(name, _, _), _| *name != model);
                     continue;
                 }
@@ -267,8 +272,12 @@ impl Thread {
                 if let (false, Some(budget), Some(report)) = (lineage.is_empty(), &budget, &mut result.metrics.guard) {
                     let mut edited = parent.share();
                     result.delta.apply(edited.as_mut())?;
-                    report.photos_changed_from_base =
-                        Some(top1_changes(self.base(package)?, edited.as_ref(), budget.photos)?);
+                    let base = match &guard {
+                        Some(GuardPlan { photos: None, .. }) => self.base_check_answers(package)?,
+                        _ => answers(self.base(package)?, budget.photos)?,
+                    };
+                    let now = answers(edited.as_ref(), budget.photos)?;
+                    report.photos_changed_from_base = Some(base.iter().zip(&now).filter(|(a, b)| a != b).count());
                 }
                 let mut metrics = serde_json::to_value(&result.metrics).map_err(|e| EditError::Io(e.to_string()))?;
                 metrics["statistics_source"] = source.into();
@@ -309,12 +318,12 @@ impl Thread {
     }
 }
 
-/// How many of `photos` the two models give different top-1 classes, a batch at a time.
-fn top1_changes(a: &dyn Classifier, b: &dyn Classifier, photos: &Tensor) -> Result<usize, EditError> {
+/// The model's top-1 class of each of `photos`, a batch at a time.
+fn answers(model: &dyn Classifier, photos: &Tensor) -> Result<Vec<u32>, EditError> {
     let _no_grad = tch::no_grad_guard();
-    let mut changed = 0;
+    let mut classes = Vec::new();
     for batch in photos.split(EVALUATION_BATCH as i64, 0) {
-        changed += top1(a, &batch)?.iter().zip(top1(b, &batch)?).filter(|(x, y)| **x != *y).count();
+        classes.extend(top1(model, &batch)?);
     }
-    Ok(changed)
+    Ok(classes)
 }
