@@ -422,4 +422,9 @@ fn the_command_line_edits_and_classifies_with_the_delta() {
     assert_eq!(summary["layers"], serde_json::json!(layers));
     assert_eq!(summary["metrics"]["layers"], serde_json::json!(layers));
     assert!(Path::new(&p("two-layers.safetensors")).exists());
+
+    // With no layer named, one exemplar's gated rewrite (the default) spreads over the one-exemplar layers.
+    let summary = edit(&[], "defaults.safetensors");
+    let one_exemplar = ["_blocks.6._project_conv", layers[0], layers[1]];
+    assert_eq!(summary["metrics"]["layers"], serde_json::json!(one_exemplar), "{summary}");
 }

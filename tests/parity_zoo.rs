@@ -48,9 +48,14 @@ fn check_editable_layers(model: &dyn Classifier, count: usize, default_layer: &s
     // The layers a default edit spreads over: from the default layer on, editable, in forward order.
     let spread = model.default_edit_layers();
     assert_eq!(spread.first().map(String::as_str), Some(default_layer));
-    let positions: Vec<_> =
-        spread.iter().map(|name| layers.iter().position(|l| &l.name == name).expect("an editable layer")).collect();
-    assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{spread:?} in forward order");
+    // From one exemplar: editable, in forward order, ending with the default spread.
+    let one = model.one_exemplar_edit_layers();
+    assert!(one.ends_with(&spread), "{one:?} ends with {spread:?}");
+    for listed in [&spread, &one] {
+        let positions: Vec<_> =
+            listed.iter().map(|name| layers.iter().position(|l| &l.name == name).expect("an editable layer")).collect();
+        assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{listed:?} in forward order");
+    }
     for layer in &layers {
         let name = layer.name.as_str();
         let block = model.edit_block(&input, name).unwrap();
@@ -110,8 +115,10 @@ fn check_architecture(arch: &str, editable_layers: usize, default_layer: &str) {
 /// resolution: the reference pads its convs for that size only (Lite0 runs on real weights in tests/parity.rs).
 #[test]
 fn efficientnet_lite_variants_equal_the_reference() {
-    // The default edit layer: the last block at stride 16, before the stride-32 stage.
-    for (variant, size, blocks, default) in [(1, 240, 21, 14), (2, 260, 21, 14), (3, 280, 24, 16), (4, 300, 30, 20)] {
+    // The default edit layer: the last block at stride 16, before the stride-32 stage; from one exemplar the
+    // block after the first at stride 16 comes before it.
+    let variants = [(1, 240, 21, 14, 8), (2, 260, 21, 14, 8), (3, 280, 24, 16, 8), (4, 300, 30, 20, 10)];
+    for (variant, size, blocks, default, early) in variants {
         let arch = format!("efficientnet-lite{variant}");
         let dir = tempfile::tempdir().unwrap();
         let package_dir = export_torchvision(&arch, dir.path());
@@ -127,6 +134,8 @@ fn efficientnet_lite_variants_equal_the_reference() {
         let gain = |block: usize| model.gated_gain(&format!("_blocks.{block}._project_conv"));
         assert_eq!((gain(0), gain(default - 1), gain(default), gain(blocks - 1)), (Some(1.0), Some(1.0), None, None));
         assert_eq!(model.gated_gain("_conv_head"), None);
+        let project = |block: usize| format!("_blocks.{block}._project_conv");
+        assert_eq!(model.one_exemplar_edit_layers(), [project(early), project(default), project(default + 1)]);
     }
 }
 

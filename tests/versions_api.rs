@@ -72,6 +72,7 @@ async fn edit_classify_alias_and_delete_versions_end_to_end() {
     let model = api.get(&model_path("")).await.ok(200, "GET the model");
     assert_eq!(model["default_edit_layer"], DEFAULT_LAYER, "{model}");
     assert_eq!(model["default_edit_layers"], json!([DEFAULT_LAYER, B11]), "the default gated edit's: {model}");
+    assert_eq!(model["one_exemplar_edit_layers"], json!([B6, DEFAULT_LAYER, B11]), "from one exemplar: {model}");
     let layers = model["editable_layers"].as_array().unwrap_or_else(|| panic!("no editable_layers: {model}"));
     assert_eq!(layers.len(), EDITABLE_LAYERS, "{model}");
     let default = layers.iter().find(|l| l["name"] == DEFAULT_LAYER).expect("the default layer is editable");
@@ -745,7 +746,7 @@ async fn a_default_edit_stays_within_its_breakage_budget() {
     let version = api.version(number).await.ok(200, "GET the default edit");
     assert_eq!(version["solver"], "gated_least_squares", "the default solver: {version}");
     let metrics = &version["metrics"];
-    assert_eq!(metrics["layers"], json!([B10, B11]), "one exemplar spreads over the default layers: {version}");
+    assert_eq!(metrics["layers"], json!([B6, B10, B11]), "one exemplar spreads over its default layers: {version}");
     assert!(metrics["statistics_source"].as_str().is_some_and(|s| s.starts_with("default: ")), "{version}");
     let guard = &metrics["guard"];
     let scale = guard["scale"].as_f64().unwrap_or_else(|| panic!("no guard scale: {version}"));
@@ -846,6 +847,7 @@ async fn top1_differences(api: &Api, a: u64, b: u64, images: &[Image]) -> u64 {
     changed
 }
 
+const B6: &str = "_blocks.6._project_conv";
 const B9: &str = "_blocks.9._project_conv";
 const B10: &str = "_blocks.10._project_conv";
 const B11: &str = "_blocks.11._project_conv";

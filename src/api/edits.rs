@@ -33,8 +33,9 @@ pub struct EditRequest {
     /// originals' keys and the statistics' keys); several exemplars in turn, each with its own changes and
     /// gates, solved on the model the earlier exemplars' changes edit, holding the other exemplars' originals.
     pub solver: Option<Solver>,
-    /// An editable layer. When neither this nor `layers` is given: the model's `default_edit_layers` for
-    /// `gated_least_squares` (the default), its `default_edit_layer` otherwise.
+    /// An editable layer. When neither this nor `layers` is given: for `gated_least_squares` (the default) the
+    /// model's `one_exemplar_edit_layers` from one exemplar without `statistics`, its `default_edit_layers`
+    /// otherwise; for the other solvers its `default_edit_layer`.
     pub layer: Option<String>,
     /// Instead of `layer`: editable layers in forward order, each solved on the model the earlier ones changed
     /// (`least_squares` or `gated_least_squares` for more than one). Given statistics are of the first layer;

@@ -70,9 +70,11 @@ pub struct ModelView {
     /// The layer edits and statistics jobs take when the request names none (the gated rewrite aside: it
     /// spreads over `default_edit_layers`).
     default_edit_layer: String,
-    /// The layers, from `default_edit_layer` on, a gated rewrite (the default edit) spreads over when the
-    /// request names none.
+    /// The layers, from `default_edit_layer` on, a gated rewrite (the default edit) from several exemplars, or
+    /// with stored `statistics`, spreads over when the request names none.
     default_edit_layers: Vec<String>,
+    /// The layers a gated rewrite from one exemplar spreads over when the request names none (measured apart).
+    one_exemplar_edit_layers: Vec<String>,
 }
 
 impl From<ModelInfo> for ModelView {
@@ -81,6 +83,7 @@ impl From<ModelInfo> for ModelView {
             editable_layers: info.surface.editable_layers.iter().map(LayerView::from).collect(),
             default_edit_layer: info.surface.default_edit_layer().to_string(),
             default_edit_layers: info.surface.default_edit_layers().to_vec(),
+            one_exemplar_edit_layers: info.surface.one_exemplar_edit_layers().to_vec(),
             device: device_name(info.device),
             name: info.name,
             architecture: info.architecture,

@@ -98,7 +98,7 @@ pub fn run_edit(args: EditArgs) -> anyhow::Result<()> {
     let exemplars = Exemplars::from_images(&package.config.preprocessing, &triples, Device::Cpu)?;
     let solver = args.solver.unwrap_or(Solver::default_for(args.method));
     let layers = match args.layer.as_slice() {
-        [] => solver.default_layers(EditSurface::of(model.as_ref()).default_edit_layers()),
+        [] => EditSurface::of(model.as_ref()).default_layers(solver, triples.len(), false),
         given => given.to_vec(),
     };
     let layer = &layers[0];

@@ -80,21 +80,6 @@ impl Solver {
             Method::FinetuneLocal | Method::FinetuneGlobal => Solver::Adam,
         }
     }
-
-    /// The layers an edit with this solver takes when the request names none, of a model's
-    /// `default_edit_layers` (its default edit layer first): all of them for the gated rewrite, the first alone
-    /// otherwise. Measured on the concept-shift benchmark (README "Edit quality"): over EfficientNet-Lite0's two,
-    /// one exemplar corrects more than at one layer (from each of its 15 exemplar images, 31.0 against 24.7% on
-    /// grass->sand, 6.7 against 4.6% on road->snow), and so do three (one solve over the three, before they were
-    /// taken in turn: 33.8 against 25.7%, 6.9 against 3.1%),
-    /// within the breakage constraint since the gates shut at the 0.995 quantile (at 0.99, three exemplars over
-    /// two layers changed 2.4% of the benchmark's real photos). The other solvers were measured at the one layer.
-    pub fn default_layers(self, default_edit_layers: &[String]) -> Vec<String> {
-        match self {
-            Solver::GatedLeastSquares => default_edit_layers.to_vec(),
-            _ => default_edit_layers.iter().take(1).cloned().collect(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

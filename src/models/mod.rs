@@ -86,6 +86,11 @@ pub trait Classifier: Send {
     fn default_edit_layers(&self) -> Vec<String> {
         vec![self.default_edit_layer().to_string()]
     }
+    /// The layers, in forward order, that a gated rewrite from one exemplar spreads over unless told otherwise:
+    /// `default_edit_layers` where nothing else was measured better.
+    fn one_exemplar_edit_layers(&self) -> Vec<String> {
+        self.default_edit_layers()
+    }
     /// How much of a gated rewrite's solved change the version applies at `layer`, where the architecture
     /// measured a gain other than the gated rewrite's own (None: that one).
     fn gated_gain(&self, _layer: &str) -> Option<f64> {

@@ -64,7 +64,7 @@ impl Jobs {
             }
             (None, Some(layers)) => layers.clone(),
             (Some(layer), None) => vec![layer.clone()],
-            (None, None) => solver.default_layers(surface.default_edit_layers()),
+            (None, None) => surface.default_layers(solver, request.exemplars.len(), request.statistics.is_some()),
         };
         let mut params = EditParams::new(method, solver, &layer_names[0]);
         params.following_layers = layer_names[1..].to_vec();
