@@ -180,9 +180,10 @@ impl EfficientNetLite {
         let first = last_downsampling.saturating_sub(1);
         let default_layers: Vec<String> =
             blocks.iter().skip(first).take(SPREAD_LAYERS).map(|block| block.project.name().to_string()).collect();
-        let early = first_at_stride16.and_then(|i| blocks.get(i + 1)).filter(|_| first_at_stride16 < Some(first));
-        let one_exemplar_layers =
-            early.map(|block| block.project.name().to_string()).into_iter().chain(default_layers.clone()).collect();
+        // Only a block before the default layers: one at or after them would be edited twice.
+        let early =
+            first_at_stride16.map(|i| i + 1).filter(|&i| i < first).map(|i| blocks[i].project.name().to_string());
+        let one_exemplar_layers = early.into_iter().chain(default_layers.clone()).collect();
         Ok(Self { stem, bn0, blocks, head, bn1, fc, default_layers, one_exemplar_layers })
     }
 
